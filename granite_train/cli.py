@@ -1,0 +1,160 @@
+"""Command line: `python -m granite_train recipe=NAME [overrides]` (also under torchrun).
+
+We use Hydra's compose API rather than `@hydra.main`: it gives the same override grammar and
+config groups, but no per-rank `outputs/<date>` directories, no working-directory changes, and
+lets us turn composition errors into one clear line. Every rank composes the config itself.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from omegaconf import OmegaConf
+
+from granite_train.config import RunConfig, validate
+from granite_train.errors import UserError
+
+log = logging.getLogger("granite_train")
+
+USAGE = """usage: python -m granite_train recipe=NAME [key=value ...]
+       torchrun --nproc_per_node=N -m granite_train recipe=NAME [key=value ...]
+
+  --cfg        print the resolved config and exit
+  --recipes    list the recipes and exit
+  -h, --help   this help
+
+Config groups (choose with group=NAME): model, data, optim, scheduler, trainer, distributed,
+tracking. Any field can be overridden with dotted keys, e.g. trainer.max_steps=100
+data.path=my.jsonl model.path=/ckpt/granite. See README.md for the main overrides."""
+
+
+def config_dir() -> Path:
+    import granite_train.configs
+
+    return Path(granite_train.configs.__file__).parent
+
+
+def recipe_dir() -> Path:
+    import granite_train.recipes
+
+    return Path(granite_train.recipes.__file__).parent
+
+
+def recipe_names() -> List[str]:
+    return sorted(p.stem for p in recipe_dir().glob("*.yaml"))
+
+
+def _register(cs) -> None:
+    cs.store(name="run_schema", node=RunConfig)
+    # Recipes live in their own top-level folder but act as the `recipe` config group.
+    for path in sorted(recipe_dir().glob("*.yaml")):
+        cs.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def _all_keys(node, prefix: str = "") -> List[str]:
+    keys = []
+    for k, v in node.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if OmegaConf.is_dict(v):
+            keys.extend(_all_keys(v, full + "."))
+    return keys
+
+
+def _explain(exc: Exception, overrides: Sequence[str]) -> str:
+    """One line for a Hydra/OmegaConf composition error."""
+    from hydra.errors import MissingConfigException
+
+    text = str(exc).strip()
+    if isinstance(exc, MissingConfigException) and "recipe/" in text:
+        asked = [o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")]
+        return (f"unknown recipe {asked[-1] if asked else '?'!r}; available: "
+                f"{', '.join(recipe_names())} (choose with recipe=NAME)")
+    if isinstance(exc, MissingConfigException):
+        return text.splitlines()[0] + " (check the group option name; see configs/)"
+    if "Could not override '" in text:
+        key = text.split("Could not override '", 1)[1].split("'", 1)[0]
+        schema = OmegaConf.structured(RunConfig)
+        close = difflib.get_close_matches(key, _all_keys(schema), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"unknown config key '{key}'{hint}; run with --cfg to see every key"
+    cause = exc.__cause__ or exc.__context__
+    detail = " ".join(str(cause).split()) if cause is not None else ""
+    first = " ".join(text.split())
+    # OmegaConf's message carries a multi-line "full_key/object_type" footer: keep the gist.
+    detail = detail.split(" full_key:")[0]
+    return f"{first}: {detail}" if detail else first
+
+
+def compose_config(overrides: Sequence[str]) -> RunConfig:
+    """Compose the run config from configs/, the chosen recipe and the overrides (typed)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf.errors import OmegaConfBaseException
+
+    _register(ConfigStore.instance())
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+            cfg = compose(config_name="train", overrides=list(overrides))
+        run_cfg = OmegaConf.to_object(cfg)
+    except UserError:
+        raise
+    except (OmegaConfBaseException, Exception) as exc:  # Hydra raises several unrelated types
+        if type(exc).__module__.split(".")[0] not in ("hydra", "omegaconf"):
+            raise
+        raise UserError(_explain(exc, overrides)) from None
+    validate(run_cfg)
+    return run_cfg
+
+
+def _setup_logging() -> None:
+    import os
+
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0
+        else f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    if "--recipes" in args:
+        print("\n".join(recipe_names()))
+        return 0
+    print_cfg = "--cfg" in args
+    overrides = [a for a in args if a != "--cfg"]
+    flags = [a for a in overrides if a.startswith("-")]
+    _setup_logging()
+    try:
+        if flags:
+            raise UserError(f"unknown option {flags[0]!r}; see --help")
+        cfg = compose_config(overrides)
+        if print_cfg:
+            print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            return 0
+        from granite_train.train.loop import train
+
+        train(cfg)
+    except UserError as exc:
+        print(f"granite-train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("granite-train: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

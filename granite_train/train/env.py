@@ -1,0 +1,76 @@
+"""Process environment: rank/world from torchrun, device, process group, seeding, precision."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from granite_train.config import TrainerConfig, DistributedConfig
+from granite_train.errors import UserError
+
+log = logging.getLogger("granite_train.train")
+
+
+@dataclass
+class Env:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    autocast_dtype: Optional[torch.dtype]  # None: plain fp32
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _pick_dtype(choice: str, device: torch.device) -> Optional[torch.dtype]:
+    if choice == "fp32":
+        return None
+    if choice == "bf16":
+        return torch.bfloat16
+    # auto: bf16 autocast where the hardware has fast bf16 matmuls (CUDA Ampere+); on CPU fp32
+    # is the exact reference and is not slower at the small shapes CPU runs use.
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def init_env(trainer: TrainerConfig, distributed: DistributedConfig) -> Env:
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _pick_device(trainer.device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = distributed.backend
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return Env(rank, world_size, local_rank, device, _pick_dtype(trainer.dtype, device))
+
+
+def seed_everything(seed: int) -> None:
+    # Same seed on every rank: the model is initialised identically everywhere.
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
