@@ -1,18 +1,34 @@
 """Model architecture config: one dataclass for every Granite family.
 
 Field names follow transformers' config.json for Granite models, so `to_hf_dict` /
-`from_hf_dict` are near-verbatim. The same dataclass is the Hydra schema of `model.arch`.
+`from_hf_dict` are near-verbatim. The same dataclass is the Hydra schema of `model.arch`, so
+field types stay OmegaConf-compatible (int/float/str/bool/Optional/List/Dict).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+import logging
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional
+
+from granite_train.errors import UserError
+
+log = logging.getLogger("granite_train.models")
+
+# Families whose modeling code exists. The others are named so the error can say "not yet".
+SUPPORTED_MODEL_TYPES = ("granite",)
+KNOWN_MODEL_TYPES = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")
+
+# config.json keys that say nothing about the architecture: dropped on read, regenerated on write.
+# (attention_dropout is checked to be 0 first: we train without dropout.)
+_REGENERATED_KEYS = {"architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+                     "model_type", "rope_theta", "rope_parameters", "rope_scaling", "attention_dropout"}
 
 
 @dataclass
 class GraniteConfig:
-    """Architecture of a randomly initialised model (ignored when `model.path` is set).
+    """Architecture of a Granite model.
 
     Field names and meanings follow transformers' Granite config.json so a config can be written
     out verbatim. `vocab_size: null` means "take it from the tokenizer".
@@ -25,6 +41,7 @@ class GraniteConfig:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
+    head_dim: Optional[int] = None  # null: hidden_size // num_attention_heads
     hidden_act: str = "silu"
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-6
@@ -37,5 +54,142 @@ class GraniteConfig:
     residual_multiplier: float = 1.0
     attention_multiplier: Optional[float] = None  # null: 1/sqrt(head_dim)
     logits_scaling: float = 1.0
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    pad_token_id: Optional[int] = None
+    # config.json keys we do not model but that are harmless (e.g. use_cache, an eos_token_id
+    # list): kept verbatim so a load/save round trip does not lose them.
+    hf_extra: Dict[str, Any] = field(default_factory=dict)
+
+    # ---- derived values (methods, not fields: Hydra overrides must not leave them stale) ----
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    @property
+    def softmax_scale(self) -> float:
+        """Granite replaces 1/sqrt(head_dim) with `attention_multiplier` (a muP knob)."""
+        if self.attention_multiplier is not None:
+            return float(self.attention_multiplier)
+        return 1.0 / math.sqrt(self.resolved_head_dim)
+
+    def mixer_type(self, layer_idx: int) -> str:
+        """Sequence mixer of one decoder layer: "attention" (every dense layer) or, later, "mamba"."""
+        del layer_idx  # hybrids will read `layer_types[layer_idx]`
+        return "attention"
+
+    def mlp_type(self) -> str:
+        """Channel mixer of every decoder layer: "dense" SwiGLU now; "moe" / "moe+shared" later."""
+        return "dense"
+
+    def validate(self) -> None:
+        """Raise one UserError line for a config we cannot build."""
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            _unsupported_model_type(self.model_type)
+        if self.vocab_size is None or self.vocab_size <= 0:
+            raise UserError(f"model vocab_size is {self.vocab_size}; set model.arch.vocab_size "
+                            "(or null with a tokenizer, which fills it in)")
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model {name}={getattr(self, name)} must be positive")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise UserError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                            f"num_key_value_heads={self.num_key_value_heads}; pick a divisor")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
+            raise UserError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                            f"{self.num_attention_heads}; change one of them or set head_dim")
+        if self.resolved_head_dim % 2 != 0:
+            raise UserError(f"head_dim={self.resolved_head_dim} must be even for RoPE")
+        if self.hidden_act != "silu":
+            raise UserError(f"hidden_act={self.hidden_act!r} is not supported (Granite uses silu); "
+                            "set hidden_act to silu")
+
+    # ---- transformers config.json interop ----
+
+    @classmethod
+    def from_hf_dict(cls, d: Dict[str, Any]) -> "GraniteConfig":
+        """Read a transformers config.json dict (transformers 4 or 5 layout)."""
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            _unsupported_model_type(model_type)
+        _reject_unsupported_features(d)
+
+        ours = {f.name for f in fields(cls)} - {"model_type", "rope_theta", "hf_extra"}
+        kwargs: Dict[str, Any] = {k: d[k] for k in ours if k in d}
+        kwargs["model_type"] = model_type
+        kwargs["rope_theta"] = float(_rope_theta(d))
+        if kwargs.get("num_key_value_heads") is None:
+            kwargs["num_key_value_heads"] = d.get("num_attention_heads", cls.num_attention_heads)
+        # JSON writes 12.0 as 12; the dataclass (and OmegaConf) want floats.
+        for f in fields(cls):
+            if f.name in kwargs and f.type in ("float", "Optional[float]") and kwargs[f.name] is not None:
+                kwargs[f.name] = float(kwargs[f.name])
+        extra = {k: v for k, v in d.items() if k not in ours and k not in _REGENERATED_KEYS}
+        # An eos list (some chat checkpoints) is not an Optional[int]: carry it verbatim.
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(kwargs.get(key), list):
+                extra[key] = kwargs.pop(key)
+        harmless = {"use_cache", "pretraining_tp", "output_attentions",
+                    "output_hidden_states", "return_dict", "eos_token_id", "bos_token_id",
+                    "pad_token_id", "partial_rotary_factor", "sliding_window"}
+        unknown = sorted(set(extra) - harmless)
+        if unknown:
+            log.warning("config.json keys not used by granite_train (kept for saving): %s",
+                        ", ".join(unknown))
+        return cls(**kwargs, hf_extra=extra)
+
+    def to_hf_dict(self) -> Dict[str, Any]:
+        """The config.json transformers writes for this model (without dtype/architectures)."""
+        if self.vocab_size is None:
+            raise UserError("cannot write config.json with vocab_size=null; set model.arch.vocab_size")
+        d: Dict[str, Any] = dict(self.hf_extra)
+        for f in fields(self):
+            if f.name in ("hf_extra", "rope_theta", "head_dim", "attention_multiplier"):
+                continue
+            value = getattr(self, f.name)
+            if f.name in ("bos_token_id", "eos_token_id", "pad_token_id") and value is None:
+                d.setdefault(f.name, None)  # an extra (e.g. an eos list) wins over a null field
+                continue
+            d[f.name] = value
+        # transformers' Granite default is 1.0, not 1/sqrt(head_dim): always write the number.
+        d["attention_multiplier"] = self.softmax_scale
+        if self.head_dim is not None and self.head_dim != self.hidden_size // self.num_attention_heads:
+            d["head_dim"] = self.head_dim
+        # transformers 5 reads rope_parameters; transformers 4 and vLLM read rope_theta.
+        d["rope_theta"] = self.rope_theta
+        d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        d.setdefault("attention_dropout", 0.0)
+        return dict(sorted(d.items()))
 
 
+def _unsupported_model_type(model_type: Any) -> None:
+    if model_type in KNOWN_MODEL_TYPES:
+        raise UserError(f"model_type {model_type!r} is not supported yet (supported: "
+                        f"{', '.join(SUPPORTED_MODEL_TYPES)}); use a dense Granite checkpoint for now")
+    raise UserError(f"model_type {model_type!r} is not a Granite model (supported: "
+                    f"{', '.join(SUPPORTED_MODEL_TYPES)}); point model.path at a Granite checkpoint")
+
+
+def _rope_theta(d: Dict[str, Any]) -> float:
+    params = d.get("rope_parameters") or {}
+    theta = params.get("rope_theta", d.get("rope_theta"))
+    return GraniteConfig.rope_theta if theta is None else theta
+
+
+def _reject_unsupported_features(d: Dict[str, Any]) -> None:
+    """Keys whose non-default value would change the math: refuse rather than train wrong."""
+    for key in ("rope_parameters", "rope_scaling"):
+        params = d.get(key)
+        if params and params.get("rope_type", params.get("type", "default")) != "default":
+            raise UserError(f"config.json {key}.rope_type={params.get('rope_type', params.get('type'))!r} "
+                            "is not supported (only default RoPE); remove the RoPE scaling from config.json")
+    checks = {"attention_dropout": 0.0, "partial_rotary_factor": 1.0, "pretraining_tp": 1,
+              "sliding_window": None}
+    for key, default in checks.items():
+        if key in d and d[key] is not None and d[key] != default:
+            raise UserError(f"config.json {key}={d[key]!r} is not supported (expected {default!r}); "
+                            f"set it to {default!r} or use another checkpoint")
+    if d.get("quantization_config") is not None:
+        raise UserError("quantized checkpoints are not supported; point model.path at a bf16/fp32 checkpoint")

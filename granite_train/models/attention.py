@@ -1,0 +1,115 @@
+"""Causal self-attention (RoPE, GQA, Granite's softmax scale) and its kernel choice.
+
+Kernels, all exact (no mask tensor is ever built):
+- "flash": `flash_attn_varlen_func` over the packed row (CUDA only; imported lazily on CUDA).
+- "sdpa": packed rows loop `F.scaled_dot_product_attention(is_causal=True)` over examples (the
+  fastest exact option measured on CPU); padded [B, L] batches run one causal SDPA call.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from granite_train.errors import UserError
+from granite_train.models.batch import SeqLayout
+from granite_train.models.config import GraniteConfig
+from granite_train.models.rope import apply_rope
+
+ATTN_BACKENDS = ("auto", "sdpa", "flash")
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_attn_backend(requested: str) -> None:
+    if requested not in ATTN_BACKENDS:
+        raise UserError(f"attn_backend={requested!r} is not one of {', '.join(ATTN_BACKENDS)}; "
+                        "set model.attn_backend=auto")
+
+
+def resolve_attn_backend(requested: str, device: torch.device) -> str:
+    """The kernel that runs for `requested` on `device`: "flash" or "sdpa"."""
+    check_attn_backend(requested)
+    if requested == "sdpa":
+        return "sdpa"
+    # find_spec looks for the package without importing it: flash-attn must never be imported
+    # on a CPU-only machine.
+    has_flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    if requested == "flash" and not has_flash:
+        raise UserError("model.attn_backend=flash needs a CUDA device and the flash-attn package "
+                        "(pip install 'granite-train[gpu]'); use model.attn_backend=auto")
+    return "flash" if has_flash else "sdpa"
+
+
+def _sdpa_padded(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    o_BHTD = F.scaled_dot_product_attention(
+        q_BTHD.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2),
+        is_causal=True, scale=scale, enable_gqa=True)
+    return o_BHTD.transpose(1, 2)
+
+
+def _sdpa_varlen(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor,
+                 scale: float, layout: SeqLayout) -> torch.Tensor:
+    assert layout.bounds is not None
+    q_THD, k_TKD, v_TKD = q_BTHD[0], k_BTKD[0], v_BTKD[0]
+    outs = []
+    for start, end in zip(layout.bounds[:-1], layout.bounds[1:]):
+        if end == start:
+            continue
+        o_HSD = F.scaled_dot_product_attention(
+            q_THD[start:end].transpose(0, 1), k_TKD[start:end].transpose(0, 1),
+            v_TKD[start:end].transpose(0, 1), is_causal=True, scale=scale, enable_gqa=True)
+        outs.append(o_HSD.transpose(0, 1))
+    return torch.cat(outs, dim=0).unsqueeze(0)
+
+
+def _flash_varlen(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor,
+                  scale: float, layout: SeqLayout) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func  # only reached on CUDA
+
+    cu = layout.cu_seq_lens
+    o_THD = flash_attn_varlen_func(q_BTHD[0], k_BTKD[0], v_BTKD[0], cu, cu,
+                                   layout.max_seq_len, layout.max_seq_len,
+                                   dropout_p=0.0, softmax_scale=scale, causal=True)
+    return o_THD.unsqueeze(0)
+
+
+def causal_attention(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor,
+                     scale: float, layout: SeqLayout) -> torch.Tensor:
+    """Per-example causal attention; GQA when K < H heads. Returns [B, T, H, D]."""
+    if not layout.packed:
+        return _sdpa_padded(q_BTHD, k_BTKD, v_BTKD, scale)
+    # flash-attn has no fp32 kernel: an fp32 forward without autocast takes the exact SDPA loop.
+    if layout.attn_backend == "flash" and q_BTHD.dtype in _FLASH_DTYPES:
+        return _flash_varlen(q_BTHD, k_BTKD, v_BTKD, scale, layout)
+    return _sdpa_varlen(q_BTHD, k_BTKD, v_BTKD, scale, layout)
+
+
+class Attention(nn.Module):
+    """Granite self-attention; parameter names are transformers' (`self_attn.{q,k,v,o}_proj`)."""
+
+    def __init__(self, cfg: GraniteConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.resolved_head_dim
+        self.scale = cfg.softmax_scale
+        c, hd, bias = cfg.hidden_size, self.head_dim, cfg.attention_bias
+        self.q_proj = nn.Linear(c, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(c, self.n_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(c, self.n_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, c, bias=bias)
+
+    def forward(self, x_BTC: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
+        B, T, _ = x_BTC.shape
+        q_BTHD = self.q_proj(x_BTC).view(B, T, self.n_heads, self.head_dim)
+        k_BTKD = self.k_proj(x_BTC).view(B, T, self.n_kv_heads, self.head_dim)
+        v_BTKD = self.v_proj(x_BTC).view(B, T, self.n_kv_heads, self.head_dim)
+        if layout.cos_BTD is not None:
+            q_BTHD = apply_rope(q_BTHD, layout.cos_BTD, layout.sin_BTD)
+            k_BTKD = apply_rope(k_BTKD, layout.cos_BTD, layout.sin_BTD)
+        o_BTHD = causal_attention(q_BTHD, k_BTKD, v_BTKD, self.scale, layout)
+        return self.o_proj(o_BTHD.reshape(B, T, self.n_heads * self.head_dim))

@@ -1,0 +1,34 @@
+"""Per-forward batch layout shared by every mixer: where the packed examples start and end.
+
+Built once per forward by the model (one host sync for `cu_seq_lens`), then handed to each
+layer, so no layer re-derives boundaries or syncs with the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+
+@dataclass
+class SeqLayout:
+    """How the tokens of a [B, T] batch group into examples.
+
+    Packed (padding-free): B == 1 and `cu_seq_lens` holds example boundaries, cumulative, int32,
+    starting at 0 and ending at T. Padded: `cu_seq_lens` is None and each row is one example,
+    right-padded (causal attention needs no mask for the real tokens).
+    """
+
+    attn_backend: str  # resolved kernel: "sdpa" | "flash"
+    cos_BTD: Optional[torch.Tensor] = None  # RoPE tables (fp32); None for NoPE models
+    sin_BTD: Optional[torch.Tensor] = None
+    cu_seq_lens: Optional[torch.Tensor] = None  # [n+1] int32 on the model's device
+    bounds: Optional[List[int]] = None  # the same boundaries on the host
+    max_seq_len: Optional[int] = None
+    seq_idx: Optional[torch.Tensor] = None  # [1, T] example index per token (Mamba kernels)
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seq_lens is not None

@@ -1,0 +1,236 @@
+"""Granite causal LM, padding-free first.
+
+One config-driven implementation for every Granite family: each decoder layer is a sequence
+mixer (attention now; Mamba-2 for hybrids) plus a channel mixer (dense SwiGLU now; MoE and the
+shared MLP later), both chosen from the config. Submodules carry transformers' on-disk names
+(`self_attn`, `mlp`, ...), so our state_dict *is* the checkpoint layout: no key translation.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from granite_train.models.attention import Attention, check_attn_backend, resolve_attn_backend
+from granite_train.models.batch import SeqLayout
+from granite_train.models.config import GraniteConfig
+from granite_train.models.mlp import SwiGLU
+from granite_train.models.norm import RMSNorm
+from granite_train.models.rope import rope_cos_sin
+
+log = logging.getLogger("granite_train.models")
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # [B, T, V], model dtype (bf16 under autocast)
+    loss: Optional[torch.Tensor] = None  # sum of token losses / trained tokens (fp32 scalar)
+
+
+class DecoderLayer(nn.Module):
+    """`h += mixer(norm(h)) * m_res; h += mlp(norm(h)) * m_res`."""
+
+    def __init__(self, cfg: GraniteConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.residual_multiplier = cfg.residual_multiplier
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        mixer = cfg.mixer_type(layer_idx)
+        if mixer != "attention":
+            raise NotImplementedError(f"mixer {mixer!r}")
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        mlp = cfg.mlp_type()
+        if mlp != "dense":
+            raise NotImplementedError(f"mlp {mlp!r}")
+        self.mlp = SwiGLU(cfg)
+
+    def mixer(self, x_BTC: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
+        # Hybrids will pick `self.mamba` here for Mamba layers.
+        return self.self_attn(x_BTC, layout)
+
+    def channel_mixer(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        # MoE families will return `block_sparse_moe(x) + shared_mlp(x)` here.
+        return self.mlp(x_BTC)
+
+    def forward(self, h_BTC: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
+        h_BTC = h_BTC + self.mixer(self.input_layernorm(h_BTC), layout) * self.residual_multiplier
+        h_BTC = h_BTC + self.channel_mixer(self.post_attention_layernorm(h_BTC)) * self.residual_multiplier
+        return h_BTC
+
+
+class GraniteModel(nn.Module):
+    """Embeddings, decoder layers and the final norm (transformers' `model.` prefix)."""
+
+    def __init__(self, cfg: GraniteConfig) -> None:
+        super().__init__()
+        assert cfg.vocab_size is not None
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class GraniteForCausalLM(nn.Module):
+    """Dense Granite LM with a padding-free forward.
+
+    `attn_backend`: "auto" (flash-attn varlen on CUDA when installed, else per-example SDPA),
+    "sdpa" or "flash". `activation_checkpointing`: recompute each decoder layer in backward.
+    """
+
+    def __init__(self, config: GraniteConfig, attn_backend: str = "auto",
+                 activation_checkpointing: bool = False) -> None:
+        super().__init__()
+        config.validate()
+        check_attn_backend(attn_backend)
+        self.config = config
+        self.attn_backend = attn_backend
+        self.activation_checkpointing = activation_checkpointing
+        self._backend_by_device: Dict[str, str] = {}  # resolved once per device type, logged once
+        self.model = GraniteModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.reset_parameters()
+
+    # ---- setup ----
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """normal(0, initializer_range) for matrices and embeddings, zero biases, unit norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.activation_checkpointing = enabled
+
+    # ---- accounting ----
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied lm_head counts once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM convention.
+
+        6 * (matmul parameters, lm_head included even when tied) + 12 * layers * heads * head_dim
+        * seq_len for attention scores and values (no causal halving). For packed batches pass
+        the token-weighted mean example length, since attention never crosses examples.
+        """
+        c = self.config
+        matmul_params = self.num_parameters(exclude_embeddings=True)
+        if c.tie_word_embeddings:
+            matmul_params += self.lm_head.weight.numel()
+        attn = 12 * c.num_hidden_layers * c.num_attention_heads * c.resolved_head_dim * seq_len
+        return 6.0 * matmul_params + attn
+
+    # ---- forward ----
+
+    def _layout(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor],
+                seq_idx: Optional[torch.Tensor], cu_seq_lens: Optional[torch.Tensor]) -> SeqLayout:
+        """Backend, RoPE tables and example boundaries for this forward (the one host sync)."""
+        B, T = input_ids.shape
+        device = input_ids.device
+        backend = self._backend_by_device.get(device.type)
+        if backend is None:
+            backend = resolve_attn_backend(self.attn_backend, device)
+            self._backend_by_device[device.type] = backend
+            log.info("attention backend: %s (model.attn_backend=%s, device %s)",
+                     _BACKEND_NAMES[backend], self.attn_backend, device.type)
+
+        if cu_seq_lens is None and seq_idx is not None and B == 1:
+            # Only seq_idx given: boundaries from the explicit example index (never from tokens).
+            counts = torch.unique_consecutive(seq_idx.reshape(-1), return_counts=True)[1]
+            cu_seq_lens = F.pad(counts.cumsum(0), (1, 0))
+        bounds = max_len = None
+        if cu_seq_lens is not None:
+            if B != 1:
+                raise ValueError(f"cu_seq_lens needs one packed row, got input_ids of shape {tuple(input_ids.shape)}")
+            bounds = [int(b) for b in cu_seq_lens.reshape(-1).tolist()]  # the one host sync
+            if bounds[0] != 0 or bounds[-1] > T or any(b > e for b, e in zip(bounds[:-1], bounds[1:])):
+                raise ValueError(f"cu_seq_lens must rise from 0 to at most T={T}, got {bounds}")
+            if bounds[-1] < T:  # trailing filler: attend it as one more (untrained) segment
+                bounds.append(T)
+            max_len = max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
+            if (len(bounds) != cu_seq_lens.numel() or cu_seq_lens.dtype != torch.int32
+                    or cu_seq_lens.device != device):
+                cu_seq_lens = torch.tensor(bounds, dtype=torch.int32, device=device)
+            if position_ids is None:  # restart positions at every example
+                starts = torch.tensor(bounds[:-1], device=device)
+                lens = torch.tensor([e - s for s, e in zip(bounds[:-1], bounds[1:])], device=device)
+                position_ids = (torch.arange(T, device=device)
+                                - torch.repeat_interleave(starts, lens)).unsqueeze(0)
+        if position_ids is None:
+            position_ids = torch.arange(T, device=device).unsqueeze(0).expand(B, T)
+
+        cos_BTD, sin_BTD = rope_cos_sin(position_ids, self.config.resolved_head_dim, self.config.rope_theta)
+        return SeqLayout(attn_backend=backend, cos_BTD=cos_BTD, sin_BTD=sin_BTD,
+                         cu_seq_lens=cu_seq_lens, bounds=bounds, max_seq_len=max_len, seq_idx=seq_idx)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                seq_idx: Optional[torch.Tensor] = None, cu_seq_lens: Optional[torch.Tensor] = None,
+                max_seq_len: Optional[Union[int, torch.Tensor]] = None,
+                labels: Optional[torch.Tensor] = None) -> CausalLMOutput:
+        """Packed: input_ids [1, T] with `cu_seq_lens` [n+1] int32 (attention stays per example).
+        Padded: input_ids [B, L] right-padded, no `cu_seq_lens`. `max_seq_len` is accepted for
+        collator compatibility and recomputed from `cu_seq_lens`. Labels are not pre-shifted."""
+        del max_seq_len  # derived from the host copy of cu_seq_lens, which we need anyway
+        layout = self._layout(input_ids, position_ids, seq_idx, cu_seq_lens)
+
+        h_BTC = self.model.embed_tokens(input_ids) * self.config.embedding_multiplier
+        for layer in self.model.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h_BTC = checkpoint(layer, h_BTC, layout, use_reentrant=False)
+            else:
+                h_BTC = layer(h_BTC, layout)
+        h_BTC = self.model.norm(h_BTC)
+        logits_BTV = self.lm_head(h_BTC) / self.config.logits_scaling
+
+        loss = causal_lm_loss(logits_BTV, labels) if labels is not None else None
+        return CausalLMOutput(logits=logits_BTV, loss=loss)
+
+
+_BACKEND_NAMES = {"flash": "flash_attn_varlen_func", "sdpa": "per-example scaled_dot_product_attention"}
+
+
+def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over trained tokens (labels != -100), in fp32.
+
+    Labels are aligned with inputs: position t predicts labels[t + 1]. In packed rows the
+    collator masks each example's first label, so no token learns to predict the next example.
+    No trained tokens gives 0 (not NaN), keeping gradient accumulation finite.
+    """
+    V = logits_BTV.shape[-1]
+    shift_logits_NV = logits_BTV[:, :-1].reshape(-1, V).float()
+    shift_labels_N = labels_BT[:, 1:].reshape(-1).to(shift_logits_NV.device)
+    loss_sum = F.cross_entropy(shift_logits_NV, shift_labels_N, ignore_index=IGNORE_INDEX, reduction="sum")
+    n_trained = (shift_labels_N != IGNORE_INDEX).sum().clamp_min(1)
+    return loss_sum / n_trained
+
+
+def build_model(cfg: GraniteConfig, attn_backend: str = "auto",
+                activation_checkpointing: bool = False) -> GraniteForCausalLM:
+    """A randomly initialised model for `cfg` (fp32, CPU; move it with `.to`)."""
+    return GraniteForCausalLM(cfg, attn_backend=attn_backend, activation_checkpointing=activation_checkpointing)
+
+
+__all__: List[str] = ["CausalLMOutput", "GraniteForCausalLM", "GraniteModel", "DecoderLayer",
+                      "build_model", "causal_lm_loss"]
