@@ -201,8 +201,10 @@ class GraniteForCausalLM(nn.Module):
                 h_BTC = checkpoint(layer, h_BTC, layout, use_reentrant=False)
             else:
                 h_BTC = layer(h_BTC, layout)
-        h_BTC = self.model.norm(h_BTC)
-        logits_BTV = self.lm_head(h_BTC) / self.config.logits_scaling
+        # Dividing the [B, T, C] hidden state instead of the [B, T, V] logits is the same linear
+        # map and saves a vocabulary-sized pass (and its backward).
+        h_BTC = self.model.norm(h_BTC) / self.config.logits_scaling
+        logits_BTV = self.lm_head(h_BTC)
 
         loss = causal_lm_loss(logits_BTV, labels) if labels is not None else None
         return CausalLMOutput(logits=logits_BTV, loss=loss)
@@ -219,9 +221,11 @@ def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.T
     No trained tokens gives 0 (not NaN), keeping gradient accumulation finite.
     """
     V = logits_BTV.shape[-1]
-    shift_logits_NV = logits_BTV[:, :-1].reshape(-1, V).float()
-    shift_labels_N = labels_BT[:, 1:].reshape(-1).to(shift_logits_NV.device)
-    loss_sum = F.cross_entropy(shift_logits_NV, shift_labels_N, ignore_index=IGNORE_INDEX, reduction="sum")
+    # Shift the labels, not the logits: slicing [B, T, V] would copy it and zero-fill its grad.
+    shift_labels_BT = F.pad(labels_BT[:, 1:], (0, 1), value=IGNORE_INDEX).to(logits_BTV.device)
+    logits_NV = logits_BTV.reshape(-1, V).float()
+    shift_labels_N = shift_labels_BT.reshape(-1)
+    loss_sum = F.cross_entropy(logits_NV, shift_labels_N, ignore_index=IGNORE_INDEX, reduction="sum")
     n_trained = (shift_labels_N != IGNORE_INDEX).sum().clamp_min(1)
     return loss_sum / n_trained
 

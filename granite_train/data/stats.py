@@ -1,0 +1,77 @@
+"""What preparation did to the data, counted, and said in one paragraph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Dict, Optional
+
+import numpy as np
+
+
+class Status(IntEnum):
+    """Outcome of one raw row (stored per row by the tokenizing map)."""
+
+    OK = 0
+    TRUNCATED = 1
+    BAD_ROW = 2
+    OVERLONG = 3  # dropped: longer than max_length with data.overlong=drop
+    NO_LABELS = 4  # dropped: nothing left to train on (after truncation)
+
+    @staticmethod
+    def kept(status: np.ndarray) -> np.ndarray:
+        return status <= Status.TRUNCATED
+
+
+@dataclass
+class PrepStats:
+    source: str = ""
+    rows_read: int = 0
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    dropped_no_labels: int = 0
+    bad_rows: int = 0  # rows with missing/invalid fields, skipped by data.skip_bad_rows
+    malformed_lines: int = 0  # JSON lines that did not parse, skipped by data.skip_bad_rows
+    length_percentiles: Dict[str, int] = field(default_factory=dict)
+    steps_per_epoch: Optional[int] = None
+    packing_efficiency: Optional[float] = None  # real tokens / slots over epoch 0's plan
+    seconds: float = 0.0
+
+    def count(self, status: np.ndarray, lengths: np.ndarray, n_trained: np.ndarray) -> None:
+        """Add one batch of per-row outcomes (lengths/n_trained of every row, 0 where dropped)."""
+        status = np.asarray(status)
+        kept = Status.kept(status)
+        self.rows_read += int(status.size)
+        self.examples += int(kept.sum())
+        self.tokens += int(np.asarray(lengths)[kept].sum())
+        self.trained_tokens += int(np.asarray(n_trained)[kept].sum())
+        self.truncated += int((status == Status.TRUNCATED).sum())
+        self.bad_rows += int((status == Status.BAD_ROW).sum())
+        self.dropped_overlong += int((status == Status.OVERLONG).sum())
+        self.dropped_no_labels += int((status == Status.NO_LABELS).sum())
+
+    def set_lengths(self, lengths: np.ndarray) -> None:
+        if len(lengths):
+            p50, p90, p99 = np.percentile(lengths, [50, 90, 99])
+            self.length_percentiles = {"p50": int(p50), "p90": int(p90), "p99": int(p99),
+                                       "max": int(np.max(lengths))}
+
+    def report(self) -> str:
+        parts = [f"data {self.source}: {self.rows_read} rows read -> {self.examples} examples, "
+                 f"{self.tokens} tokens ({self.trained_tokens} trained)"]
+        parts.append(f"truncated {self.truncated}; dropped {self.dropped_overlong} over-long, "
+                     f"{self.dropped_no_labels} without labels, {self.bad_rows} bad rows, "
+                     f"{self.malformed_lines} malformed lines")
+        if self.length_percentiles:
+            p = self.length_percentiles
+            parts.append(f"length p50/p90/p99/max {p['p50']}/{p['p90']}/{p['p99']}/{p['max']}")
+        if self.steps_per_epoch is not None:
+            parts.append(f"{self.steps_per_epoch} steps per epoch")
+        if self.packing_efficiency is not None:
+            parts.append(f"packing efficiency {self.packing_efficiency:.4f}")
+        if self.seconds:
+            parts.append(f"prepared in {self.seconds:.1f}s")
+        return "; ".join(parts) + "."
