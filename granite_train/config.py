@@ -21,6 +21,9 @@ class ModelConfig:
     # Attention kernel: auto picks flash-attn varlen on CUDA when installed, else per-segment SDPA.
     attn_backend: str = "auto"
     activation_checkpointing: bool = False
+    # >0: compute the loss this many tokens at a time without the [T, vocab] logits (saves
+    # memory for large vocabularies at the cost of one extra lm_head matmul). 0: plain.
+    loss_chunk_tokens: int = 0
 
 
 @dataclass

@@ -20,18 +20,16 @@ from torch.utils.checkpoint import checkpoint
 from granite_train.models.attention import Attention, check_attn_backend, resolve_attn_backend
 from granite_train.models.batch import SeqLayout
 from granite_train.models.config import GraniteConfig
+from granite_train.models.loss import causal_lm_loss, chunked_causal_lm_loss
 from granite_train.models.mlp import SwiGLU
 from granite_train.models.norm import RMSNorm
 from granite_train.models.rope import rope_cos_sin
 
 log = logging.getLogger("granite_train.models")
 
-IGNORE_INDEX = -100
-
-
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # [B, T, V], model dtype (bf16 under autocast)
+    logits: Optional[torch.Tensor]  # [B, T, V], model dtype (bf16 under autocast); None if not asked
     loss: Optional[torch.Tensor] = None  # sum of token losses / trained tokens (fp32 scalar)
 
 
@@ -188,10 +186,12 @@ class GraniteForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 seq_idx: Optional[torch.Tensor] = None, cu_seq_lens: Optional[torch.Tensor] = None,
                 max_seq_len: Optional[Union[int, torch.Tensor]] = None,
-                labels: Optional[torch.Tensor] = None) -> CausalLMOutput:
+                labels: Optional[torch.Tensor] = None, loss_chunk_tokens: int = 0) -> CausalLMOutput:
         """Packed: input_ids [1, T] with `cu_seq_lens` [n+1] int32 (attention stays per example).
         Padded: input_ids [B, L] right-padded, no `cu_seq_lens`. `max_seq_len` is accepted for
-        collator compatibility and recomputed from `cu_seq_lens`. Labels are not pre-shifted."""
+        collator compatibility and recomputed from `cu_seq_lens`. Labels are not pre-shifted.
+        `loss_chunk_tokens=N > 0` (with labels) computes the loss N tokens at a time without
+        materialising the [B, T, V] logits (a memory knob; `.logits` is then None)."""
         del max_seq_len  # derived from the host copy of cu_seq_lens, which we need anyway
         layout = self._layout(input_ids, position_ids, seq_idx, cu_seq_lens)
 
@@ -204,30 +204,15 @@ class GraniteForCausalLM(nn.Module):
         # Dividing the [B, T, C] hidden state instead of the [B, T, V] logits is the same linear
         # map and saves a vocabulary-sized pass (and its backward).
         h_BTC = self.model.norm(h_BTC) / self.config.logits_scaling
+        if loss_chunk_tokens > 0 and labels is not None:
+            loss = chunked_causal_lm_loss(h_BTC, self.lm_head.weight, labels, loss_chunk_tokens)
+            return CausalLMOutput(logits=None, loss=loss)
         logits_BTV = self.lm_head(h_BTC)
-
         loss = causal_lm_loss(logits_BTV, labels) if labels is not None else None
         return CausalLMOutput(logits=logits_BTV, loss=loss)
 
 
 _BACKEND_NAMES = {"flash": "flash_attn_varlen_func", "sdpa": "per-example scaled_dot_product_attention"}
-
-
-def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over trained tokens (labels != -100), in fp32.
-
-    Labels are aligned with inputs: position t predicts labels[t + 1]. In packed rows the
-    collator masks each example's first label, so no token learns to predict the next example.
-    No trained tokens gives 0 (not NaN), keeping gradient accumulation finite.
-    """
-    V = logits_BTV.shape[-1]
-    # Shift the labels, not the logits: slicing [B, T, V] would copy it and zero-fill its grad.
-    shift_labels_BT = F.pad(labels_BT[:, 1:], (0, 1), value=IGNORE_INDEX).to(logits_BTV.device)
-    logits_NV = logits_BTV.reshape(-1, V).float()
-    shift_labels_N = shift_labels_BT.reshape(-1)
-    loss_sum = F.cross_entropy(logits_NV, shift_labels_N, ignore_index=IGNORE_INDEX, reduction="sum")
-    n_trained = (shift_labels_N != IGNORE_INDEX).sum().clamp_min(1)
-    return loss_sum / n_trained
 
 
 def build_model(cfg: GraniteConfig, attn_backend: str = "auto",
@@ -237,4 +222,4 @@ def build_model(cfg: GraniteConfig, attn_backend: str = "auto",
 
 
 __all__: List[str] = ["CausalLMOutput", "GraniteForCausalLM", "GraniteModel", "DecoderLayer",
-                      "build_model", "causal_lm_loss"]
+                      "build_model"]

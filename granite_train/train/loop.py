@@ -156,7 +156,8 @@ def train(cfg: RunConfig) -> TrainResult:
                     continue
                 with torch.autocast(env.device.type, dtype=env.autocast_dtype,
                                     enabled=env.autocast_dtype is not None):
-                    output = model(**{k: mb.get(k) for k in MODEL_INPUTS}, labels=mb["labels"])
+                    output = model(**{k: mb.get(k) for k in MODEL_INPUTS}, labels=mb["labels"],
+                                   loss_chunk_tokens=cfg.model.loss_chunk_tokens)
                 (output.loss * (n_mb / n_global)).backward()
                 loss_sum += output.loss.detach().double() * n_mb
             for p in params:
