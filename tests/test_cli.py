@@ -64,3 +64,14 @@ def test_cli_prints_config_from_any_directory(cli):
     assert proc.returncode == 0, proc.stderr
     cfg = OmegaConf.create(proc.stdout)
     assert cfg.trainer.seed == 5 and cfg.recipe_name == "sft_tiny"
+
+
+def test_cli_data_errors_are_one_line(cli, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                   '{"messages": [oops\n')
+    common = ["recipe=sft_tiny", "trainer.max_steps=1", f"trainer.output_dir={tmp_path / 'out'}"]
+    assert_one_line_error(cli(*common, f"data.path={bad}"), "bad.jsonl:2", "data.skip_bad_rows=true")
+    assert_one_line_error(cli(*common, f"data.path={tmp_path / 'missing.jsonl'}"), "does not exist")
+    assert_one_line_error(cli(*common, "data.max_length=8", "trainer.micro_batch_tokens=8",
+                              "trainer.tokens_per_step=8"), "chat template overhead")

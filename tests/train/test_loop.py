@@ -47,3 +47,23 @@ def test_cli_run_writes_metrics_and_hf_checkpoint(cli, tmp_path):
     assert diff <= 1e-5
     tok = transformers.AutoTokenizer.from_pretrained(out / "final")
     assert tok.convert_tokens_to_ids("<|start_of_role|>") < ours.config.vocab_size
+
+
+def test_wandb_offline_logs_config_and_metrics(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "wb"
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "granite_train", *FAST, "trainer.max_steps=2", f"trainer.output_dir={out}",
+         "tracking.wandb.mode=offline", "tracking.wandb.name=smoke"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # Offline runs keep config and history in the run's protobuf log until `wandb sync`.
+    record = (runs[0] / f"run-{runs[0].name.split('-')[-1]}.wandb").read_bytes()
+    for needle in (b"tokens_per_step", b"sft_tiny", b"packing_efficiency", b"tokens_seen"):
+        assert needle in record, needle

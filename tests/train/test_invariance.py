@@ -1,0 +1,54 @@
+"""The math of a step depends on the data and tokens_per_step only: not on the micro-batch size
+(gradient accumulation) and not on the number of data-parallel ranks. fp32, CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["recipe=sft_tiny", "data.max_examples=400", "data.max_length=512",
+          "trainer.tokens_per_step=4096", "model.arch.hidden_size=64",
+          "model.arch.intermediate_size=128", "model.arch.num_hidden_layers=2",
+          "trainer.dtype=fp32", "trainer.max_steps=4", "trainer.progress=false"]
+
+
+def curve(out):
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["loss"], r["grad_norm"], r["tokens"], r["input_tokens"]) for r in rows]
+
+
+def assert_same_curve(a, b, rel):
+    assert len(a) == len(b) == 4
+    for (la, ga, ta, ia), (lb, gb, tb, ib) in zip(a, b):
+        assert (ta, ia) == (tb, ib)  # the same examples
+        assert la == pytest.approx(lb, rel=rel)
+        assert ga == pytest.approx(gb, rel=rel)
+
+
+def test_micro_batch_size_does_not_change_the_step(cli, tmp_path):
+    runs = {}
+    for mbt in (512, 1024, 4096):
+        out = tmp_path / f"mbt{mbt}"
+        proc = cli(*COMMON, f"trainer.micro_batch_tokens={mbt}", f"trainer.output_dir={out}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[mbt] = curve(out)
+    assert_same_curve(runs[512], runs[4096], rel=1e-6)
+    assert_same_curve(runs[1024], runs[4096], rel=1e-6)
+
+
+def test_two_ranks_equal_one(cli, tmp_path):
+    one = tmp_path / "one"
+    proc = cli(*COMMON, "trainer.micro_batch_tokens=1024", f"trainer.output_dir={one}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = tmp_path / "two"
+    env = dict(os.environ, WANDB_MODE="disabled")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "granite_train", *COMMON, "trainer.micro_batch_tokens=1024", f"trainer.output_dir={two}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_same_curve(curve(one), curve(two), rel=1e-5)
