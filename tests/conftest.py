@@ -23,3 +23,13 @@ def cli(tmp_path):
         return run_cli(*args, cwd=tmp_path, timeout=timeout)
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def cli_at():
+    """`cli_at(cwd, *args)`: the CLI from a chosen directory (for module-scoped fixtures)."""
+
+    def _run(cwd: Path, *args: str, timeout: int = 600):
+        return run_cli(*args, cwd=cwd, timeout=timeout)
+
+    return _run

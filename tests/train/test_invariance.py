@@ -52,3 +52,15 @@ def test_two_ranks_equal_one(cli, tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_same_curve(curve(one), curve(two), rel=1e-5)
+
+
+def test_padded_baseline_trains_the_same_loss_as_packed(cli, tmp_path):
+    # packing=none selects examples like greedy and only collates them padded: same loss.
+    curves = {}
+    for packing in ("greedy", "none"):
+        out = tmp_path / packing
+        proc = cli(*COMMON, "trainer.micro_batch_tokens=1024", f"data.packing={packing}",
+                   f"trainer.output_dir={out}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        curves[packing] = curve(out)
+    assert_same_curve(curves["greedy"], curves["none"], rel=1e-6)

@@ -18,10 +18,17 @@ def read_metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_cli_run_writes_metrics_and_hf_checkpoint(cli, tmp_path):
-    out = tmp_path / "run"
-    proc = cli(*FAST, "trainer.max_steps=6", f"trainer.output_dir={out}")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cli_at):
+    root = tmp_path_factory.mktemp("e2e")
+    out = root / "run"
+    proc = cli_at(root, *FAST, "trainer.max_steps=6", f"trainer.output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, out
+
+
+def test_metrics_contract_and_falling_loss(trained):
+    root, out = trained
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 7))
     for key in ("step", "loss", "lr", "tokens", "tokens_seen", "tokens_per_sec", "packing_efficiency"):
@@ -34,11 +41,14 @@ def test_cli_run_writes_metrics_and_hf_checkpoint(cli, tmp_path):
         assert 0 < r["packing_efficiency"] <= 1
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert (out / "config.yaml").exists()
-    assert not (tmp_path / "outputs").exists()  # no Hydra litter
+    assert not (root / "outputs").exists()  # no Hydra litter
 
+
+def test_final_checkpoint_loads_in_transformers(trained):
     transformers = pytest.importorskip("transformers")
     from granite_train.models import load_model
 
+    _, out = trained
     ours = load_model(out / "final").eval()
     theirs = transformers.GraniteForCausalLM.from_pretrained(out / "final").eval()
     ids = torch.randint(0, ours.config.vocab_size, (1, 23))
@@ -47,6 +57,18 @@ def test_cli_run_writes_metrics_and_hf_checkpoint(cli, tmp_path):
     assert diff <= 1e-5
     tok = transformers.AutoTokenizer.from_pretrained(out / "final")
     assert tok.convert_tokens_to_ids("<|start_of_role|>") < ours.config.vocab_size
+
+
+def test_fine_tune_from_exported_checkpoint(trained, cli, tmp_path):
+    # model.path: architecture, weights, tokenizer and chat template all come from the checkpoint.
+    _, out = trained
+    ft = tmp_path / "ft"
+    proc = cli(*FAST, f"model.path={out / 'final'}", "trainer.max_steps=1", f"trainer.output_dir={ft}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"from {out / 'final'}" in proc.stderr
+    first = read_metrics(ft / "metrics.jsonl")[0]["loss"]
+    fresh = read_metrics(out / "metrics.jsonl")[0]["loss"]
+    assert first < fresh  # it starts from the trained weights, not from scratch
 
 
 def test_wandb_offline_logs_config_and_metrics(tmp_path):
