@@ -97,6 +97,11 @@ def compose_config(overrides: Sequence[str]) -> RunConfig:
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf.errors import OmegaConfBaseException
 
+    added = [o for o in overrides if o.startswith("+")]
+    if added:
+        # Hydra's "+key=value" appends a key the schema does not have: it would be ignored.
+        raise UserError(f"'{added[0]}' adds a key the config does not have; every setting already "
+                        f"exists, write it without '+' (see --cfg for the keys)")
     _register(ConfigStore.instance())
     GlobalHydra.instance().clear()
     try:

@@ -124,7 +124,7 @@ class RunConfig:
     notes: Dict[str, Any] = field(default_factory=dict)
 
 
-_CHOICES = {
+CHOICES = {
     "data.format": ("chat", "text"),
     "data.train_on": ("assistant", "all"),
     "data.overlong": ("truncate", "drop"),
@@ -138,6 +138,8 @@ _CHOICES = {
     "tracking.wandb.mode": ("online", "offline", "disabled"),
 }
 
+_NON_NEGATIVE = ("scheduler.warmup_steps", "model.loss_chunk_tokens", "data.num_proc",
+                 "optim.weight_decay", "optim.grad_clip", "optim.lr")
 _POSITIVE = ("trainer.max_steps", "trainer.tokens_per_step", "trainer.micro_batch_tokens",
              "data.max_length", "trainer.log_every")
 
@@ -153,7 +155,7 @@ def validate(cfg: RunConfig) -> None:
     """Value checks the type system cannot express; each failure is one UserError line."""
     from granite_train.errors import UserError
 
-    for key, allowed in _CHOICES.items():
+    for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
             raise UserError(f"{key}={value!r} is not one of {', '.join(allowed)}")
@@ -165,8 +167,15 @@ def validate(cfg: RunConfig) -> None:
             f"trainer.micro_batch_tokens={cfg.trainer.micro_batch_tokens} is smaller than "
             f"data.max_length={cfg.data.max_length}: a micro-batch must hold the longest example; "
             f"raise trainer.micro_batch_tokens or lower data.max_length")
-    if cfg.trainer.tokens_per_step < cfg.trainer.micro_batch_tokens:
+    if cfg.trainer.tokens_per_step < cfg.data.max_length:
         raise UserError(
             f"trainer.tokens_per_step={cfg.trainer.tokens_per_step} is smaller than "
-            f"trainer.micro_batch_tokens={cfg.trainer.micro_batch_tokens}; the step budget must "
-            f"fill at least one micro-batch")
+            f"data.max_length={cfg.data.max_length}: a step must hold the longest example; "
+            f"raise trainer.tokens_per_step or lower data.max_length")
+    for key in _NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise UserError(f"{key}={_get(cfg, key)} must be >= 0")
+    if cfg.trainer.epochs is not None and cfg.trainer.epochs < 1:
+        raise UserError(f"trainer.epochs={cfg.trainer.epochs} must be >= 1 (or null: as many as max_steps needs)")
+    if len(cfg.optim.betas) != 2:
+        raise UserError(f"optim.betas={list(cfg.optim.betas)} must be two numbers, e.g. [0.9,0.95]")

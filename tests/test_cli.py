@@ -42,6 +42,11 @@ def test_contract_overrides_exist():
     (["recipe=sft_tiny", "data.packing=zzz"], "data.packing='zzz' is not one of"),
     (["recipe=sft_tiny", "trainer.micro_batch_tokens=512"], "smaller than data.max_length"),
     (["recipe=sft_tiny", "trainer.max_steps=0"], "must be > 0"),
+    (["recipe=sft_tiny", "+trainer.bar=2"], "adds a key the config does not have"),
+    (["recipe=sft_tiny", "trainer.epochs=0"], "trainer.epochs=0 must be >= 1"),
+    (["recipe=sft_tiny", "optim.betas=[0.9]"], "must be two numbers"),
+    (["recipe=sft_tiny", "scheduler.warmup_steps=-1"], "must be >= 0"),
+    (["recipe=sft_tiny", "trainer.tokens_per_step=1024"], "a step must hold the longest example"),
 ])
 def test_bad_config_is_user_error(overrides, needle):
     with pytest.raises(UserError, match=None) as err:

@@ -9,6 +9,7 @@ format and a checkpoint's own jinja template share one tokenization path.
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
@@ -116,8 +117,10 @@ class JinjaRenderer:
                     f"chat template {self.name} does not render the first {i + 1} messages as a prefix of "
                     f"the whole conversation, so assistant tokens cannot be located; set "
                     f"data.chat_template=granite or data.train_on=all")
-            start = len(header) if header != before and upto.startswith(header) else len(before)
-            if header == before and m["content"].strip():
+            # The role header is what the generation prompt shares with the rendered turn (a
+            # prompt may add more than the turn has, e.g. an empty "<think>" block).
+            start = max(len(before), len(os.path.commonprefix([header, upto])))
+            if start == len(before) and m["content"].strip():
                 # The template ignores add_generation_prompt: skip its header by finding the content.
                 found = upto.find(m["content"].strip(), start)
                 start = found if found >= 0 else start

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import datasets
 import numpy as np
 
-from granite_train.config import DataConfig, TrainerConfig
+from granite_train.config import CHOICES, DataConfig, TrainerConfig
 from granite_train.data.chat import chat_overhead, make_renderer
 from granite_train.data.collator import MicroBatch, collate_packed, collate_padded, empty_micro_batch
 from granite_train.data.plan import StepPlan, packing_efficiency, plan_epoch, plan_step
@@ -27,8 +27,9 @@ from granite_train.errors import UserError
 
 log = logging.getLogger("granite_train.data")
 STREAM_BATCH = 256  # rows tokenized together from a stream
-_CHOICES = {"format": ("chat", "text"), "train_on": ("assistant", "all"),
-            "overlong": ("truncate", "drop"), "packing": ("bfd", "greedy", "none")}
+# The data section's allowed values, from the one table in config.py (also checked here for
+# callers of build_train_data that bypass the CLI).
+_CHOICES = {k.split(".", 1)[1]: v for k, v in CHOICES.items() if k.startswith("data.")}
 
 
 @dataclass

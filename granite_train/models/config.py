@@ -117,7 +117,10 @@ class GraniteConfig:
         _reject_unsupported_features(d)
 
         ours = {f.name for f in fields(cls)} - {"model_type", "rope_theta", "hf_extra"}
-        kwargs: Dict[str, Any] = {k: d[k] for k in ours if k in d}
+        # A key missing from config.json means transformers' default, not our random-init one
+        # (e.g. tie_word_embeddings False, attention_multiplier 1.0): load the same model it does.
+        kwargs: Dict[str, Any] = {k: v for k, v in HF_GRANITE_DEFAULTS.items() if k in ours}
+        kwargs.update({k: d[k] for k in ours if k in d})
         kwargs["model_type"] = model_type
         kwargs["rope_theta"] = float(_rope_theta(d))
         if kwargs.get("num_key_value_heads") is None:
@@ -162,6 +165,16 @@ class GraniteConfig:
         d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default"}
         d.setdefault("attention_dropout", 0.0)
         return dict(sorted(d.items()))
+
+
+# transformers' GraniteConfig defaults for the keys a config.json may omit.
+HF_GRANITE_DEFAULTS: Dict[str, Any] = {
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048,
+    "initializer_range": 0.02, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    "attention_bias": False, "mlp_bias": False, "embedding_multiplier": 1.0, "logits_scaling": 1.0,
+    "residual_multiplier": 1.0, "attention_multiplier": 1.0, "bos_token_id": 1, "eos_token_id": 2,
+}
 
 
 def _unsupported_model_type(model_type: Any) -> None:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from granite_train.errors import UserError
@@ -45,7 +48,11 @@ def read_config(path: Union[str, Path]) -> GraniteConfig:
 def _weight_files(path: Path) -> List[Path]:
     index = path / INDEX_FILE
     if index.is_file():
-        weight_map: Dict[str, str] = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map: Dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{index} is not a safetensors index ({type(e).__name__}: {e}); "
+                            "fix or replace the file") from None
         files = [path / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -85,16 +92,26 @@ def load_model(path: Union[str, Path], dtype: torch.dtype = torch.float32, attn_
 
     state: Dict[str, torch.Tensor] = {}
     unexpected: List[str] = []
+    stored_head = None
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if key in expected:
-                    # A fresh allocation per tensor (peak memory: model + one tensor): safetensors'
-                    # buffers are not 64-byte aligned, which sends CPU matmuls down other
-                    # (slower, differently rounded) kernel paths.
-                    state[key] = f.get_tensor(key).to(dtype, copy=True)
-                elif key not in tolerated and not key.endswith("rotary_emb.inv_freq"):
-                    unexpected.append(key)  # old checkpoints stored inv_freq: harmless
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if key in expected:
+                        # A fresh allocation per tensor (peak memory: model + one tensor):
+                        # safetensors' buffers are not 64-byte aligned, which sends CPU matmuls
+                        # down other (slower, differently rounded) kernel paths.
+                        state[key] = f.get_tensor(key).to(dtype, copy=True)
+                    elif key in tolerated:
+                        stored_head = f.get_tensor(key).to(dtype)
+                    elif not key.endswith("rotary_emb.inv_freq"):
+                        unexpected.append(key)  # old checkpoints stored inv_freq: harmless
+        except SafetensorError as e:
+            raise UserError(f"{file} is not a readable safetensors file ({e}); re-copy the checkpoint") from None
+    embed = state.get("model.embed_tokens.weight")
+    if stored_head is not None and embed is not None and not torch.equal(stored_head, embed):
+        raise UserError(f"{path}: config.json says tie_word_embeddings=true but lm_head.weight differs "
+                        "from the embeddings; set tie_word_embeddings=false in config.json")
     unexpected.sort()
     missing = sorted(set(expected) - set(state))
     wrong = sorted(f"{k} (file {list(v.shape)} vs model {list(expected[k])})"
@@ -153,24 +170,31 @@ def save_model(model: torch.nn.Module, path: Union[str, Path], max_shard_size: U
         shards[-1][key] = t
         shard_bytes += nbytes
 
-    # Stale files from an earlier save would make the directory ambiguous.
-    for old in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
-        old.unlink(missing_ok=True)
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(path / SINGLE_FILE), metadata=metadata)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(path / name), metadata=metadata)
-            weight_map.update({k: name for k in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
-    d = cfg.to_hf_dict()
-    d["architectures"] = [_ARCHITECTURES[cfg.model_type]]
-    d["dtype"] = d["torch_dtype"] = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-    (path / "config.json").write_text(json.dumps(dict(sorted(d.items())), indent=2) + "\n")
+    # Write everything into a temporary folder next to `path` first: a save that fails half-way
+    # (disk full, killed) leaves the previous checkpoint in `path` intact.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        metadata = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_FILE), metadata=metadata)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, start=1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata=metadata)
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        d = cfg.to_hf_dict()
+        d["architectures"] = [_ARCHITECTURES[cfg.model_type]]
+        d["dtype"] = d["torch_dtype"] = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+        (tmp / "config.json").write_text(json.dumps(dict(sorted(d.items())), indent=2) + "\n")
+        # Stale weights from an earlier save would make the directory ambiguous.
+        for old in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
+            old.unlink(missing_ok=True)
+        for new in tmp.iterdir():
+            os.replace(new, path / new.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("saved %s (%d file(s), %s)", path, len(shards), d["dtype"])

@@ -9,6 +9,7 @@ nor the number of ranks changes the gradient.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -87,10 +88,6 @@ def _to_device(mb: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
             for k, v in mb.items()}
 
 
-def _is_empty(mb: Optional[Dict[str, Any]]) -> bool:
-    return mb is None or mb["input_ids"].numel() == 0
-
-
 def _allreduce_grads(params: List[torch.nn.Parameter]) -> None:
     # One flat buffer: a single collective per step. Sum, because every rank already divided its
     # loss by the global token count.
@@ -108,7 +105,7 @@ def _save_run_config(cfg: RunConfig, out: Path) -> Dict[str, Any]:
 
 
 def train(cfg: RunConfig) -> TrainResult:
-    from granite_train.data import build_train_data, load_tokenizer
+    from granite_train.data import build_train_data, is_empty, load_tokenizer
     from granite_train.models import save_model
 
     env = init_env(cfg.trainer, cfg.distributed)
@@ -138,9 +135,8 @@ def train(cfg: RunConfig) -> TrainResult:
     step_no = 0
     model.train()
     try:
-        for step in data.steps():
-            if step_no >= cfg.trainer.max_steps:
-                break
+        # islice, not a break: drawing one step too many would move the data position past it.
+        for step in itertools.islice(data.steps(), cfg.trainer.max_steps):
             t0 = time.perf_counter()
             lr = schedule.lr_at(step_no)
             for group in optimizer.param_groups:
@@ -148,7 +144,7 @@ def train(cfg: RunConfig) -> TrainResult:
             n_global = step.num_trained_tokens
             loss_sum = torch.zeros((), device=env.device, dtype=torch.float64)
             for mb in step.micro_batches:
-                if _is_empty(mb) or n_global == 0:
+                if is_empty(mb) or n_global == 0:
                     continue
                 mb = _to_device(mb, env.device)
                 n_mb = int((mb["labels"] != -100).sum())

@@ -82,6 +82,16 @@ def test_jinja_template_without_generation_prompt(tok):
     assert trained_text(tok, ids, labels) == "Fine, thanks! And you?" + tok.eos_token
 
 
+def test_generation_prompt_longer_than_the_turn_header(tok):
+    # Thinking-style templates add "<think>" to the generation prompt only: the role header must
+    # still stay untrained.
+    template = ("{% for m in messages %}<|start_of_role|>{{ m['role'] }}<|end_of_role|>{{ m['content'] }}"
+                "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|start_of_role|>assistant"
+                "<|end_of_role|><think>\n{% endif %}")
+    (ids, labels), = encode_chats(tok, JinjaRenderer(template, None, tok.eos_token), [CONV[1:3]], "assistant")
+    assert trained_text(tok, ids, labels) == "Fine, thanks! And you?" + tok.eos_token
+
+
 def test_non_incremental_template_is_refused(tok):
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{{ messages | length }}"
     with pytest.raises(UserError, match="prefix"):

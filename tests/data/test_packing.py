@@ -1,6 +1,5 @@
 """Packing and step planning invariants (property tests on lengths alone: no tokenizer needed)."""
 
-import time
 from collections import Counter
 
 import numpy as np
@@ -111,9 +110,10 @@ def test_order_is_a_function_of_seed_and_epoch():
     assert a != select_steps(lengths, seed=2, epoch=0, **kw)
 
 
-def test_bfd_is_fast_on_100k_examples():
+def test_bfd_partitions_100k_examples():
+    # Speed is measured in benchmarks/packing.py, not here.
     lengths = np.random.default_rng(0).integers(1, 2049, size=100_000)
-    t0 = time.perf_counter()
     steps = select_steps(lengths, seed=0, epoch=0, tokens_per_step=16384, max_length=2048, packing="bfd")
-    assert time.perf_counter() - t0 < 10  # O(n log n): ~1 s here; O(n^2) would take minutes
-    assert sum(len(r) for s in steps for r in s) == 100_000
+    ids = sorted(i for s in steps for r in s for i in r)
+    assert ids == list(range(100_000))
+    assert all(sum(int(lengths[i]) for r in s for i in r) <= 16384 for s in steps)

@@ -91,3 +91,32 @@ def test_missing_files(tmp_path, saved):
     assert "has no config.json" in _error(tmp_path)
     (saved / "model.safetensors").unlink()
     assert "has neither model.safetensors nor model.safetensors.index.json" in _error(saved)
+
+
+def test_keys_missing_from_config_mean_transformers_defaults(make_hf_checkpoint):
+    # An untied checkpoint whose config.json omits tie_word_embeddings and attention_multiplier:
+    # transformers reads them as False and 1.0, so must we (not our random-init defaults).
+    transformers = pytest.importorskip("transformers")
+    path, _ = make_hf_checkpoint(tie_word_embeddings=False)
+    config = json.loads((path / "config.json").read_text())
+    del config["tie_word_embeddings"], config["attention_multiplier"]
+    (path / "config.json").write_text(json.dumps(config))
+    ours = load_model(path)
+    assert ours.config.tie_word_embeddings is False and ours.config.softmax_scale == 1.0
+    theirs = transformers.GraniteForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(0, 128, (1, 11))
+    with torch.no_grad():
+        diff = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_tied_config_with_a_different_lm_head_is_refused(saved):
+    _edit_weights(saved, lambda s: s.update({"lm_head.weight": torch.randn_like(s["model.embed_tokens.weight"])}))
+    assert "tie_word_embeddings=true but lm_head.weight differs" in _error(saved)
+
+
+def test_corrupt_index_and_shard(saved):
+    (saved / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert "not a readable safetensors file" in _error(saved)
+    (saved / "model.safetensors.index.json").write_text("{oops")
+    assert "is not a safetensors index" in _error(saved)
