@@ -69,6 +69,9 @@ class JinjaRenderer:
         self.bos_token = bos_token or ""
         self.eos_token = eos_token
         self.name = name
+        # Templates that print today's date (Granite 3.x) see one date for the whole preparation;
+        # as a field it is part of the tokenization cache key, so a later day re-tokenizes.
+        self.now = datetime.now().replace(hour=0, minute=0, second=0, microsecond=0)
         self._compiled: Any = None  # built lazily: jinja templates do not pickle (datasets.map)
 
     def __getstate__(self) -> Dict[str, Any]:
@@ -82,7 +85,7 @@ class JinjaRenderer:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
             env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
             env.globals["raise_exception"] = _raise
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            env.globals["strftime_now"] = self.now.strftime
             try:
                 self._compiled = env.from_string(self.template)
             except Exception as e:

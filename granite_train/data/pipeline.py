@@ -172,6 +172,12 @@ class StreamTrainData:
         self._padded = data_cfg.packing == "none"
         self._epochs = trainer_cfg.epochs
         self._budget = trainer_cfg.tokens_per_step
+        # Without a global plan to compare, the settings that decide which rows survive
+        # preparation and how they are cut are the stream's identity on resume.
+        self._fingerprint = {"source": encoder.source, "tokens_per_step": self._budget,
+                             "max_length": data_cfg.max_length, "overlong": data_cfg.overlong,
+                             "train_on": data_cfg.train_on, "format": data_cfg.format,
+                             "packing": data_cfg.packing}
         self._micro = trainer_cfg.micro_batch_tokens
         self._source = encoder.source
         self._epoch, self._consumed, self._step, self._global = 0, 0, 0, 0
@@ -246,13 +252,13 @@ class StreamTrainData:
     def state_dict(self) -> Dict[str, Any]:
         return {"kind": "stream", "epoch": self._epoch, "rows_consumed": self._consumed,
                 "step_in_epoch": self._step, "global_step": self._global,
-                "fingerprint": {"tokens_per_step": self._budget}}
+                "fingerprint": dict(self._fingerprint)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("kind") != "stream":
             raise UserError("the checkpoint's data state is from a non-streaming run; resume with "
                             "data.streaming=false")
-        _check_fingerprint(state.get("fingerprint", {}), {"tokens_per_step": self._budget})
+        _check_fingerprint(state.get("fingerprint", {}), self._fingerprint)
         self._epoch, self._consumed = int(state["epoch"]), int(state["rows_consumed"])
         self._step, self._global = int(state["step_in_epoch"]), int(state["global_step"])
 
