@@ -28,6 +28,10 @@ class SeqLayout:
     bounds: Optional[List[int]] = None  # the same boundaries on the host
     max_seq_len: Optional[int] = None
     seq_idx: Optional[torch.Tensor] = None  # [1, T] example index per token (Mamba kernels)
+    # Packed rows with trailing filler: tokens [0, real_tokens) are examples (router statistics
+    # skip the rest). None: every token counts (padded [B, L] batches have no mask, so their
+    # padding is counted too: a known limitation of the MoE aux loss on padded batches).
+    real_tokens: Optional[int] = None
 
     @property
     def packed(self) -> bool:

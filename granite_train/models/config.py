@@ -17,7 +17,10 @@ from granite_train.errors import UserError
 log = logging.getLogger("granite_train.models")
 
 # Families whose modeling code exists. The others are named so the error can say "not yet".
-SUPPORTED_MODEL_TYPES = ("granite",)
+SUPPORTED_MODEL_TYPES = ("granite", "granitemoe", "granitemoeshared")
+MOE_MODEL_TYPES = ("granitemoe", "granitemoeshared")
+# Keys only the MoE families write to config.json.
+_MOE_KEYS = ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef")
 KNOWN_MODEL_TYPES = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")
 
 # config.json keys that say nothing about the architecture: dropped on read, regenerated on write.
@@ -57,6 +60,11 @@ class GraniteConfig:
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
     pad_token_id: Optional[int] = None
+    # MoE (granitemoe / granitemoeshared): `intermediate_size` is then each expert's hidden size.
+    num_local_experts: int = 0  # 0: dense SwiGLU `mlp`
+    num_experts_per_tok: int = 2
+    shared_intermediate_size: int = 0  # granitemoeshared's always-on `shared_mlp`; 0: none
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss (the trainer adds it)
     # config.json keys we do not model but that are harmless (e.g. use_cache, an eos_token_id
     # list): kept verbatim so a load/save round trip does not lose them.
     hf_extra: Dict[str, Any] = field(default_factory=dict)
@@ -80,7 +88,9 @@ class GraniteConfig:
         return "attention"
 
     def mlp_type(self) -> str:
-        """Channel mixer of every decoder layer: "dense" SwiGLU now; "moe" / "moe+shared" later."""
+        """Channel mixer of every decoder layer: "dense" SwiGLU, "moe" or "moe+shared"."""
+        if self.num_local_experts > 0:
+            return "moe+shared" if self.shared_intermediate_size > 0 else "moe"
         return "dense"
 
     def validate(self) -> None:
@@ -102,9 +112,37 @@ class GraniteConfig:
                             f"{self.num_attention_heads}; change one of them or set head_dim")
         if self.resolved_head_dim % 2 != 0:
             raise UserError(f"head_dim={self.resolved_head_dim} must be even for RoPE")
+        self._validate_moe()
         if self.hidden_act != "silu":
             raise UserError(f"hidden_act={self.hidden_act!r} is not supported (Granite uses silu); "
                             "set hidden_act to silu")
+
+    def _validate_moe(self) -> None:
+        moe = self.model_type in MOE_MODEL_TYPES
+        if moe and self.num_local_experts <= 0:
+            raise UserError(f"model_type {self.model_type!r} needs num_local_experts > 0 "
+                            f"(got {self.num_local_experts}); set model.arch.num_local_experts")
+        if not moe and self.num_local_experts != 0:
+            raise UserError(f"num_local_experts={self.num_local_experts} needs model_type granitemoe or "
+                            f"granitemoeshared (got {self.model_type!r}); set model.arch.model_type")
+        if not moe:
+            if self.shared_intermediate_size != 0:
+                raise UserError(f"shared_intermediate_size={self.shared_intermediate_size} needs model_type "
+                                "granitemoeshared; set model.arch.model_type")
+            return
+        if self.model_type == "granitemoe" and self.shared_intermediate_size != 0:
+            raise UserError(f"shared_intermediate_size={self.shared_intermediate_size} needs model_type "
+                            "granitemoeshared (granitemoe has no shared MLP); set model.arch.model_type")
+        if self.shared_intermediate_size < 0:
+            raise UserError(f"shared_intermediate_size={self.shared_intermediate_size} must be >= 0")
+        if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+            raise UserError(f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
+                            f"num_local_experts={self.num_local_experts}")
+        if self.mlp_bias:
+            raise UserError("mlp_bias=true is not supported for MoE models (Granite experts have no "
+                            "bias); set model.arch.mlp_bias to false")
+        if self.router_aux_loss_coef < 0:
+            raise UserError(f"router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0")
 
     # ---- transformers config.json interop ----
 
@@ -120,6 +158,8 @@ class GraniteConfig:
         # A key missing from config.json means transformers' default, not our random-init one
         # (e.g. tie_word_embeddings False, attention_multiplier 1.0): load the same model it does.
         kwargs: Dict[str, Any] = {k: v for k, v in HF_GRANITE_DEFAULTS.items() if k in ours}
+        if model_type in MOE_MODEL_TYPES:
+            kwargs.update(HF_GRANITEMOE_DEFAULTS)
         kwargs.update({k: d[k] for k in ours if k in d})
         kwargs["model_type"] = model_type
         kwargs["rope_theta"] = float(_rope_theta(d))
@@ -136,7 +176,8 @@ class GraniteConfig:
                 extra[key] = kwargs.pop(key)
         harmless = {"use_cache", "pretraining_tp", "output_attentions",
                     "output_hidden_states", "return_dict", "eos_token_id", "bos_token_id",
-                    "pad_token_id", "partial_rotary_factor", "sliding_window"}
+                    "pad_token_id", "partial_rotary_factor", "sliding_window",
+                    "output_router_logits"}
         unknown = sorted(set(extra) - harmless)
         if unknown:
             log.warning("config.json keys not used by granite_train (kept for saving): %s",
@@ -150,6 +191,12 @@ class GraniteConfig:
         d: Dict[str, Any] = dict(self.hf_extra)
         for f in fields(self):
             if f.name in ("hf_extra", "rope_theta", "head_dim", "attention_multiplier"):
+                continue
+            if self.model_type not in MOE_MODEL_TYPES and f.name in (*_MOE_KEYS, "shared_intermediate_size"):
+                continue  # a dense config.json stays exactly what transformers' Granite writes
+            if self.model_type == "granitemoe" and f.name in ("shared_intermediate_size", "mlp_bias"):
+                continue
+            if self.model_type == "granitemoeshared" and f.name == "mlp_bias":
                 continue
             value = getattr(self, f.name)
             if f.name in ("bos_token_id", "eos_token_id", "pad_token_id") and value is None:
@@ -174,6 +221,13 @@ HF_GRANITE_DEFAULTS: Dict[str, Any] = {
     "initializer_range": 0.02, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
     "attention_bias": False, "mlp_bias": False, "embedding_multiplier": 1.0, "logits_scaling": 1.0,
     "residual_multiplier": 1.0, "attention_multiplier": 1.0, "bos_token_id": 1, "eos_token_id": 2,
+}
+
+# transformers' GraniteMoeConfig / GraniteMoeSharedConfig defaults for the MoE keys (the other
+# keys share HF_GRANITE_DEFAULTS' values).
+HF_GRANITEMOE_DEFAULTS: Dict[str, Any] = {
+    "num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.001,
+    "shared_intermediate_size": 0,
 }
 
 

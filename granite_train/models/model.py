@@ -1,8 +1,8 @@
 """Granite causal LM, padding-free first.
 
 One config-driven implementation for every Granite family: each decoder layer is a sequence
-mixer (attention now; Mamba-2 for hybrids) plus a channel mixer (dense SwiGLU now; MoE and the
-shared MLP later), both chosen from the config. Submodules carry transformers' on-disk names
+mixer (attention now; Mamba-2 for hybrids) plus a channel mixer (dense SwiGLU, or top-k MoE
+plus an optional shared MLP), both chosen from the config. Submodules carry transformers' on-disk names
 (`self_attn`, `mlp`, ...), so our state_dict *is* the checkpoint layout: no key translation.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from granite_train.models.batch import SeqLayout
 from granite_train.models.config import GraniteConfig
 from granite_train.models.loss import causal_lm_loss, chunked_causal_lm_loss
 from granite_train.models.mlp import SwiGLU
+from granite_train.models.moe import MoE, ExpertWeight, SharedMLP, load_balancing_loss
 from granite_train.models.norm import RMSNorm
 from granite_train.models.rope import rope_cos_sin
 
@@ -31,10 +32,19 @@ log = logging.getLogger("granite_train.models")
 class CausalLMOutput:
     logits: Optional[torch.Tensor]  # [B, T, V], model dtype (bf16 under autocast); None if not asked
     loss: Optional[torch.Tensor] = None  # sum of token losses / trained tokens (fp32 scalar)
+    # MoE families only (None for dense): transformers' load-balancing loss over real tokens,
+    # unscaled (the trainer adds `router_aux_loss_coef * aux_loss`; `loss` stays the LM loss),
+    # and the top-k assignments per layer and expert [layers, E] (fp32, no grad) for logging.
+    aux_loss: Optional[torch.Tensor] = None
+    expert_counts: Optional[torch.Tensor] = None
 
 
 class DecoderLayer(nn.Module):
-    """`h += mixer(norm(h)) * m_res; h += mlp(norm(h)) * m_res`."""
+    """`h += mixer(norm(h)) * m_res; h += mlp(norm(h)) * m_res`.
+
+    The channel mixer is the dense SwiGLU `mlp`, or `block_sparse_moe` (+ `shared_mlp`).
+    `forward` returns (h, router stats [3, E] or None; see `MoE.forward`).
+    """
 
     def __init__(self, cfg: GraniteConfig, layer_idx: int) -> None:
         super().__init__()
@@ -46,22 +56,34 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         mlp = cfg.mlp_type()
-        if mlp != "dense":
+        if mlp == "dense":
+            self.mlp = SwiGLU(cfg)
+        elif mlp in ("moe", "moe+shared"):
+            self.block_sparse_moe = MoE(cfg)
+            if mlp == "moe+shared":
+                self.shared_mlp = SharedMLP(cfg)
+        else:
             raise NotImplementedError(f"mlp {mlp!r}")
-        self.mlp = SwiGLU(cfg)
+        self.mlp_kind = mlp
 
     def mixer(self, x_BTC: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
         # Hybrids will pick `self.mamba` here for Mamba layers.
         return self.self_attn(x_BTC, layout)
 
-    def channel_mixer(self, x_BTC: torch.Tensor) -> torch.Tensor:
-        # MoE families will return `block_sparse_moe(x) + shared_mlp(x)` here.
-        return self.mlp(x_BTC)
+    def channel_mixer(self, x_BTC: torch.Tensor, layout: SeqLayout
+                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self.mlp_kind == "dense":
+            return self.mlp(x_BTC), None
+        out_BTC, stats = self.block_sparse_moe(x_BTC, layout.real_tokens)
+        if self.mlp_kind == "moe+shared":
+            out_BTC = out_BTC + self.shared_mlp(x_BTC)
+        return out_BTC, stats
 
-    def forward(self, h_BTC: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
+    def forward(self, h_BTC: torch.Tensor, layout: SeqLayout
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         h_BTC = h_BTC + self.mixer(self.input_layernorm(h_BTC), layout) * self.residual_multiplier
-        h_BTC = h_BTC + self.channel_mixer(self.post_attention_layernorm(h_BTC)) * self.residual_multiplier
-        return h_BTC
+        out_BTC, stats = self.channel_mixer(self.post_attention_layernorm(h_BTC), layout)
+        return h_BTC + out_BTC * self.residual_multiplier, stats
 
 
 class GraniteModel(nn.Module):
@@ -76,7 +98,7 @@ class GraniteModel(nn.Module):
 
 
 class GraniteForCausalLM(nn.Module):
-    """Dense Granite LM with a padding-free forward.
+    """Granite LM (dense or MoE) with a padding-free forward.
 
     `attn_backend`: "auto" (flash-attn varlen on CUDA when installed, else per-example SDPA),
     "sdpa" or "flash". `activation_checkpointing`: recompute each decoder layer in backward.
@@ -107,7 +129,7 @@ class GraniteForCausalLM(nn.Module):
         """normal(0, initializer_range) for matrices and embeddings, zero biases, unit norms."""
         std = self.config.initializer_range
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Embedding, ExpertWeight)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
@@ -132,11 +154,15 @@ class GraniteForCausalLM(nn.Module):
         6 * (matmul parameters, lm_head included even when tied) + 12 * layers * heads * head_dim
         * seq_len for attention scores and values (no causal halving). For packed batches pass
         the token-weighted mean example length, since attention never crosses examples.
+        MoE: only the active experts count (num_experts_per_tok of num_local_experts).
         """
         c = self.config
         matmul_params = self.num_parameters(exclude_embeddings=True)
         if c.tie_word_embeddings:
             matmul_params += self.lm_head.weight.numel()
+        if c.num_local_experts > 0:
+            expert_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, ExpertWeight))
+            matmul_params -= expert_params * (c.num_local_experts - c.num_experts_per_tok) // c.num_local_experts
         attn = 12 * c.num_hidden_layers * c.num_attention_heads * c.resolved_head_dim * seq_len
         return 6.0 * matmul_params + attn
 
@@ -158,7 +184,7 @@ class GraniteForCausalLM(nn.Module):
             # Only seq_idx given: boundaries from the explicit example index (never from tokens).
             counts = torch.unique_consecutive(seq_idx.reshape(-1), return_counts=True)[1]
             cu_seq_lens = F.pad(counts.cumsum(0), (1, 0))
-        bounds = max_len = None
+        bounds = max_len = real_tokens = None
         if cu_seq_lens is not None:
             if B != 1:
                 raise ValueError(f"cu_seq_lens needs one packed row, got input_ids of shape {tuple(input_ids.shape)}")
@@ -166,6 +192,7 @@ class GraniteForCausalLM(nn.Module):
             if bounds[0] != 0 or bounds[-1] > T or any(b > e for b, e in zip(bounds[:-1], bounds[1:])):
                 raise ValueError(f"cu_seq_lens must rise from 0 to at most T={T}, got {bounds}")
             if bounds[-1] < T:  # trailing filler: attend it as one more (untrained) segment
+                real_tokens = bounds[-1]  # ... and keep it out of the router statistics
                 bounds.append(T)
             max_len = max(e - s for s, e in zip(bounds[:-1], bounds[1:]))
             if (len(bounds) != cu_seq_lens.numel() or cu_seq_lens.dtype != torch.int32
@@ -181,7 +208,8 @@ class GraniteForCausalLM(nn.Module):
 
         cos_BTD, sin_BTD = rope_cos_sin(position_ids, self.config.resolved_head_dim, self.config.rope_theta)
         return SeqLayout(attn_backend=backend, cos_BTD=cos_BTD, sin_BTD=sin_BTD,
-                         cu_seq_lens=cu_seq_lens, bounds=bounds, max_seq_len=max_len, seq_idx=seq_idx)
+                         cu_seq_lens=cu_seq_lens, bounds=bounds, max_seq_len=max_len, seq_idx=seq_idx,
+                         real_tokens=real_tokens)
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 seq_idx: Optional[torch.Tensor] = None, cu_seq_lens: Optional[torch.Tensor] = None,
@@ -196,20 +224,28 @@ class GraniteForCausalLM(nn.Module):
         layout = self._layout(input_ids, position_ids, seq_idx, cu_seq_lens)
 
         h_BTC = self.model.embed_tokens(input_ids) * self.config.embedding_multiplier
+        stats = []
         for layer in self.model.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                h_BTC = checkpoint(layer, h_BTC, layout, use_reentrant=False)
+                h_BTC, s = checkpoint(layer, h_BTC, layout, use_reentrant=False)
             else:
-                h_BTC = layer(h_BTC, layout)
+                h_BTC, s = layer(h_BTC, layout)
+            if s is not None:
+                stats.append(s)
+        aux_loss = expert_counts = None
+        if stats:
+            stats_LSE = torch.stack(stats)
+            aux_loss = load_balancing_loss(stats_LSE, self.config.num_experts_per_tok)
+            expert_counts = stats_LSE[:, 0].detach()
         # Dividing the [B, T, C] hidden state instead of the [B, T, V] logits is the same linear
         # map and saves a vocabulary-sized pass (and its backward).
         h_BTC = self.model.norm(h_BTC) / self.config.logits_scaling
         if loss_chunk_tokens > 0 and labels is not None:
             loss = chunked_causal_lm_loss(h_BTC, self.lm_head.weight, labels, loss_chunk_tokens)
-            return CausalLMOutput(logits=None, loss=loss)
+            return CausalLMOutput(logits=None, loss=loss, aux_loss=aux_loss, expert_counts=expert_counts)
         logits_BTV = self.lm_head(h_BTC)
         loss = causal_lm_loss(logits_BTV, labels) if labels is not None else None
-        return CausalLMOutput(logits=logits_BTV, loss=loss)
+        return CausalLMOutput(logits=logits_BTV, loss=loss, aux_loss=aux_loss, expert_counts=expert_counts)
 
 
 _BACKEND_NAMES = {"flash": "flash_attn_varlen_func", "sdpa": "per-example scaled_dot_product_attention"}

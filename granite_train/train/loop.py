@@ -58,6 +58,11 @@ def _build_model(cfg: RunConfig, tokenizer, env: Env) -> torch.nn.Module:
             raise UserError(
                 f"model.arch.vocab_size={arch.vocab_size} is smaller than the tokenizer's "
                 f"{tokenizer.vocab_size} tokens; set model.arch.vocab_size=null to take it from the tokenizer")
+        # Special token ids from the tokenizer, so the exported config.json generates correctly.
+        for key, token_id in (("eos_token_id", tokenizer.eos_token_id), ("pad_token_id", tokenizer.pad_token_id),
+                              ("bos_token_id", tokenizer.token_to_id(tokenizer.bos_token or tokenizer.eos_token))):
+            if getattr(arch, key) is None:
+                setattr(arch, key, token_id)
         model = build_model(arch, attn_backend=cfg.model.attn_backend)
     if cfg.model.activation_checkpointing:
         model.set_activation_checkpointing(True)
@@ -86,6 +91,11 @@ def _describe(cfg: RunConfig, model: torch.nn.Module, tokenizer, env: Env) -> No
 def _to_device(mb: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
             for k, v in mb.items()}
+
+
+def _real_tokens(mb: Dict[str, Any]) -> int:
+    mask = mb.get("attention_mask")
+    return int(mask.sum()) if mask is not None else mb["input_ids"].numel()
 
 
 def _allreduce_grads(params: List[torch.nn.Parameter]) -> None:
@@ -130,6 +140,7 @@ def train(cfg: RunConfig) -> TrainResult:
     sink = MetricsSink(out, cfg.tracking.wandb, resolved, cfg.trainer.max_steps,
                        enabled=env.is_main, progress=cfg.trainer.progress)
 
+    aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
     tokens_seen = 0
     last_loss = float("nan")
     step_no = 0
@@ -143,6 +154,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 group["lr"] = lr
             n_global = step.num_trained_tokens
             loss_sum = torch.zeros((), device=env.device, dtype=torch.float64)
+            aux_sum = torch.zeros((), device=env.device, dtype=torch.float64)
             for mb in step.micro_batches:
                 if is_empty(mb) or n_global == 0:
                     continue
@@ -154,7 +166,14 @@ def train(cfg: RunConfig) -> TrainResult:
                                     enabled=env.autocast_dtype is not None):
                     output = model(**{k: mb.get(k) for k in MODEL_INPUTS}, labels=mb["labels"],
                                    loss_chunk_tokens=cfg.model.loss_chunk_tokens)
-                (output.loss * (n_mb / n_global)).backward()
+                objective = output.loss * (n_mb / n_global)
+                if output.aux_loss is not None:
+                    # The router loss is a per-token mean too: weight it by the micro-batch's
+                    # share of the step's real tokens, so accumulation and ranks don't change it.
+                    share = _real_tokens(mb) / step.num_input_tokens
+                    objective = objective + aux_coef * output.aux_loss * share
+                    aux_sum += output.aux_loss.detach().double() * share
+                objective.backward()
                 loss_sum += output.loss.detach().double() * n_mb
             for p in params:
                 if p.grad is None:  # a rank whose micro-batches never touched p still syncs it
@@ -162,6 +181,7 @@ def train(cfg: RunConfig) -> TrainResult:
             if env.distributed:
                 _allreduce_grads(params)
                 dist.all_reduce(loss_sum)
+                dist.all_reduce(aux_sum)
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             loss = float(loss_sum) / max(n_global, 1)
@@ -191,6 +211,7 @@ def train(cfg: RunConfig) -> TrainResult:
                     "packing_efficiency": step.num_input_tokens / max(step.num_slots, 1),
                     "micro_batches": len(step.micro_batches),
                     "step_time_s": dt,
+                    **({"aux_loss": float(aux_sum)} if aux_coef else {}),
                 })
         if step_no == 0:
             raise UserError("the data produced no optimizer step; add data or lower trainer.tokens_per_step")

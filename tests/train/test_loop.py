@@ -89,3 +89,23 @@ def test_wandb_offline_logs_config_and_metrics(tmp_path):
     record = (runs[0] / f"run-{runs[0].name.split('-')[-1]}.wandb").read_bytes()
     for needle in (b"tokens_per_step", b"sft_tiny", b"packing_efficiency", b"tokens_seen"):
         assert needle in record, needle
+
+
+def test_moe_run_logs_aux_loss_and_exports_for_transformers(cli, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from granite_train.models import load_model
+
+    out = tmp_path / "moe"
+    proc = cli(*FAST, "model=granitemoe-tiny", "model.arch.hidden_size=64", "model.arch.intermediate_size=64",
+               "model.arch.num_hidden_layers=2", "model.arch.num_local_experts=4", "trainer.max_steps=3",
+               f"trainer.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(out / "metrics.jsonl")
+    assert all(r["aux_loss"] >= 2.0 * 0.99 for r in rows)  # top-2: >= 2 up to float error, 2 at uniform routing
+    ours = load_model(out / "final").eval()
+    theirs = transformers.GraniteMoeForCausalLM.from_pretrained(out / "final").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (1, 19))
+    with torch.no_grad():
+        diff = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()
+    assert diff <= 1e-5
+    assert theirs.config.eos_token_id == ours.config.eos_token_id is not None

@@ -1,0 +1,149 @@
+"""Top-k mixture of experts and the shared MLP (granitemoe / granitemoeshared channel mixers).
+
+Parameter names and shapes are transformers' on-disk ones:
+`block_sparse_moe.router.layer.weight` [E, H], `block_sparse_moe.input_linear.weight` [E, 2I, H]
+(output halves [gate | up]), `block_sparse_moe.output_linear.weight` [E, H, I];
+`shared_mlp.input_linear.weight` [2S, H], `shared_mlp.output_linear.weight` [H, S].
+
+Routing follows transformers' GraniteMoe router: logits = x @ W_r.T upcast to fp32, top-k on the
+logits, softmax over the k selected logits (cast back to x's dtype) = combine weights.
+Expert compute is grouped: the (token, slot) pairs are sorted by expert, each expert runs one
+matmul on its contiguous slice (`torch._grouped_mm` on Hopper+ CUDA in bf16, else one matmul per
+expert from split sizes read with one host sync), and the results go back to their tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from granite_train.models.config import GraniteConfig
+
+
+class ExpertWeight(nn.Module):
+    """A stack of per-expert linear maps, `weight` [E, out, in] (no bias, as in Granite MoE)."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+
+    def extra_repr(self) -> str:
+        e, o, i = self.weight.shape
+        return f"experts={e}, in_features={i}, out_features={o}"
+
+
+class Router(nn.Module):
+    """`router.layer` is a bias-free Linear H -> E (transformers' on-disk name)."""
+
+    def __init__(self, hidden_size: int, num_experts: int) -> None:
+        super().__init__()
+        self.layer = nn.Linear(hidden_size, num_experts, bias=False)
+
+
+def _use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    # torch._grouped_mm: CUDA sm90+, bf16, 16-byte aligned rows. (Its CPU fallback exists in
+    # torch 2.13 but its backward fails on empty groups, so the CPU keeps the per-expert loop.)
+    return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+            and w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+            and x.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0)
+
+
+def grouped_expert_matmul(x_MC: torch.Tensor, w_EOC: torch.Tensor, counts_E: torch.Tensor,
+                          sizes: Optional[list]) -> torch.Tensor:
+    """Rows of `x_MC` sorted by expert (`counts_E` rows each) times their expert's `w[e].T`.
+
+    `sizes` is `counts_E` on the host (None on the grouped-GEMM path, which needs no sync).
+    Every expert runs, empty ones on zero rows, so each expert weight gets a (zero) gradient:
+    data-parallel wrappers see every parameter used in every step.
+    """
+    if sizes is None:
+        offs = counts_E.cumsum(0, dtype=torch.int32)
+        return torch._grouped_mm(x_MC, w_EOC.transpose(-2, -1), offs=offs)
+    outs = [F.linear(chunk, w_EOC[e]) for e, chunk in enumerate(x_MC.split(sizes))]
+    return torch.cat(outs)
+
+
+class MoE(nn.Module):
+    """Sparse top-k mixture of SwiGLU experts (`block_sparse_moe`)."""
+
+    def __init__(self, cfg: GraniteConfig) -> None:
+        super().__init__()
+        self.num_experts = cfg.num_local_experts
+        self.top_k = cfg.num_experts_per_tok
+        self.router = Router(cfg.hidden_size, cfg.num_local_experts)
+        self.input_linear = ExpertWeight(cfg.num_local_experts, cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.output_linear = ExpertWeight(cfg.num_local_experts, cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x_BTC: torch.Tensor, real_tokens: Optional[int] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns (output [B, T, C], stats [3, E] fp32 without grad except row 1).
+
+        stats rows over the first `real_tokens` flattened tokens (all when None): 0 = top-k
+        assignment counts per expert, 1 = sum of router softmax probabilities per expert (with
+        grad, for the load-balancing loss), 2 = the number of tokens (same in every column).
+        """
+        B, T, C = x_BTC.shape
+        x_NC = x_BTC.reshape(-1, C)
+        N, E, k = x_NC.shape[0], self.num_experts, self.top_k
+
+        logits_NE = F.linear(x_NC, self.router.layer.weight).float()
+        topk_logits_NK, topk_idx_NK = logits_NE.topk(k, dim=-1)
+        combine_NK = torch.softmax(topk_logits_NK, dim=-1).type_as(x_NC)
+
+        with torch.no_grad():
+            expert_M = topk_idx_NK.reshape(-1)  # M = N * k (token, slot) pairs
+            order_M = torch.argsort(expert_M, stable=True)
+            inverse_M = torch.empty_like(order_M)
+            inverse_M[order_M] = torch.arange(order_M.numel(), device=order_M.device)
+            counts_E = torch.bincount(expert_M, minlength=E)
+        w_in, w_out = self.input_linear.weight, self.output_linear.weight
+        sizes = None if _use_grouped_mm(x_NC, w_in) else counts_E.tolist()  # the one host sync
+
+        x_MC = x_NC[order_M // k]
+        gate_MI, up_MI = grouped_expert_matmul(x_MC, w_in, counts_E, sizes).chunk(2, dim=-1)
+        y_MC = grouped_expert_matmul(F.silu(gate_MI) * up_MI, w_out, counts_E, sizes)
+        # Back to (token, slot) order, then the combine-weighted sum over the k slots: the same
+        # as a scatter-add into the tokens, without atomics (deterministic on GPU).
+        y_NKC = y_MC[inverse_M].view(N, k, C)
+        out_NC = (y_NKC * combine_NK.unsqueeze(-1)).sum(dim=1)
+
+        n = N if real_tokens is None else min(real_tokens, N)
+        with torch.no_grad():
+            if n == N:
+                real_counts = counts_E.float()
+            else:
+                real_counts = torch.bincount(topk_idx_NK[:n].reshape(-1), minlength=E).float()
+        prob_sum_E = torch.softmax(logits_NE[:n], dim=-1).sum(dim=0)
+        stats = torch.stack([real_counts, prob_sum_E, real_counts.new_full((E,), float(n))])
+        return out_NC.view(B, T, C), stats
+
+
+class SharedMLP(nn.Module):
+    """Always-on SwiGLU (`shared_mlp`): `input_linear` [2S, H] halves [gate | up], `output_linear`."""
+
+    def __init__(self, cfg: GraniteConfig) -> None:
+        super().__init__()
+        self.input_linear = nn.Linear(cfg.hidden_size, 2 * cfg.shared_intermediate_size, bias=False)
+        self.output_linear = nn.Linear(cfg.shared_intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        gate, up = self.input_linear(x_BTC).chunk(2, dim=-1)
+        return self.output_linear(F.silu(gate) * up)
+
+
+def load_balancing_loss(stats_LSE: torch.Tensor, top_k: int) -> torch.Tensor:
+    """transformers' `load_balancing_loss_func`, pooled over layers, from per-layer stats.
+
+    f_e = (top-k assignments to e, all layers) / (tokens * layers); P_e = (sum of router
+    probabilities of e, all layers) / (tokens * layers); loss = E * sum_e f_e * P_e (= top_k at
+    uniform routing). Unscaled: multiply by `router_aux_loss_coef` before adding to the LM loss.
+    """
+    del top_k  # f is not normalised by k in transformers' formula
+    E = stats_LSE.shape[-1]
+    rows = stats_LSE[:, 2, 0].sum().clamp_min(1.0)
+    f_E = stats_LSE[:, 0].sum(dim=0) / rows
+    p_E = stats_LSE[:, 1].sum(dim=0) / rows
+    return E * (f_E * p_E).sum()
