@@ -93,6 +93,15 @@ def _to_device(mb: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
             for k, v in mb.items()}
 
 
+def _expert_load(counts_LE: torch.Tensor) -> Dict[str, Any]:
+    """Load balance of the step: the busiest expert's share relative to a uniform split (1.0 is
+    perfect balance), worst layer, plus the per-layer counts for plots."""
+    counts_LE = counts_LE.float()
+    imbalance_L = counts_LE.max(dim=1).values / counts_LE.mean(dim=1).clamp_min(1e-9)
+    return {"expert_imbalance": float(imbalance_L.max()),
+            "expert_counts": counts_LE.round().long().tolist()}
+
+
 def _real_tokens(mb: Dict[str, Any]) -> int:
     mask = mb.get("attention_mask")
     return int(mask.sum()) if mask is not None else mb["input_ids"].numel()
@@ -155,6 +164,7 @@ def train(cfg: RunConfig) -> TrainResult:
             n_global = step.num_trained_tokens
             loss_sum = torch.zeros((), device=env.device, dtype=torch.float64)
             aux_sum = torch.zeros((), device=env.device, dtype=torch.float64)
+            expert_counts = None  # [layers, experts] top-k assignments over the whole step
             for mb in step.micro_batches:
                 if is_empty(mb) or n_global == 0:
                     continue
@@ -174,6 +184,8 @@ def train(cfg: RunConfig) -> TrainResult:
                     objective = objective + aux_coef * output.aux_loss * share
                     aux_sum += output.aux_loss.detach().double() * share
                 objective.backward()
+                if output.expert_counts is not None:
+                    expert_counts = output.expert_counts if expert_counts is None else expert_counts + output.expert_counts
                 loss_sum += output.loss.detach().double() * n_mb
             for p in params:
                 if p.grad is None:  # a rank whose micro-batches never touched p still syncs it
@@ -182,6 +194,8 @@ def train(cfg: RunConfig) -> TrainResult:
                 _allreduce_grads(params)
                 dist.all_reduce(loss_sum)
                 dist.all_reduce(aux_sum)
+                if expert_counts is not None:
+                    dist.all_reduce(expert_counts)
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             loss = float(loss_sum) / max(n_global, 1)
@@ -212,6 +226,7 @@ def train(cfg: RunConfig) -> TrainResult:
                     "micro_batches": len(step.micro_batches),
                     "step_time_s": dt,
                     **({"aux_loss": float(aux_sum)} if aux_coef else {}),
+                    **(_expert_load(expert_counts) if expert_counts is not None else {}),
                 })
         if step_no == 0:
             raise UserError("the data produced no optimizer step; add data or lower trainer.tokens_per_step")

@@ -37,7 +37,9 @@ class MetricsSink:
             return
         self._file.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            # Scalars only: per-expert count tables stay in metrics.jsonl (for plots).
+            scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+            self._wandb.log(scalars, step=record["step"])
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",

@@ -102,6 +102,9 @@ def test_moe_run_logs_aux_loss_and_exports_for_transformers(cli, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(out / "metrics.jsonl")
     assert all(r["aux_loss"] >= 2.0 * 0.99 for r in rows)  # top-2: >= 2 up to float error, 2 at uniform routing
+    for r in rows:  # every real input token sends top-2 assignments, in every layer
+        assert [sum(layer) for layer in r["expert_counts"]] == [2 * r["input_tokens"]] * 2
+        assert r["expert_imbalance"] >= 1.0
     ours = load_model(out / "final").eval()
     theirs = transformers.GraniteMoeForCausalLM.from_pretrained(out / "final").eval()
     ids = torch.randint(0, ours.config.vocab_size, (1, 19))
