@@ -6,8 +6,8 @@ layer, so no layer re-derives boundaries or syncs with the device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -33,6 +33,18 @@ class SeqLayout:
     # padding is counted too: a known limitation of the MoE aux loss on padded batches).
     real_tokens: Optional[int] = None
 
+    # (example index, position inside the example), each [1, T] int64, built on first use by a
+    # Mamba layer from `bounds` (trailing filler included) and shared by all layers.
+    _segments: Optional[Tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
+
     @property
     def packed(self) -> bool:
         return self.cu_seq_lens is not None
+
+    def segments(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-token (example index, position inside the example) for a packed row."""
+        assert self.bounds is not None
+        if self._segments is None or self._segments[0].device != device:
+            from granite_train.models.mamba import segment_positions
+            self._segments = segment_positions(self.bounds, device)
+        return self._segments

@@ -10,17 +10,27 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from granite_train.errors import UserError
 
 log = logging.getLogger("granite_train.models")
 
 # Families whose modeling code exists. The others are named so the error can say "not yet".
-SUPPORTED_MODEL_TYPES = ("granite", "granitemoe", "granitemoeshared")
+SUPPORTED_MODEL_TYPES = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")
 MOE_MODEL_TYPES = ("granitemoe", "granitemoeshared")
 # Keys only the MoE families write to config.json.
 _MOE_KEYS = ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef")
+HYBRID_MODEL_TYPE = "granitemoehybrid"
+# Keys only the hybrid family writes to config.json.
+_HYBRID_KEYS = ("layer_types", "position_embedding_type", "mamba_n_heads", "mamba_n_groups",
+                "mamba_d_state", "mamba_d_head", "mamba_d_conv", "mamba_expand", "mamba_chunk_size",
+                "mamba_conv_bias", "mamba_proj_bias", "time_step_limit")
+MIXER_TYPES = ("attention", "mamba")
+# transformers 5 names the layer types "linear_attention"/"full_attention" in memory (and in a
+# config.json it writes); transformers 4, vLLM and the published checkpoints use "mamba"/"attention",
+# which transformers 5 remaps on load. We read both and write the latter.
+_LAYER_TYPE_ALIASES = {"linear_attention": "mamba", "full_attention": "attention"}
 KNOWN_MODEL_TYPES = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")
 
 # config.json keys that say nothing about the architecture: dropped on read, regenerated on write.
@@ -65,6 +75,21 @@ class GraniteConfig:
     num_experts_per_tok: int = 2
     shared_intermediate_size: int = 0  # granitemoeshared's always-on `shared_mlp`; 0: none
     router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss (the trainer adds it)
+    # Hybrid (granitemoehybrid): per-layer sequence mixer, "mamba" or "attention" (null: all
+    # attention for the other families). Every hybrid layer has `shared_mlp`, plus
+    # `block_sparse_moe` when num_local_experts > 0.
+    layer_types: Optional[List[str]] = None
+    position_embedding_type: Optional[str] = None  # hybrids: "rope" or null (NoPE); others: RoPE
+    mamba_n_heads: int = 128
+    mamba_n_groups: int = 1
+    mamba_d_state: int = 256
+    mamba_d_head: Optional[int] = None  # null: mamba_expand * hidden_size // mamba_n_heads
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_chunk_size: int = 256
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    time_step_limit: List[float] = field(default_factory=lambda: [0.0, float("inf")])
     # config.json keys we do not model but that are harmless (e.g. use_cache, an eos_token_id
     # list): kept verbatim so a load/save round trip does not lose them.
     hf_extra: Dict[str, Any] = field(default_factory=dict)
@@ -82,13 +107,35 @@ class GraniteConfig:
             return float(self.attention_multiplier)
         return 1.0 / math.sqrt(self.resolved_head_dim)
 
+    @property
+    def is_hybrid(self) -> bool:
+        return self.model_type == HYBRID_MODEL_TYPE
+
+    @property
+    def uses_rope(self) -> bool:
+        """Dense/MoE Granite always rotates q/k; hybrids only with position_embedding_type "rope"."""
+        return not self.is_hybrid or self.position_embedding_type == "rope"
+
+    @property
+    def mamba_d_inner(self) -> int:
+        return self.mamba_expand * self.hidden_size
+
+    @property
+    def resolved_mamba_d_head(self) -> int:
+        if self.mamba_d_head is not None:
+            return self.mamba_d_head
+        return self.mamba_d_inner // self.mamba_n_heads
+
     def mixer_type(self, layer_idx: int) -> str:
-        """Sequence mixer of one decoder layer: "attention" (every dense layer) or, later, "mamba"."""
-        del layer_idx  # hybrids will read `layer_types[layer_idx]`
-        return "attention"
+        """Sequence mixer of one decoder layer: "attention" or "mamba" (hybrids' `layer_types`)."""
+        if self.layer_types is None:
+            return "attention"
+        return _LAYER_TYPE_ALIASES.get(self.layer_types[layer_idx], self.layer_types[layer_idx])
 
     def mlp_type(self) -> str:
-        """Channel mixer of every decoder layer: "dense" SwiGLU, "moe" or "moe+shared"."""
+        """Channel mixer of every decoder layer: "dense" SwiGLU, "moe", "moe+shared" or "shared"."""
+        if self.is_hybrid:  # transformers' hybrid layer always has shared_mlp
+            return "moe+shared" if self.num_local_experts > 0 else "shared"
         if self.num_local_experts > 0:
             return "moe+shared" if self.shared_intermediate_size > 0 else "moe"
         return "dense"
@@ -110,12 +157,59 @@ class GraniteConfig:
         if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
             raise UserError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                             f"{self.num_attention_heads}; change one of them or set head_dim")
-        if self.resolved_head_dim % 2 != 0:
+        if self.uses_rope and self.resolved_head_dim % 2 != 0:
             raise UserError(f"head_dim={self.resolved_head_dim} must be even for RoPE")
-        self._validate_moe()
+        if self.is_hybrid:
+            self._validate_hybrid()
+        else:
+            self._validate_moe()
+            if self.layer_types is not None and any(t != "attention" for t in self.layer_types):
+                raise UserError(f"layer_types={list(self.layer_types)} needs model_type granitemoehybrid "
+                                f"(got {self.model_type!r}); set model.arch.model_type")
         if self.hidden_act != "silu":
             raise UserError(f"hidden_act={self.hidden_act!r} is not supported (Granite uses silu); "
                             "set hidden_act to silu")
+
+    def _validate_hybrid(self) -> None:
+        n = self.num_hidden_layers
+        if self.layer_types is None or len(self.layer_types) != n:
+            got = None if self.layer_types is None else len(self.layer_types)
+            raise UserError(f"granitemoehybrid needs layer_types with num_hidden_layers={n} entries "
+                            f"(got {got}); set model.arch.layer_types")
+        bad = sorted({t for t in self.layer_types if _LAYER_TYPE_ALIASES.get(t, t) not in MIXER_TYPES})
+        if bad:
+            raise UserError(f"layer_types has unknown entries {bad} (allowed: mamba, attention); "
+                            "fix model.arch.layer_types")
+        if self.position_embedding_type not in (None, "rope"):
+            raise UserError(f"position_embedding_type={self.position_embedding_type!r} is not supported "
+                            "(rope or null); set model.arch.position_embedding_type")
+        if self.head_dim is not None and self.head_dim != self.hidden_size // self.num_attention_heads:
+            raise UserError("granitemoehybrid has no head_dim setting (it is hidden_size // "
+                            "num_attention_heads); set model.arch.head_dim to null")
+        if self.num_local_experts < 0 or (self.num_local_experts > 0 and not
+                                          1 <= self.num_experts_per_tok <= self.num_local_experts):
+            raise UserError(f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
+                            f"num_local_experts={self.num_local_experts} (num_local_experts >= 0)")
+        if self.shared_intermediate_size <= 0:
+            raise UserError(f"granitemoehybrid needs shared_intermediate_size > 0 (got "
+                            f"{self.shared_intermediate_size}); set model.arch.shared_intermediate_size")
+        if self.mlp_bias:
+            raise UserError("mlp_bias=true is not supported for granitemoehybrid; set model.arch.mlp_bias to false")
+        if self.router_aux_loss_coef < 0:
+            raise UserError(f"router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0")
+        for name in ("mamba_n_heads", "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_expand",
+                     "mamba_chunk_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model {name}={getattr(self, name)} must be positive")
+        d_inner, heads, groups = self.mamba_d_inner, self.mamba_n_heads, self.mamba_n_groups
+        if d_inner % heads != 0 or self.resolved_mamba_d_head * heads != d_inner:
+            raise UserError(f"mamba_n_heads={heads} x mamba_d_head={self.resolved_mamba_d_head} must equal "
+                            f"mamba_expand * hidden_size = {d_inner}; fix the mamba sizes")
+        if heads % groups != 0 or d_inner % groups != 0:
+            raise UserError(f"mamba_n_groups={groups} must divide mamba_n_heads={heads}; fix model.arch.mamba_n_groups")
+        if len(self.time_step_limit) != 2 or not 0 <= self.time_step_limit[0] <= self.time_step_limit[1]:
+            raise UserError(f"time_step_limit={list(self.time_step_limit)} must be [min, max] with "
+                            "0 <= min <= max; fix model.arch.time_step_limit")
 
     def _validate_moe(self) -> None:
         moe = self.model_type in MOE_MODEL_TYPES
@@ -160,6 +254,23 @@ class GraniteConfig:
         kwargs: Dict[str, Any] = {k: v for k, v in HF_GRANITE_DEFAULTS.items() if k in ours}
         if model_type in MOE_MODEL_TYPES:
             kwargs.update(HF_GRANITEMOE_DEFAULTS)
+        if model_type == HYBRID_MODEL_TYPE:
+            kwargs.update(HF_GRANITEMOE_DEFAULTS)
+            kwargs.update(HF_GRANITEMOEHYBRID_DEFAULTS)
+            d = dict(d)
+            if "layer_types" not in d and "layers_block_type" in d:  # older hybrid configs
+                d["layer_types"] = d.pop("layers_block_type")
+            if d.get("layer_types") is None:  # transformers' default: every layer Mamba
+                d["layer_types"] = ["mamba"] * d.get("num_hidden_layers", HF_GRANITE_DEFAULTS["num_hidden_layers"])
+            d["layer_types"] = [_LAYER_TYPE_ALIASES.get(t, t) for t in d["layer_types"]]
+            heads = d.get("mamba_n_heads", HF_GRANITEMOEHYBRID_DEFAULTS["mamba_n_heads"])
+            d_inner = (d.get("mamba_expand", HF_GRANITEMOEHYBRID_DEFAULTS["mamba_expand"])
+                       * d.get("hidden_size", HF_GRANITE_DEFAULTS["hidden_size"]))
+            if d.get("mamba_d_head") in ("auto", d_inner // heads):  # "auto": keep it derived
+                d["mamba_d_head"] = None
+            if d.get("time_step_limit") is None:  # transformers allows null: no clamping
+                d["time_step_limit"] = [0.0, float("inf")]
+            d["time_step_limit"] = [_json_float(v) for v in d["time_step_limit"]]
         kwargs.update({k: d[k] for k in ours if k in d})
         kwargs["model_type"] = model_type
         kwargs["rope_theta"] = float(_rope_theta(d))
@@ -177,7 +288,8 @@ class GraniteConfig:
         harmless = {"use_cache", "pretraining_tp", "output_attentions",
                     "output_hidden_states", "return_dict", "eos_token_id", "bos_token_id",
                     "pad_token_id", "partial_rotary_factor", "sliding_window",
-                    "output_router_logits"}
+                    "output_router_logits", "layers_block_type",
+                    "time_step_min", "time_step_max", "time_step_floor"}
         unknown = sorted(set(extra) - harmless)
         if unknown:
             log.warning("config.json keys not used by granite_train (kept for saving): %s",
@@ -192,8 +304,13 @@ class GraniteConfig:
         for f in fields(self):
             if f.name in ("hf_extra", "rope_theta", "head_dim", "attention_multiplier"):
                 continue
-            if self.model_type not in MOE_MODEL_TYPES and f.name in (*_MOE_KEYS, "shared_intermediate_size"):
+            if (self.model_type not in (*MOE_MODEL_TYPES, HYBRID_MODEL_TYPE)
+                    and f.name in (*_MOE_KEYS, "shared_intermediate_size")):
                 continue  # a dense config.json stays exactly what transformers' Granite writes
+            if not self.is_hybrid and f.name in _HYBRID_KEYS:
+                continue
+            if self.is_hybrid and f.name == "mlp_bias":
+                continue
             if self.model_type == "granitemoe" and f.name in ("shared_intermediate_size", "mlp_bias"):
                 continue
             if self.model_type == "granitemoeshared" and f.name == "mlp_bias":
@@ -203,6 +320,10 @@ class GraniteConfig:
                 d.setdefault(f.name, None)  # an extra (e.g. an eos list) wins over a null field
                 continue
             d[f.name] = value
+        if self.is_hybrid:
+            d["layer_types"] = [self.mixer_type(i) for i in range(self.num_hidden_layers)]
+            d["mamba_d_head"] = self.resolved_mamba_d_head
+            d["time_step_limit"] = [float(v) for v in self.time_step_limit]
         # transformers' Granite default is 1.0, not 1/sqrt(head_dim): always write the number.
         d["attention_multiplier"] = self.softmax_scale
         if self.head_dim is not None and self.head_dim != self.hidden_size // self.num_attention_heads:
@@ -229,6 +350,22 @@ HF_GRANITEMOE_DEFAULTS: Dict[str, Any] = {
     "num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.001,
     "shared_intermediate_size": 0,
 }
+
+
+# transformers' GraniteMoeHybridConfig defaults where they differ from the two tables above.
+HF_GRANITEMOEHYBRID_DEFAULTS: Dict[str, Any] = {
+    "shared_intermediate_size": 1024, "position_embedding_type": None, "mamba_n_heads": 128,
+    "mamba_n_groups": 1, "mamba_d_state": 256, "mamba_d_head": None, "mamba_d_conv": 4,
+    "mamba_expand": 2, "mamba_chunk_size": 256, "mamba_conv_bias": True, "mamba_proj_bias": False,
+    "time_step_limit": [0.0, float("inf")],
+}
+
+
+def _json_float(v: Any) -> float:
+    """A float from config.json; transformers 5 writes infinity as {"__float__": "Infinity"}."""
+    if isinstance(v, dict) and "__float__" in v:
+        return float(v["__float__"])
+    return float(v)
 
 
 def _unsupported_model_type(model_type: Any) -> None:

@@ -28,7 +28,8 @@ log = logging.getLogger("granite_train.models")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _ARCHITECTURES = {"granite": "GraniteForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
-                  "granitemoeshared": "GraniteMoeSharedForCausalLM"}
+                  "granitemoeshared": "GraniteMoeSharedForCausalLM",
+                  "granitemoehybrid": "GraniteMoeHybridForCausalLM"}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

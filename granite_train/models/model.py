@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from granite_train.models.attention import Attention, check_attn_backend, resolve_attn_backend
 from granite_train.models.batch import SeqLayout
 from granite_train.models.config import GraniteConfig
+from granite_train.models.mamba import Mamba2Mixer
 from granite_train.models.loss import causal_lm_loss, chunked_causal_lm_loss
 from granite_train.models.mlp import SwiGLU
 from granite_train.models.moe import MoE, ExpertWeight, SharedMLP, load_balancing_loss
@@ -50,10 +51,13 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.residual_multiplier = cfg.residual_multiplier
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        mixer = cfg.mixer_type(layer_idx)
-        if mixer != "attention":
-            raise NotImplementedError(f"mixer {mixer!r}")
-        self.self_attn = Attention(cfg)
+        self.mixer_kind = cfg.mixer_type(layer_idx)
+        if self.mixer_kind == "attention":
+            self.self_attn = Attention(cfg)
+        elif self.mixer_kind == "mamba":
+            self.mamba = Mamba2Mixer(cfg)
+        else:
+            raise NotImplementedError(f"mixer {self.mixer_kind!r}")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         mlp = cfg.mlp_type()
         if mlp == "dense":
@@ -62,18 +66,23 @@ class DecoderLayer(nn.Module):
             self.block_sparse_moe = MoE(cfg)
             if mlp == "moe+shared":
                 self.shared_mlp = SharedMLP(cfg)
+        elif mlp == "shared":  # a hybrid without experts
+            self.shared_mlp = SharedMLP(cfg)
         else:
             raise NotImplementedError(f"mlp {mlp!r}")
         self.mlp_kind = mlp
 
     def mixer(self, x_BTC: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
-        # Hybrids will pick `self.mamba` here for Mamba layers.
+        if self.mixer_kind == "mamba":
+            return self.mamba(x_BTC, layout)
         return self.self_attn(x_BTC, layout)
 
     def channel_mixer(self, x_BTC: torch.Tensor, layout: SeqLayout
                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.mlp_kind == "dense":
             return self.mlp(x_BTC), None
+        if self.mlp_kind == "shared":
+            return self.shared_mlp(x_BTC), None
         out_BTC, stats = self.block_sparse_moe(x_BTC, layout.real_tokens)
         if self.mlp_kind == "moe+shared":
             out_BTC = out_BTC + self.shared_mlp(x_BTC)
@@ -133,7 +142,7 @@ class GraniteForCausalLM(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, RMSNorm):
+            elif isinstance(module, (RMSNorm, Mamba2Mixer)):
                 module.reset_parameters()
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
@@ -163,7 +172,8 @@ class GraniteForCausalLM(nn.Module):
         if c.num_local_experts > 0:
             expert_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, ExpertWeight))
             matmul_params -= expert_params * (c.num_local_experts - c.num_experts_per_tok) // c.num_local_experts
-        attn = 12 * c.num_hidden_layers * c.num_attention_heads * c.resolved_head_dim * seq_len
+        attn_layers = sum(c.mixer_type(i) == "attention" for i in range(c.num_hidden_layers))
+        attn = 12 * attn_layers * c.num_attention_heads * c.resolved_head_dim * seq_len
         return 6.0 * matmul_params + attn
 
     # ---- forward ----
@@ -206,7 +216,9 @@ class GraniteForCausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(T, device=device).unsqueeze(0).expand(B, T)
 
-        cos_BTD, sin_BTD = rope_cos_sin(position_ids, self.config.resolved_head_dim, self.config.rope_theta)
+        cos_BTD = sin_BTD = None
+        if self.config.uses_rope:
+            cos_BTD, sin_BTD = rope_cos_sin(position_ids, self.config.resolved_head_dim, self.config.rope_theta)
         return SeqLayout(attn_backend=backend, cos_BTD=cos_BTD, sin_BTD=sin_BTD,
                          cu_seq_lens=cu_seq_lens, bounds=bounds, max_seq_len=max_len, seq_idx=seq_idx,
                          real_tokens=real_tokens)

@@ -112,3 +112,25 @@ def test_moe_run_logs_aux_loss_and_exports_for_transformers(cli, tmp_path):
         diff = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()
     assert diff <= 1e-5
     assert theirs.config.eos_token_id == ours.config.eos_token_id is not None
+
+
+def test_hybrid_run_exports_for_transformers(cli, tmp_path):
+    # Granite-4.0-H shape (Mamba-2 + attention + MoE + shared MLP, NoPE), trained padding-free.
+    transformers = pytest.importorskip("transformers")
+    from granite_train.models import load_model
+
+    out = tmp_path / "hybrid"
+    proc = cli(*FAST, "model=granite-4.0-h-tiny-scaled", "model.arch.hidden_size=64",
+               "model.arch.intermediate_size=32", "model.arch.shared_intermediate_size=64",
+               "model.arch.num_hidden_layers=3", "model.arch.layer_types=[mamba,attention,mamba]",
+               "model.arch.mamba_n_heads=4", "model.arch.mamba_d_state=16", "model.arch.mamba_chunk_size=16",
+               "trainer.max_steps=3", f"trainer.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    ours = load_model(out / "final").eval()
+    theirs = transformers.GraniteMoeHybridForCausalLM.from_pretrained(out / "final").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (1, 37))
+    with torch.no_grad():
+        diff = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()
+    assert diff <= 1e-4

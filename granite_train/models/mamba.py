@@ -1,0 +1,236 @@
+"""Mamba-2 mixer (granitemoehybrid's `mamba` layers), exact on packed (padding-free) rows.
+
+On-disk names are transformers': `mamba.{in_proj.weight, conv1d.weight [C,1,K], conv1d.bias,
+dt_bias, A_log, D, norm.weight, out_proj.weight}`.
+
+Math (transformers' torch path, per example): `in_proj(x)` -> z | xBC | dt; depthwise causal
+conv1d + SiLU on xBC -> x | B | C; `dt = clamp(softplus(dt + dt_bias), time_step_limit)`,
+`A = -exp(A_log)`; per head `h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T`, `y_t = C_t h_t + D x_t`;
+gated RMSNorm `norm(y * silu(z))` over groups of d_inner / n_groups channels; `out_proj`.
+
+Packed rows ([1, T] with `layout.bounds`): the conv never reads across an example boundary (its
+shifted inputs are masked by the position inside the example) and the SSD scan restarts its
+state at every boundary (every decay that would cross a boundary is forced to exactly zero), so
+a packed row equals its examples run alone. The scan is the chunked SSD form: within a chunk a
+quadratic (attention-like) form with segment-sum decays, across chunks a state recurrence
+(one Python step per chunk, never per token); memory is O(T * chunk_size).
+
+CUDA fast paths (not implemented yet; never imported here): `causal_conv1d_fn(x, w, b,
+seq_idx=..., activation="silu")` from causal-conv1d replaces `causal_conv1d_packed`, and
+`mamba_chunk_scan_combined(..., seq_idx=...)` from mamba-ssm replaces `ssd_chunked`. Both take
+the per-token example index `seq_idx` that `SeqLayout.token_seq_idx` builds. Plug them in at
+`Mamba2Mixer._conv` / `Mamba2Mixer._scan` (see `MAMBA_BACKENDS`).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from granite_train.models.batch import SeqLayout
+from granite_train.models.config import GraniteConfig
+
+# Only the exact PyTorch path exists today; "cuda_kernels" is the seam for mamba-ssm/causal-conv1d.
+MAMBA_BACKENDS = ("torch",)
+
+
+def segment_positions(bounds: List[int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(seq_idx [1, T] int64, position inside the example [1, T] int64) from host boundaries."""
+    lens = torch.tensor([e - s for s, e in zip(bounds[:-1], bounds[1:])], device=device)
+    starts = torch.tensor(bounds[:-1], device=device)
+    seq_idx_T = torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
+    T = bounds[-1]
+    pos_T = torch.arange(T, device=device) - torch.repeat_interleave(starts, lens)
+    return seq_idx_T.unsqueeze(0), pos_T.unsqueeze(0)
+
+
+def causal_conv1d_packed(x_BTC: torch.Tensor, weight_C1K: torch.Tensor, bias_C: Optional[torch.Tensor],
+                         pos_BT: Optional[torch.Tensor]) -> torch.Tensor:
+    """Depthwise causal conv1d (no activation); `pos_BT` = position inside the example, so
+    input more than `pos` tokens back (another example) is never read. None: rows are examples."""
+    B, T, C = x_BTC.shape
+    K = weight_C1K.shape[-1]
+    if pos_BT is None:
+        out_BCT = F.conv1d(x_BTC.transpose(1, 2), weight_C1K, bias_C, padding=K - 1, groups=C)[..., :T]
+        return out_BCT.transpose(1, 2)
+    w_KC = weight_C1K[:, 0, :].t()  # w_KC[j] multiplies x[t - (K - 1 - j)]
+    out_BTC = x_BTC * w_KC[K - 1]
+    for k in range(1, min(K, T)):  # k tokens back, only where still inside the same example
+        shifted_BTC = F.pad(x_BTC[:, :T - k], (0, 0, k, 0))
+        keep_BT1 = (pos_BT >= k).unsqueeze(-1)
+        out_BTC = out_BTC + torch.where(keep_BT1, shifted_BTC, 0.0) * w_KC[K - 1 - k]
+    if bias_C is not None:
+        out_BTC = out_BTC + bias_C
+    return out_BTC
+
+
+def _segsum(a_BHCL: torch.Tensor) -> torch.Tensor:
+    """segsum[..., l, s] = sum_{s < i <= l} a[i] for s <= l, -inf above the diagonal (stable form)."""
+    L = a_BHCL.shape[-1]
+    x = a_BHCL[..., None].expand(*a_BHCL.shape, L)  # x[..., i, s] = a[i]
+    below = torch.tril(torch.ones(L, L, dtype=torch.bool, device=a_BHCL.device), diagonal=-1)
+    out = torch.cumsum(x.masked_fill(~below, 0.0), dim=-2)
+    diag_or_below = torch.tril(torch.ones(L, L, dtype=torch.bool, device=a_BHCL.device))
+    return out.masked_fill(~diag_or_below, float("-inf"))
+
+
+def ssd_chunked(x_BTHP: torch.Tensor, dt_BTH: torch.Tensor, A_H: torch.Tensor, B_BTGN: torch.Tensor,
+                C_BTGN: torch.Tensor, chunk_size: int, seq_idx_BT: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+    """Chunked SSD scan (fp32), `dt` already softplus'd and clamped; no D term. Returns y [B,T,H,P].
+
+    `seq_idx_BT` (non-decreasing example index per token): the state never carries across a
+    change of index. None: each row is one sequence.
+    """
+    Bsz, T, H, P = x_BTHP.shape
+    G, N = B_BTGN.shape[2], B_BTGN.shape[3]
+    x_BTHP, dt_BTH = x_BTHP.float(), dt_BTH.float()
+    B_BTHN = B_BTGN.float().repeat_interleave(H // G, dim=2)
+    C_BTHN = C_BTGN.float().repeat_interleave(H // G, dim=2)
+    Lc = chunk_size
+    pad = (-T) % Lc
+    nc = (T + pad) // Lc
+    # Padding tokens have dt = 0 and x = 0: no decay, no input; their outputs are cut off.
+    xdt_BTHP = x_BTHP * dt_BTH[..., None]
+    a_BTH = dt_BTH * A_H.float()
+    if pad:
+        xdt_BTHP = F.pad(xdt_BTHP, (0, 0, 0, 0, 0, pad))
+        a_BTH = F.pad(a_BTH, (0, 0, 0, pad))
+        B_BTHN = F.pad(B_BTHN, (0, 0, 0, 0, 0, pad))
+        C_BTHN = F.pad(C_BTHN, (0, 0, 0, 0, 0, pad))
+    xdt = xdt_BTHP.view(Bsz, nc, Lc, H, P)  # b c l h p
+    Bc = B_BTHN.view(Bsz, nc, Lc, H, N)
+    Cc = C_BTHN.view(Bsz, nc, Lc, H, N)
+    a_BHCL = a_BTH.view(Bsz, nc, Lc, H).permute(0, 3, 1, 2)
+    acum_BHCL = torch.cumsum(a_BHCL, dim=-1)
+
+    same_seg = None
+    if seq_idx_BT is not None:
+        seq = seq_idx_BT.to(torch.int64)
+        if pad:
+            seq = F.pad(seq, (0, pad), value=-1)  # padding: its own "example"
+        seq_BCL = seq.view(Bsz, nc, Lc)
+        same_seg = seq_BCL[..., :, None] == seq_BCL[..., None, :]  # [b, c, l, s]
+
+    # 1. within-chunk (diagonal blocks): y[l] = sum_{s<=l} (C_l . B_s) exp(segsum[l, s]) xdt[s]
+    seg_BHCLS = _segsum(a_BHCL)
+    if same_seg is not None:
+        seg_BHCLS = seg_BHCLS.masked_fill(~same_seg.unsqueeze(1), float("-inf"))
+    decay_BHCLS = torch.exp(seg_BHCLS)
+    scores = torch.einsum("bclhn,bcshn->bhcls", Cc, Bc) * decay_BHCLS
+    y = torch.einsum("bhcls,bcshp->bclhp", scores, xdt)
+
+    # 2. each chunk's own contribution to the state at its last token
+    to_end_BHCL = torch.exp(acum_BHCL[..., -1:] - acum_BHCL)
+    if same_seg is not None:  # only tokens of the last token's example
+        to_end_BHCL = to_end_BHCL * same_seg[..., -1, :].unsqueeze(1)
+    chunk_state = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, to_end_BHCL, xdt)
+
+    # 3. inter-chunk recurrence: state entering chunk c (one step per chunk)
+    chunk_decay_BHC = torch.exp(acum_BHCL[..., -1])
+    if same_seg is not None:  # carried only if chunk c - 1 ends in the example chunk c ends in
+        prev_end = F.pad(seq_BCL[:, :-1, -1], (1, 0), value=-2)
+        carry_BC = (seq_BCL[:, :, -1] == prev_end)
+        chunk_decay_BHC = chunk_decay_BHC * carry_BC.unsqueeze(1)
+    states = []
+    S = torch.zeros_like(chunk_state[:, 0])
+    for c in range(nc):
+        states.append(S)
+        S = S * chunk_decay_BHC[:, :, c, None, None] + chunk_state[:, c]
+    S_in = torch.stack(states, dim=1)  # [b, c, h, p, n]
+
+    # 4. the entering state's contribution: y[l] += exp(acum[l]) C_l . S_in (same example only)
+    from_start_BHCL = torch.exp(acum_BHCL)
+    if same_seg is not None:
+        prev_end_BC = F.pad(seq_BCL[:, :-1, -1], (1, 0), value=-2)
+        from_start_BHCL = from_start_BHCL * (seq_BCL == prev_end_BC[..., None]).unsqueeze(1)
+    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, S_in, from_start_BHCL)
+    return y.reshape(Bsz, nc * Lc, H, P)[:, :T]
+
+
+class GatedRMSNorm(nn.Module):
+    """`norm(y * silu(z))` with RMS statistics over groups of `group_size` channels (fp32)."""
+
+    def __init__(self, dim: int, group_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.group_size = group_size
+        self.eps = eps
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, y_BTD: torch.Tensor, z_BTD: torch.Tensor) -> torch.Tensor:
+        in_dtype = y_BTD.dtype
+        h = y_BTD.float() * F.silu(z_BTD.float())
+        *prefix, D = h.shape
+        hg = h.view(*prefix, D // self.group_size, self.group_size)
+        hg = hg * torch.rsqrt(hg.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * hg.view(*prefix, D).to(in_dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 sequence mixer (`mamba`); parameter names and shapes are transformers'."""
+
+    def __init__(self, cfg: GraniteConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.mamba_n_heads
+        self.n_groups = cfg.mamba_n_groups
+        self.d_state = cfg.mamba_d_state
+        self.d_inner = cfg.mamba_d_inner
+        self.head_dim = cfg.resolved_mamba_d_head
+        self.d_conv = cfg.mamba_d_conv
+        self.chunk_size = cfg.mamba_chunk_size
+        self.time_step_limit = (float(cfg.time_step_limit[0]), float(cfg.time_step_limit[1]))
+        self.conv_dim = self.d_inner + 2 * self.n_groups * self.d_state
+        self.in_proj = nn.Linear(cfg.hidden_size, self.d_inner + self.conv_dim + self.n_heads,
+                                 bias=cfg.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=self.d_conv, groups=self.conv_dim,
+                                padding=self.d_conv - 1, bias=cfg.mamba_conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.empty(self.n_heads))
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.n_groups, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=cfg.mamba_proj_bias)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """transformers' init: A = -(1..H), D = 1, dt_bias = 1, unit norm, default conv init.
+        (The model's `reset_parameters` re-initialises in_proj/out_proj afterwards.)"""
+        self.conv1d.reset_parameters()
+        self.A_log.copy_(torch.log(torch.arange(1, self.n_heads + 1, dtype=torch.float32)))
+        self.D.fill_(1.0)
+        self.dt_bias.fill_(1.0)
+        self.norm.reset_parameters()
+
+    def _conv(self, xBC_BTC: torch.Tensor, pos_BT: Optional[torch.Tensor]) -> torch.Tensor:
+        # Seam: causal_conv1d_fn(x, w, b, seq_idx=..., activation="silu") on CUDA.
+        return F.silu(causal_conv1d_packed(xBC_BTC, self.conv1d.weight, self.conv1d.bias, pos_BT))
+
+    def _scan(self, x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, seq_idx_BT) -> torch.Tensor:
+        # Seam: mamba_chunk_scan_combined(..., seq_idx=...) on CUDA.
+        return ssd_chunked(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, self.chunk_size, seq_idx_BT)
+
+    def forward(self, x_BTC: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
+        Bsz, T, _ = x_BTC.shape
+        dtype = x_BTC.dtype
+        seq_idx_BT = pos_BT = None
+        if layout.packed and layout.bounds is not None and len(layout.bounds) > 2:
+            seq_idx_BT, pos_BT = layout.segments(x_BTC.device)
+        z_BTD, xBC_BTC, dt_BTH = self.in_proj(x_BTC).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        xBC_BTC = self._conv(xBC_BTC, pos_BT)
+        GN = self.n_groups * self.d_state
+        xs_BTD, B_BTG, C_BTG = xBC_BTC.split([self.d_inner, GN, GN], dim=-1)
+        dt_BTH = F.softplus(dt_BTH + self.dt_bias.to(dt_BTH.dtype))
+        dt_BTH = dt_BTH.clamp(self.time_step_limit[0], self.time_step_limit[1])
+        A_H = -torch.exp(self.A_log.float())
+        x_BTHP = xs_BTD.reshape(Bsz, T, self.n_heads, self.head_dim)
+        y_BTHP = self._scan(x_BTHP, dt_BTH, A_H, B_BTG.reshape(Bsz, T, self.n_groups, self.d_state),
+                            C_BTG.reshape(Bsz, T, self.n_groups, self.d_state), seq_idx_BT)
+        y_BTHP = y_BTHP + self.D.float()[:, None] * x_BTHP.float()
+        y_BTD = self.norm(y_BTHP.reshape(Bsz, T, self.d_inner), z_BTD)
+        return self.out_proj(y_BTD.to(dtype))
