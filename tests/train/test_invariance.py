@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-COMMON = ["recipe=sft_tiny", "data.max_examples=400", "data.max_length=512",
+COMMON = ["recipe=sft_tiny", "model=granite-tiny", "data.max_examples=400", "data.max_length=512",
           "trainer.tokens_per_step=4096", "model.arch.hidden_size=64",
           "model.arch.intermediate_size=128", "model.arch.num_hidden_layers=2",
           "trainer.dtype=fp32", "trainer.max_steps=4", "trainer.progress=false"]

@@ -7,7 +7,7 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-FAST = ["recipe=sft_tiny", "data.max_examples=600", "data.max_length=512",
+FAST = ["recipe=sft_tiny", "model=granite-tiny", "data.max_examples=600", "data.max_length=512",
         "trainer.tokens_per_step=4096", "trainer.micro_batch_tokens=2048",
         "model.arch.hidden_size=64", "model.arch.intermediate_size=128",
         "model.arch.num_hidden_layers=2", "model.arch.num_attention_heads=4",
