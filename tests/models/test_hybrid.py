@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from granite_train.models import GraniteConfig, build_model, load_model, save_model
 
+from .test_packing import _examples as packing_examples, _pack, packed_vs_per_example_grads
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 128
@@ -69,21 +71,7 @@ def _ours(seed=0, **overrides):
 
 
 def _examples(lengths=LENGTHS, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=g) for n in lengths]
-
-
-def _labels(ids):
-    labels = ids.clone()
-    labels[0] = -100
-    return labels
-
-
-def _pack(examples):
-    cu = torch.tensor([0] + [len(e) for e in examples]).cumsum(0).to(torch.int32)
-    return dict(input_ids=torch.cat(examples).unsqueeze(0), cu_seq_lens=cu,
-                labels=torch.cat([_labels(e) for e in examples]).unsqueeze(0),
-                position_ids=torch.cat([torch.arange(len(e)) for e in examples]).unsqueeze(0))
+    return packing_examples(lengths, seed)
 
 
 def _packed_vs_reference(ours, reference, examples):
@@ -137,28 +125,8 @@ def test_packed_logits_equal_per_example():
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_packed_gradients_equal_per_example(checkpointing):
     model = _ours(tie_word_embeddings=False, position_embedding_type="rope")
-    examples = _examples()
-    batch = _pack(examples)
-    n_trained = int((batch["labels"][:, 1:] != -100).sum())
-
-    model.set_activation_checkpointing(checkpointing)
-    out = model(**batch)
-    out.loss.backward()
-    packed = {k: p.grad.clone() for k, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-
-    model.set_activation_checkpointing(False)
-    total = 0.0
-    for e in examples:
-        o = model(input_ids=e.unsqueeze(0), labels=_labels(e).unsqueeze(0))
-        total = total + o.loss * int((_labels(e)[1:] != -100).sum())
-    (total / n_trained).backward()
-
-    assert torch.allclose(out.loss, total / n_trained, rtol=1e-6, atol=0)
-    worst = 0.0
-    for k, p in model.named_parameters():
-        assert p.grad is not None, k
-        worst = max(worst, ((packed[k] - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-30)).item())
+    worst, packed_loss, alone_loss = packed_vs_per_example_grads(model, _examples(), checkpointing)
+    assert torch.allclose(packed_loss, alone_loss, rtol=1e-6, atol=0)
     print(f"packed vs per-example gradients: max relative diff {worst:.3g}")
     assert worst <= PACK_TOL
 
