@@ -34,9 +34,8 @@ _LAYER_TYPE_ALIASES = {"linear_attention": "mamba", "full_attention": "attention
 KNOWN_MODEL_TYPES = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")
 
 # config.json keys that say nothing about the architecture: dropped on read, regenerated on write.
-# (attention_dropout is checked to be 0 first: we train without dropout.)
 _REGENERATED_KEYS = {"architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
-                     "model_type", "rope_theta", "rope_parameters", "rope_scaling", "attention_dropout"}
+                     "model_type", "rope_theta", "rope_parameters", "rope_scaling"}
 
 
 @dataclass
@@ -58,6 +57,8 @@ class GraniteConfig:
     hidden_act: str = "silu"
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-6
+    # Dropout on the attention probabilities in training (Granite 3.x configs carry 0.1 or 0.0).
+    attention_dropout: float = 0.0
     rope_theta: float = 10000.0
     attention_bias: bool = False
     mlp_bias: bool = False
@@ -147,6 +148,9 @@ class GraniteConfig:
         if self.vocab_size is None or self.vocab_size <= 0:
             raise UserError(f"model vocab_size is {self.vocab_size}; set model.arch.vocab_size "
                             "(or null with a tokenizer, which fills it in)")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise UserError(f"attention_dropout={self.attention_dropout} must be in [0, 1); set "
+                            "model.arch.attention_dropout=0.0")
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads"):
             if getattr(self, name) <= 0:
@@ -263,6 +267,8 @@ class GraniteConfig:
             if d.get("layer_types") is None:  # transformers' default: every layer Mamba
                 d["layer_types"] = ["mamba"] * d.get("num_hidden_layers", HF_GRANITE_DEFAULTS["num_hidden_layers"])
             d["layer_types"] = [_LAYER_TYPE_ALIASES.get(t, t) for t in d["layer_types"]]
+            if d.get("position_embedding_type") == "nope":  # the published Granite-4.0-H spelling of NoPE
+                d["position_embedding_type"] = None
             heads = d.get("mamba_n_heads", HF_GRANITEMOEHYBRID_DEFAULTS["mamba_n_heads"])
             d_inner = (d.get("mamba_expand", HF_GRANITEMOEHYBRID_DEFAULTS["mamba_expand"])
                        * d.get("hidden_size", HF_GRANITE_DEFAULTS["hidden_size"]))
@@ -331,7 +337,6 @@ class GraniteConfig:
         # transformers 5 reads rope_parameters; transformers 4 and vLLM read rope_theta.
         d["rope_theta"] = self.rope_theta
         d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "default"}
-        d.setdefault("attention_dropout", 0.0)
         return dict(sorted(d.items()))
 
 
@@ -389,7 +394,7 @@ def _reject_unsupported_features(d: Dict[str, Any]) -> None:
         if params and params.get("rope_type", params.get("type", "default")) != "default":
             raise UserError(f"config.json {key}.rope_type={params.get('rope_type', params.get('type'))!r} "
                             "is not supported (only default RoPE); remove the RoPE scaling from config.json")
-    checks = {"attention_dropout": 0.0, "partial_rotary_factor": 1.0, "pretraining_tp": 1,
+    checks = {"partial_rotary_factor": 1.0, "pretraining_tp": 1,
               "sliding_window": None}
     for key, default in checks.items():
         if key in d and d[key] is not None and d[key] != default:

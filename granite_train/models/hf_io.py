@@ -74,7 +74,7 @@ def _listing(names: List[str]) -> str:
 
 
 def load_model(path: Union[str, Path], dtype: torch.dtype = torch.float32, attn_backend: str = "auto",
-               activation_checkpointing: bool = False) -> GraniteForCausalLM:
+               activation_checkpointing: bool = False, mamba_backend: str = "auto") -> GraniteForCausalLM:
     """Load an HF-layout Granite checkpoint onto the CPU in `dtype`.
 
     Every missing key, unexpected key and shape mismatch is reported in one UserError.
@@ -85,7 +85,8 @@ def load_model(path: Union[str, Path], dtype: torch.dtype = torch.float32, attn_
     # Build on the meta device: no time spent initialising weights that are overwritten next.
     with torch.device("meta"):
         model = GraniteForCausalLM(cfg, attn_backend=attn_backend,
-                                   activation_checkpointing=activation_checkpointing)
+                                   activation_checkpointing=activation_checkpointing,
+                                   mamba_backend=mamba_backend)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tolerated = set()
     if cfg.tie_word_embeddings:
