@@ -17,6 +17,7 @@ from torch import nn
 from granite_train.errors import UserError
 from granite_train.models.batch import SeqLayout
 from granite_train.models.config import GraniteConfig
+from granite_train.models.param_roles import HIDDEN, mark_linear
 from granite_train.models.rope import apply_rope
 
 ATTN_BACKENDS = ("auto", "sdpa", "flash")
@@ -44,15 +45,15 @@ def resolve_attn_backend(requested: str, device: torch.device) -> str:
 
 
 def _sdpa_padded(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor,
-                 scale: float) -> torch.Tensor:
+                 scale: float, dropout_p: float) -> torch.Tensor:
     o_BHTD = F.scaled_dot_product_attention(
         q_BTHD.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2),
-        is_causal=True, scale=scale, enable_gqa=True)
+        is_causal=True, scale=scale, enable_gqa=True, dropout_p=dropout_p)
     return o_BHTD.transpose(1, 2)
 
 
 def _sdpa_varlen(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor,
-                 scale: float, layout: SeqLayout) -> torch.Tensor:
+                 scale: float, layout: SeqLayout, dropout_p: float) -> torch.Tensor:
     assert layout.bounds is not None
     q_THD, k_TKD, v_TKD = q_BTHD[0], k_BTKD[0], v_BTKD[0]
     outs = []
@@ -61,31 +62,33 @@ def _sdpa_varlen(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tenso
             continue
         o_HSD = F.scaled_dot_product_attention(
             q_THD[start:end].transpose(0, 1), k_TKD[start:end].transpose(0, 1),
-            v_TKD[start:end].transpose(0, 1), is_causal=True, scale=scale, enable_gqa=True)
+            v_TKD[start:end].transpose(0, 1), is_causal=True, scale=scale, enable_gqa=True,
+            dropout_p=dropout_p)
         outs.append(o_HSD.transpose(0, 1))
     return torch.cat(outs, dim=0).unsqueeze(0)
 
 
 def _flash_varlen(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor,
-                  scale: float, layout: SeqLayout) -> torch.Tensor:
+                  scale: float, layout: SeqLayout, dropout_p: float) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func  # only reached on CUDA
 
     cu = layout.cu_seq_lens
     o_THD = flash_attn_varlen_func(q_BTHD[0], k_BTKD[0], v_BTKD[0], cu, cu,
                                    layout.max_seq_len, layout.max_seq_len,
-                                   dropout_p=0.0, softmax_scale=scale, causal=True)
+                                   dropout_p=dropout_p, softmax_scale=scale, causal=True)
     return o_THD.unsqueeze(0)
 
 
 def causal_attention(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor,
-                     scale: float, layout: SeqLayout) -> torch.Tensor:
-    """Per-example causal attention; GQA when K < H heads. Returns [B, T, H, D]."""
+                     scale: float, layout: SeqLayout, dropout_p: float = 0.0) -> torch.Tensor:
+    """Per-example causal attention; GQA when K < H heads. Returns [B, T, H, D].
+    `dropout_p` drops attention probabilities (training only; the caller passes 0 in eval)."""
     if not layout.packed:
-        return _sdpa_padded(q_BTHD, k_BTKD, v_BTKD, scale)
+        return _sdpa_padded(q_BTHD, k_BTKD, v_BTKD, scale, dropout_p)
     # flash-attn has no fp32 kernel: an fp32 forward without autocast takes the exact SDPA loop.
     if layout.attn_backend == "flash" and q_BTHD.dtype in _FLASH_DTYPES:
-        return _flash_varlen(q_BTHD, k_BTKD, v_BTKD, scale, layout)
-    return _sdpa_varlen(q_BTHD, k_BTKD, v_BTKD, scale, layout)
+        return _flash_varlen(q_BTHD, k_BTKD, v_BTKD, scale, layout, dropout_p)
+    return _sdpa_varlen(q_BTHD, k_BTKD, v_BTKD, scale, layout, dropout_p)
 
 
 class Attention(nn.Module):
@@ -97,11 +100,14 @@ class Attention(nn.Module):
         self.n_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.resolved_head_dim
         self.scale = cfg.softmax_scale
+        self.dropout = cfg.attention_dropout
         c, hd, bias = cfg.hidden_size, self.head_dim, cfg.attention_bias
         self.q_proj = nn.Linear(c, self.n_heads * hd, bias=bias)
         self.k_proj = nn.Linear(c, self.n_kv_heads * hd, bias=bias)
         self.v_proj = nn.Linear(c, self.n_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * hd, c, bias=bias)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            mark_linear(proj, HIDDEN)
 
     def forward(self, x_BTC: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
         B, T, _ = x_BTC.shape
@@ -111,5 +117,6 @@ class Attention(nn.Module):
         if layout.cos_BTD is not None:
             q_BTHD = apply_rope(q_BTHD, layout.cos_BTD, layout.sin_BTD)
             k_BTKD = apply_rope(k_BTKD, layout.cos_BTD, layout.sin_BTD)
-        o_BTHD = causal_attention(q_BTHD, k_BTKD, v_BTKD, self.scale, layout)
+        o_BTHD = causal_attention(q_BTHD, k_BTKD, v_BTKD, self.scale, layout,
+                                  self.dropout if self.training else 0.0)
         return self.o_proj(o_BTHD.reshape(B, T, self.n_heads * self.head_dim))

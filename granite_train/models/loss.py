@@ -59,3 +59,23 @@ def chunked_causal_lm_loss(h_BTC: torch.Tensor, weight_VC: torch.Tensor, labels_
         else:
             total = total + _chunk_loss_sum(h_NC[start:end], weight_VC, labels_N[start:end])
     return total / (labels_N != IGNORE_INDEX).sum().clamp_min(1)
+
+
+def trained_positions_loss(h_BTC: torch.Tensor, weight_VC: torch.Tensor, labels_BT: torch.Tensor,
+                           chunk_tokens: int = 0) -> torch.Tensor:
+    """The same loss as `causal_lm_loss(h @ W.T, labels)`, computing logits only at the positions
+    that have a trained next token. In SFT most tokens (prompts, system turns) have none, and the
+    lm_head plus its softmax dominate small models: this skips their share of that work.
+    `chunk_tokens > 0` also bounds the [rows, V] logits (see `chunked_causal_lm_loss`)."""
+    C = h_BTC.shape[-1]
+    labels_N = shift_labels(labels_BT).to(h_BTC.device).reshape(-1)
+    rows_K = (labels_N != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync (the row count)
+    h_KC = h_BTC.reshape(-1, C).index_select(0, rows_K)
+    labels_K = labels_N.index_select(0, rows_K)
+    if chunk_tokens > 0:
+        # labels are already aligned with h_KC: pad one ignored column so shift_labels lines up.
+        padded_1K = F.pad(labels_K, (1, 0), value=IGNORE_INDEX).unsqueeze(0)
+        h_1KC = F.pad(h_KC, (0, 0, 0, 1)).unsqueeze(0)
+        return chunked_causal_lm_loss(h_1KC, weight_VC, padded_1K, chunk_tokens)
+    loss_sum = F.cross_entropy(_upcast(F.linear(h_KC, weight_VC)), labels_K, reduction="sum")
+    return loss_sum / max(int(rows_K.numel()), 1)

@@ -15,11 +15,13 @@ a packed row equals its examples run alone. The scan is the chunked SSD form: wi
 quadratic (attention-like) form with segment-sum decays, across chunks a state recurrence
 (one Python step per chunk, never per token); memory is O(T * chunk_size).
 
-CUDA fast paths (not implemented yet; never imported here): `causal_conv1d_fn(x, w, b,
-seq_idx=..., activation="silu")` from causal-conv1d replaces `causal_conv1d_packed`, and
-`mamba_chunk_scan_combined(..., seq_idx=...)` from mamba-ssm replaces `ssd_chunked`. Both take
-the per-token example index `seq_idx` that `SeqLayout.token_seq_idx` builds. Plug them in at
-`Mamba2Mixer._conv` / `Mamba2Mixer._scan` (see `MAMBA_BACKENDS`).
+CUDA fast path (`model.mamba_backend=auto|torch|cuda`, resolved once per device by the model and
+handed to every layer in `SeqLayout.mamba_backend`): `causal_conv1d_fn(x, w, b, seq_idx=...,
+activation="silu")` from causal-conv1d replaces `causal_conv1d_packed`, and
+`mamba_chunk_scan_combined(..., dt_bias, dt_softplus=True, dt_limit, D, seq_idx=...)` from
+mamba-ssm replaces `ssd_chunked` (softplus, clamp and the D term included). Both take the
+per-token example index that `SeqLayout.segments` builds. The glue is in `mamba_kernels`, which
+imports the packages only inside the kernel calls: never on a CPU-only machine.
 """
 
 from __future__ import annotations
@@ -32,9 +34,8 @@ from torch import nn
 
 from granite_train.models.batch import SeqLayout
 from granite_train.models.config import GraniteConfig
-
-# Only the exact PyTorch path exists today; "cuda_kernels" is the seam for mamba-ssm/causal-conv1d.
-MAMBA_BACKENDS = ("torch",)
+from granite_train.models import mamba_kernels
+from granite_train.models.param_roles import CONV, HIDDEN, NORM, SSM, mark, mark_linear
 
 
 def segment_positions(bounds: List[int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -157,6 +158,7 @@ class GatedRMSNorm(nn.Module):
     def __init__(self, dim: int, group_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
+        mark(self, "weight", NORM)
         self.group_size = group_size
         self.eps = eps
 
@@ -195,6 +197,13 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(self.n_heads))
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.n_groups, cfg.rms_norm_eps)
         self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=cfg.mamba_proj_bias)
+        mark_linear(self.in_proj, HIDDEN)
+        mark_linear(self.out_proj, HIDDEN)
+        # Depthwise conv: K weights per channel, fan-in fixed by the kernel size, not the width:
+        # vector-like (base lr under muP, default init), decayed like any weight.
+        mark_linear(self.conv1d, CONV)
+        for name in ("dt_bias", "A_log", "D"):
+            mark(self, name, SSM)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -207,30 +216,37 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias.fill_(1.0)
         self.norm.reset_parameters()
 
-    def _conv(self, xBC_BTC: torch.Tensor, pos_BT: Optional[torch.Tensor]) -> torch.Tensor:
-        # Seam: causal_conv1d_fn(x, w, b, seq_idx=..., activation="silu") on CUDA.
+    def _conv(self, xBC_BTC: torch.Tensor, seq_idx_BT: Optional[torch.Tensor], pos_BT: Optional[torch.Tensor],
+              backend: str) -> torch.Tensor:
+        """SiLU(depthwise causal conv1d), never reading across an example boundary."""
+        if backend == "cuda":
+            return mamba_kernels.conv_silu(xBC_BTC, self.conv1d.weight, self.conv1d.bias, seq_idx_BT)
         return F.silu(causal_conv1d_packed(xBC_BTC, self.conv1d.weight, self.conv1d.bias, pos_BT))
 
-    def _scan(self, x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, seq_idx_BT) -> torch.Tensor:
-        # Seam: mamba_chunk_scan_combined(..., seq_idx=...) on CUDA.
-        return ssd_chunked(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, self.chunk_size, seq_idx_BT)
+    def _scan(self, x_BTHP, dt_raw_BTH, B_BTGN, C_BTGN, seq_idx_BT, backend: str) -> torch.Tensor:
+        """y = SSD(x, clamp(softplus(dt_raw + dt_bias)), A, B, C) + D x; [B, T, H, P]."""
+        A_H = -torch.exp(self.A_log.float())
+        if backend == "cuda":
+            return mamba_kernels.chunk_scan(x_BTHP, dt_raw_BTH, A_H, B_BTGN, C_BTGN, self.D, self.dt_bias,
+                                            self.time_step_limit, self.chunk_size, seq_idx_BT)
+        dt_BTH = F.softplus(dt_raw_BTH + self.dt_bias.to(dt_raw_BTH.dtype))
+        dt_BTH = dt_BTH.clamp(self.time_step_limit[0], self.time_step_limit[1])
+        y_BTHP = ssd_chunked(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, self.chunk_size, seq_idx_BT)
+        return y_BTHP + self.D.float()[:, None] * x_BTHP.float()
 
     def forward(self, x_BTC: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
         Bsz, T, _ = x_BTC.shape
         dtype = x_BTC.dtype
+        backend = getattr(layout, "mamba_backend", "torch")
         seq_idx_BT = pos_BT = None
         if layout.packed and layout.bounds is not None and len(layout.bounds) > 2:
             seq_idx_BT, pos_BT = layout.segments(x_BTC.device)
         z_BTD, xBC_BTC, dt_BTH = self.in_proj(x_BTC).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        xBC_BTC = self._conv(xBC_BTC, pos_BT)
+        xBC_BTC = self._conv(xBC_BTC, seq_idx_BT, pos_BT, backend)
         GN = self.n_groups * self.d_state
         xs_BTD, B_BTG, C_BTG = xBC_BTC.split([self.d_inner, GN, GN], dim=-1)
-        dt_BTH = F.softplus(dt_BTH + self.dt_bias.to(dt_BTH.dtype))
-        dt_BTH = dt_BTH.clamp(self.time_step_limit[0], self.time_step_limit[1])
-        A_H = -torch.exp(self.A_log.float())
         x_BTHP = xs_BTD.reshape(Bsz, T, self.n_heads, self.head_dim)
-        y_BTHP = self._scan(x_BTHP, dt_BTH, A_H, B_BTG.reshape(Bsz, T, self.n_groups, self.d_state),
-                            C_BTG.reshape(Bsz, T, self.n_groups, self.d_state), seq_idx_BT)
-        y_BTHP = y_BTHP + self.D.float()[:, None] * x_BTHP.float()
+        y_BTHP = self._scan(x_BTHP, dt_BTH, B_BTG.reshape(Bsz, T, self.n_groups, self.d_state),
+                            C_BTG.reshape(Bsz, T, self.n_groups, self.d_state), seq_idx_BT, backend)
         y_BTD = self.norm(y_BTHP.reshape(Bsz, T, self.d_inner), z_BTD)
         return self.out_proj(y_BTD.to(dtype))

@@ -9,6 +9,7 @@ plus an optional shared MLP), both chosen from the config. Submodules carry tran
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -21,10 +22,13 @@ from granite_train.models.attention import Attention, check_attn_backend, resolv
 from granite_train.models.batch import SeqLayout
 from granite_train.models.config import GraniteConfig
 from granite_train.models.mamba import Mamba2Mixer
-from granite_train.models.loss import causal_lm_loss, chunked_causal_lm_loss
+from granite_train.models.mamba_kernels import BACKEND_NAMES as _MAMBA_BACKEND_NAMES
+from granite_train.models.mamba_kernels import check_mamba_backend, resolve_mamba_backend
+from granite_train.models.loss import causal_lm_loss, chunked_causal_lm_loss, trained_positions_loss
 from granite_train.models.mlp import SwiGLU
-from granite_train.models.moe import MoE, ExpertWeight, SharedMLP, load_balancing_loss
+from granite_train.models.moe import ROUTER_AUX_LOSSES, MoE, ExpertWeight, SharedMLP, router_aux_loss
 from granite_train.models.norm import RMSNorm
+from granite_train.models.param_roles import EMBEDDING, HIDDEN, OUTPUT, declared_role, mark
 from granite_train.models.rope import rope_cos_sin
 
 log = logging.getLogger("granite_train.models")
@@ -33,8 +37,9 @@ log = logging.getLogger("granite_train.models")
 class CausalLMOutput:
     logits: Optional[torch.Tensor]  # [B, T, V], model dtype (bf16 under autocast); None if not asked
     loss: Optional[torch.Tensor] = None  # sum of token losses / trained tokens (fp32 scalar)
-    # MoE families only (None for dense): transformers' load-balancing loss over real tokens,
-    # unscaled (the trainer adds `router_aux_loss_coef * aux_loss`; `loss` stays the LM loss),
+    # MoE families only (None for dense): the router loss over real tokens (transformers'
+    # load-balancing formula by default, see `set_router_aux_loss`), unscaled (the trainer adds
+    # `router_aux_loss_coef * aux_loss`; `loss` stays the LM loss),
     # and the top-k assignments per layer and expert [layers, E] (fp32, no grad) for logging.
     aux_loss: Optional[torch.Tensor] = None
     expert_counts: Optional[torch.Tensor] = None
@@ -102,6 +107,7 @@ class GraniteModel(nn.Module):
         super().__init__()
         assert cfg.vocab_size is not None
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        mark(self.embed_tokens, "weight", EMBEDDING)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -110,22 +116,31 @@ class GraniteForCausalLM(nn.Module):
     """Granite LM (dense or MoE) with a padding-free forward.
 
     `attn_backend`: "auto" (flash-attn varlen on CUDA when installed, else per-example SDPA),
-    "sdpa" or "flash". `activation_checkpointing`: recompute each decoder layer in backward.
+    "sdpa" or "flash". `mamba_backend`: "auto" (causal-conv1d + mamba-ssm on CUDA when installed,
+    else the exact PyTorch path), "torch" or "cuda". `activation_checkpointing`: recompute each decoder layer in backward.
     """
 
     def __init__(self, config: GraniteConfig, attn_backend: str = "auto",
-                 activation_checkpointing: bool = False) -> None:
+                 activation_checkpointing: bool = False, mamba_backend: str = "auto") -> None:
         super().__init__()
         config.validate()
         check_attn_backend(attn_backend)
+        check_mamba_backend(mamba_backend)
         self.config = config
         self.attn_backend = attn_backend
+        self.mamba_backend = mamba_backend
+        self._mamba_by_device: Dict[str, str] = {}  # like _backend_by_device, for Mamba-2 layers
         self.activation_checkpointing = activation_checkpointing
         self._backend_by_device: Dict[str, str] = {}  # resolved once per device type, logged once
         self.model = GraniteModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Untied: muP's output layer (base lr and init; the 1/m_width is `logits_scaling`, see
+        # param_roles). Tied: it is the embedding.
+        mark(self.lm_head, "weight", EMBEDDING if config.tie_word_embeddings else OUTPUT)
+        self.mup_width: Optional[float] = None  # muP width multiplier, see `apply_mup`
         self.tie_weights()
         self.reset_parameters()
+        self.set_router_aux_loss()
 
     # ---- setup ----
 
@@ -135,18 +150,40 @@ class GraniteForCausalLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """normal(0, initializer_range) for matrices and embeddings, zero biases, unit norms."""
+        """normal(0, initializer_range) for matrices and embeddings, zero biases, unit norms.
+        Under muP (`apply_mup`) hidden matrices get std initializer_range / sqrt(m_width)."""
         std = self.config.initializer_range
+        hidden_std = std / math.sqrt(self.mup_width) if self.mup_width else std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding, ExpertWeight)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                w_std = hidden_std if declared_role(module, "weight") == HIDDEN else std
+                nn.init.normal_(module.weight, mean=0.0, std=w_std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, (RMSNorm, Mamba2Mixer)):
                 module.reset_parameters()
 
+    def apply_mup(self, m_width: Optional[float], reinit: bool = True) -> None:
+        """Switch muP on with width multiplier `m_width` (None: off). `reinit` re-draws the weights
+        with the muP init (hidden matrices std initializer_range / sqrt(m_width)); pass False when
+        the weights come from a checkpoint. The per-role lr scales live in the optimizer's param
+        groups (`granite_train.train.optim`); the output multiplier is `config.logits_scaling`."""
+        self.mup_width = None if m_width is None else float(m_width)
+        if reinit:
+            self.reset_parameters()
+
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.activation_checkpointing = enabled
+
+    def set_router_aux_loss(self, kind: str = "load_balancing", z_loss_coef: Optional[float] = None) -> None:
+        """Which router loss `forward` returns as `aux_loss` (MoE models): "load_balancing"
+        (transformers' formula, pooled over layers; the default) or "switch_per_layer"
+        (lm-engine's, per layer and summed). `z_loss_coef` adds that multiple of the router
+        z-loss; None means 0.1 with switch_per_layer (lm-engine) and 0 with load_balancing."""
+        if kind not in ROUTER_AUX_LOSSES:
+            raise ValueError(f"router aux loss {kind!r} is not one of {', '.join(ROUTER_AUX_LOSSES)}")
+        self.router_loss_kind = kind
+        self.router_z_loss_coef = (0.1 if kind == "switch_per_layer" else 0.0) if z_loss_coef is None else z_loss_coef
 
     # ---- accounting ----
 
@@ -164,6 +201,10 @@ class GraniteForCausalLM(nn.Module):
         * seq_len for attention scores and values (no causal halving). For packed batches pass
         the token-weighted mean example length, since attention never crosses examples.
         MoE: only the active experts count (num_experts_per_tok of num_local_experts).
+        Mamba-2 (chunked SSD, chunk Q = min(mamba_chunk_size, seq_len), per head): scores C.B and
+        their product with x inside the chunk (Q * (N + P) MACs), the chunk state and the state's
+        output (2 * P * N MACs): 6 * heads * (Q * (N + P) + 2 * P * N) per layer. The depthwise
+        conv is already in the parameter term (one MAC per weight per token).
         """
         c = self.config
         matmul_params = self.num_parameters(exclude_embeddings=True)
@@ -174,7 +215,12 @@ class GraniteForCausalLM(nn.Module):
             matmul_params -= expert_params * (c.num_local_experts - c.num_experts_per_tok) // c.num_local_experts
         attn_layers = sum(c.mixer_type(i) == "attention" for i in range(c.num_hidden_layers))
         attn = 12 * attn_layers * c.num_attention_heads * c.resolved_head_dim * seq_len
-        return 6.0 * matmul_params + attn
+        ssd = 0
+        mamba_layers = sum(c.mixer_type(i) == "mamba" for i in range(c.num_hidden_layers))
+        if mamba_layers:
+            Q, N, P = min(c.mamba_chunk_size, seq_len), c.mamba_d_state, c.resolved_mamba_d_head
+            ssd = 6 * mamba_layers * c.mamba_n_heads * (Q * (N + P) + 2 * P * N)
+        return 6.0 * matmul_params + attn + ssd
 
     # ---- forward ----
 
@@ -189,6 +235,7 @@ class GraniteForCausalLM(nn.Module):
             self._backend_by_device[device.type] = backend
             log.info("attention backend: %s (model.attn_backend=%s, device %s)",
                      _BACKEND_NAMES[backend], self.attn_backend, device.type)
+        mamba_backend = self._resolve_mamba_backend(device)
 
         if cu_seq_lens is None and seq_idx is not None and B == 1:
             # Only seq_idx given: boundaries from the explicit example index (never from tokens).
@@ -219,19 +266,41 @@ class GraniteForCausalLM(nn.Module):
         cos_BTD = sin_BTD = None
         if self.config.uses_rope:
             cos_BTD, sin_BTD = rope_cos_sin(position_ids, self.config.resolved_head_dim, self.config.rope_theta)
-        return SeqLayout(attn_backend=backend, cos_BTD=cos_BTD, sin_BTD=sin_BTD,
+        return SeqLayout(attn_backend=backend, mamba_backend=mamba_backend, cos_BTD=cos_BTD, sin_BTD=sin_BTD,
                          cu_seq_lens=cu_seq_lens, bounds=bounds, max_seq_len=max_len, seq_idx=seq_idx,
                          real_tokens=real_tokens)
+
+    def _resolve_mamba_backend(self, device: torch.device) -> str:
+        """Mamba-2 kernels for `device`, resolved and logged once per device type (hybrids only)."""
+        backend = self._mamba_by_device.get(device.type)
+        if backend is None:
+            c = self.config
+            if not any(c.mixer_type(i) == "mamba" for i in range(c.num_hidden_layers)):
+                backend = "torch"  # no Mamba layers: nothing to choose, nothing to log
+            else:
+                backend, why = resolve_mamba_backend(self.mamba_backend, device, c.mamba_d_conv)
+                if why is not None:  # CUDA device, kernels wanted (auto) but they cannot run
+                    log.warning("mamba backend: %s, NOT the CUDA kernels: %s (model.mamba_backend=%s, "
+                                "device %s); this path is much slower", _MAMBA_BACKEND_NAMES[backend], why,
+                                self.mamba_backend, device.type)
+                else:
+                    log.info("mamba backend: %s (model.mamba_backend=%s, device %s)",
+                             _MAMBA_BACKEND_NAMES[backend], self.mamba_backend, device.type)
+            self._mamba_by_device[device.type] = backend
+        return backend
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 seq_idx: Optional[torch.Tensor] = None, cu_seq_lens: Optional[torch.Tensor] = None,
                 max_seq_len: Optional[Union[int, torch.Tensor]] = None,
-                labels: Optional[torch.Tensor] = None, loss_chunk_tokens: int = 0) -> CausalLMOutput:
+                labels: Optional[torch.Tensor] = None, loss_chunk_tokens: int = 0,
+                return_logits: bool = True) -> CausalLMOutput:
         """Packed: input_ids [1, T] with `cu_seq_lens` [n+1] int32 (attention stays per example).
         Padded: input_ids [B, L] right-padded, no `cu_seq_lens`. `max_seq_len` is accepted for
         collator compatibility and recomputed from `cu_seq_lens`. Labels are not pre-shifted.
         `loss_chunk_tokens=N > 0` (with labels) computes the loss N tokens at a time without
-        materialising the [B, T, V] logits (a memory knob; `.logits` is then None)."""
+        materialising the [B, T, V] logits (a memory knob; `.logits` is then None).
+        `return_logits=False` (with labels; what the trainer uses) computes logits only where a
+        token is trained, so prompt tokens cost no lm_head work (`.logits` is then None)."""
         del max_seq_len  # derived from the host copy of cu_seq_lens, which we need anyway
         layout = self._layout(input_ids, position_ids, seq_idx, cu_seq_lens)
 
@@ -247,11 +316,14 @@ class GraniteForCausalLM(nn.Module):
         aux_loss = expert_counts = None
         if stats:
             stats_LSE = torch.stack(stats)
-            aux_loss = load_balancing_loss(stats_LSE, self.config.num_experts_per_tok)
+            aux_loss = router_aux_loss(stats_LSE, self.router_loss_kind, self.router_z_loss_coef)
             expert_counts = stats_LSE[:, 0].detach()
         # Dividing the [B, T, C] hidden state instead of the [B, T, V] logits is the same linear
         # map and saves a vocabulary-sized pass (and its backward).
         h_BTC = self.model.norm(h_BTC) / self.config.logits_scaling
+        if labels is not None and not return_logits:
+            loss = trained_positions_loss(h_BTC, self.lm_head.weight, labels, loss_chunk_tokens)
+            return CausalLMOutput(logits=None, loss=loss, aux_loss=aux_loss, expert_counts=expert_counts)
         if loss_chunk_tokens > 0 and labels is not None:
             loss = chunked_causal_lm_loss(h_BTC, self.lm_head.weight, labels, loss_chunk_tokens)
             return CausalLMOutput(logits=None, loss=loss, aux_loss=aux_loss, expert_counts=expert_counts)
@@ -264,9 +336,10 @@ _BACKEND_NAMES = {"flash": "flash_attn_varlen_func", "sdpa": "per-example scaled
 
 
 def build_model(cfg: GraniteConfig, attn_backend: str = "auto",
-                activation_checkpointing: bool = False) -> GraniteForCausalLM:
+                activation_checkpointing: bool = False, mamba_backend: str = "auto") -> GraniteForCausalLM:
     """A randomly initialised model for `cfg` (fp32, CPU; move it with `.to`)."""
-    return GraniteForCausalLM(cfg, attn_backend=attn_backend, activation_checkpointing=activation_checkpointing)
+    return GraniteForCausalLM(cfg, attn_backend=attn_backend, activation_checkpointing=activation_checkpointing,
+                              mamba_backend=mamba_backend)
 
 
 __all__: List[str] = ["CausalLMOutput", "GraniteForCausalLM", "GraniteModel", "DecoderLayer",

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from granite_train.models.config import GraniteConfig
+from granite_train.models.param_roles import HIDDEN, mark, mark_linear
 
 
 class ExpertWeight(nn.Module):
@@ -29,6 +30,7 @@ class ExpertWeight(nn.Module):
     def __init__(self, num_experts: int, in_features: int, out_features: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+        mark(self, "weight", HIDDEN)  # per expert a hidden matrix (fan-in grows with width)
 
     def extra_repr(self) -> str:
         e, o, i = self.weight.shape
@@ -41,6 +43,7 @@ class Router(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int) -> None:
         super().__init__()
         self.layer = nn.Linear(hidden_size, num_experts, bias=False)
+        mark_linear(self.layer, HIDDEN)  # fan-in = hidden size: lr / m_width under muP
 
 
 def _use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -79,11 +82,12 @@ class MoE(nn.Module):
 
     def forward(self, x_BTC: torch.Tensor, real_tokens: Optional[int] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Returns (output [B, T, C], stats [3, E] fp32 without grad except row 1).
+        """Returns (output [B, T, C], stats [4, E] fp32; rows 1 and 3 carry grad).
 
         stats rows over the first `real_tokens` flattened tokens (all when None): 0 = top-k
-        assignment counts per expert, 1 = sum of router softmax probabilities per expert (with
-        grad, for the load-balancing loss), 2 = the number of tokens (same in every column).
+        assignment counts per expert, 1 = sum of router softmax probabilities per expert (for the
+        load-balancing loss), 2 = the number of tokens, 3 = sum of logsumexp(router logits)^2
+        (for the z-loss); rows 2 and 3 hold the same value in every column.
         """
         B, T, C = x_BTC.shape
         x_NC = x_BTC.reshape(-1, C)
@@ -117,7 +121,8 @@ class MoE(nn.Module):
             else:
                 real_counts = torch.bincount(topk_idx_NK[:n].reshape(-1), minlength=E).float()
         prob_sum_E = torch.softmax(logits_NE[:n], dim=-1).sum(dim=0)
-        stats = torch.stack([real_counts, prob_sum_E, real_counts.new_full((E,), float(n))])
+        z_sum = torch.logsumexp(logits_NE[:n], dim=-1).pow(2).sum()
+        stats = torch.stack([real_counts, prob_sum_E, real_counts.new_full((E,), float(n)), z_sum.expand(E)])
         return out_NC.view(B, T, C), stats
 
 
@@ -128,20 +133,54 @@ class SharedMLP(nn.Module):
         super().__init__()
         self.input_linear = nn.Linear(cfg.hidden_size, 2 * cfg.shared_intermediate_size, bias=False)
         self.output_linear = nn.Linear(cfg.shared_intermediate_size, cfg.hidden_size, bias=False)
+        mark_linear(self.input_linear, HIDDEN)
+        mark_linear(self.output_linear, HIDDEN)
 
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
         gate, up = self.input_linear(x_BTC).chunk(2, dim=-1)
         return self.output_linear(F.silu(gate) * up)
 
 
-def load_balancing_loss(stats_LSE: torch.Tensor, top_k: int) -> torch.Tensor:
+ROUTER_AUX_LOSSES = ("load_balancing", "switch_per_layer")
+
+
+def router_z_loss(stats_LSE: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (ST-MoE): per layer mean over tokens of logsumexp(logits)^2, summed over layers."""
+    return (stats_LSE[:, 3, 0] / stats_LSE[:, 2, 0].clamp_min(1.0)).sum()
+
+
+def switch_per_layer_loss(stats_LSE: torch.Tensor) -> torch.Tensor:
+    """lm-engine's switch loss: per layer E * sum_e normalize(P)_e * normalize(f)_e, summed over
+    layers (= layers at uniform routing); P = router probabilities summed over tokens, f = top-k
+    assignment counts, each normalised to sum to 1. Add the z-loss separately."""
+    E = stats_LSE.shape[-1]
+    p_LE = stats_LSE[:, 1] / stats_LSE[:, 1].sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    f_LE = stats_LSE[:, 0] / stats_LSE[:, 0].sum(dim=-1, keepdim=True).clamp_min(1.0)
+    return E * (p_LE * f_LE).sum()
+
+
+def router_aux_loss(stats_LSE: torch.Tensor, kind: str, z_loss_coef: float) -> torch.Tensor:
+    """The unscaled router loss of one forward (the trainer multiplies it by
+    `router_aux_loss_coef`): `kind` is one of ROUTER_AUX_LOSSES, plus `z_loss_coef` x z-loss."""
+    if kind == "load_balancing":
+        loss = load_balancing_loss(stats_LSE)
+    elif kind == "switch_per_layer":
+        loss = switch_per_layer_loss(stats_LSE)
+    else:
+        raise ValueError(f"router aux loss {kind!r} is not one of {ROUTER_AUX_LOSSES}")
+    if z_loss_coef:
+        loss = loss + z_loss_coef * router_z_loss(stats_LSE)
+    return loss
+
+
+def load_balancing_loss(stats_LSE: torch.Tensor) -> torch.Tensor:
     """transformers' `load_balancing_loss_func`, pooled over layers, from per-layer stats.
 
     f_e = (top-k assignments to e, all layers) / (tokens * layers); P_e = (sum of router
     probabilities of e, all layers) / (tokens * layers); loss = E * sum_e f_e * P_e (= top_k at
-    uniform routing). Unscaled: multiply by `router_aux_loss_coef` before adding to the LM loss.
+    uniform routing; f is not normalised by k in transformers' formula). Unscaled: multiply by
+    `router_aux_loss_coef` before adding to the LM loss.
     """
-    del top_k  # f is not normalised by k in transformers' formula
     E = stats_LSE.shape[-1]
     rows = stats_LSE[:, 2, 0].sum().clamp_min(1.0)
     f_E = stats_LSE[:, 0].sum(dim=0) / rows

@@ -5,12 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from granite_train.models.param_roles import NORM, mark
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        mark(self, "weight", NORM)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

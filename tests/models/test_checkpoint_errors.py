@@ -80,7 +80,7 @@ def _edit_config(path, **changes):
     ({"model_type": "granitemoehybrid"}, "does not match its config.json: missing keys"),
     ({"model_type": "llama"}, "model_type 'llama' is not a Granite model"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn' is not supported"),
-    ({"attention_dropout": 0.1}, "attention_dropout=0.1 is not supported"),
+    ({"attention_dropout": 1.5}, "attention_dropout=1.5 must be in [0, 1)"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
 ])
 def test_unsupported_config(saved, changes, expected):

@@ -67,3 +67,23 @@ def test_save_model_loads_in_transformers(tiny_model, tmp_path, tied, max_shard_
     again = load_model(out).eval()
     assert _max_diff(ours, again) == 0.0
     assert again.config == ours.config
+
+
+def test_attention_dropout_checkpoint_trains_with_dropout(make_hf_checkpoint, tmp_path):
+    """Granite 3.x configs carry attention_dropout (0.1): eval is unchanged, training drops."""
+    path, hf = make_hf_checkpoint(attention_dropout=0.1)
+    hf.config._attn_implementation = "eager"
+    ours = load_model(path)
+    assert ours.config.attention_dropout == 0.1
+    assert _max_diff(ours.eval(), hf.eval()) <= TOL
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))
+    ours.train()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        a = ours(input_ids=ids, cu_seq_lens=torch.tensor([0, 17, 40], dtype=torch.int32)).logits
+        torch.manual_seed(0)
+        b = ours(input_ids=ids, cu_seq_lens=torch.tensor([0, 17, 40], dtype=torch.int32)).logits
+        c = ours.eval()(input_ids=ids, cu_seq_lens=torch.tensor([0, 17, 40], dtype=torch.int32)).logits
+    assert torch.equal(a, b) and (a - c).abs().max().item() > 1e-3
+    save_model(ours, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["attention_dropout"] == 0.1

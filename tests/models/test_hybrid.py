@@ -220,3 +220,18 @@ def test_hybrid_config_errors(changes, expected):
     with pytest.raises(UserError, match=None) as e:
         GraniteConfig(model_type="granitemoehybrid", **_hf_kwargs(**changes)).validate()
     assert expected in str(e.value)
+
+
+def test_flops_add_the_ssd_scan_to_the_parameter_term():
+    model = _ours()
+    c = model.config
+    seq = 200
+    params = model.num_parameters(exclude_embeddings=True) + (model.lm_head.weight.numel() if c.tie_word_embeddings else 0)
+    expert = c.num_hidden_layers * c.num_local_experts * 3 * c.hidden_size * c.intermediate_size
+    params -= expert * (c.num_local_experts - c.num_experts_per_tok) // c.num_local_experts
+    kinds = [c.mixer_type(i) for i in range(c.num_hidden_layers)]
+    H, P, N, Q = c.mamba_n_heads, c.resolved_mamba_d_head, c.mamba_d_state, min(c.mamba_chunk_size, seq)
+    ssd = kinds.count("mamba") * 6 * H * (Q * N + Q * P + 2 * P * N)
+    attn = kinds.count("attention") * 12 * c.num_attention_heads * c.resolved_head_dim * seq
+    assert model.flops_per_token(seq) == pytest.approx(6 * params + attn + ssd, rel=1e-12)
+    assert "mamba" in kinds and "attention" in kinds and ssd > 0

@@ -118,6 +118,64 @@ def test_packed_equals_per_example_and_aux_loss_matches_transformers(tmp_path, f
     assert torch.equal(filled.expert_counts, packed.expert_counts)
 
 
+def _switch_per_layer_reference(router_logits, top_k, z_coef):
+    """lm-engine's formula written out from the raw router logits of each layer [N, E]."""
+    total = 0.0
+    for logits in router_logits:
+        E = logits.shape[-1]
+        p = torch.softmax(logits, dim=-1).sum(0)
+        f = torch.bincount(logits.topk(top_k, dim=-1).indices.reshape(-1), minlength=E).float()
+        total = total + E * ((p / p.sum()) * (f / f.sum())).sum()
+        total = total + z_coef * (torch.logsumexp(logits, dim=-1) ** 2).mean()
+    return total
+
+
+@pytest.mark.parametrize("kind,z_coef", [("switch_per_layer", None), ("switch_per_layer", 0.0),
+                                         ("load_balancing", 0.5)])
+def test_switch_per_layer_and_z_loss_match_the_formulas(tmp_path, kind, z_coef):
+    from transformers.models.granitemoe.modeling_granitemoe import load_balancing_loss_func
+
+    path, hf = _make_hf(tmp_path, "granitemoe")
+    model = load_model(path)
+    model.set_router_aux_loss(kind, z_coef)
+    examples = _examples([1, 5, 17, 1, 33])
+    batch = _pack(examples)
+    ids = torch.cat([batch["input_ids"], torch.zeros(1, 6, dtype=torch.long)], dim=1)  # + filler
+    with torch.no_grad():
+        out = model(input_ids=ids, cu_seq_lens=batch["cu_seq_lens"])
+        per_example = [hf(input_ids=e.unsqueeze(0), output_router_logits=True).router_logits for e in examples]
+    logits = [torch.cat([r[i] for r in per_example]).float() for i in range(3)]
+    if kind == "switch_per_layer":
+        reference = _switch_per_layer_reference(logits, 2, 0.1 if z_coef is None else z_coef)
+    else:
+        z = sum((torch.logsumexp(x, dim=-1) ** 2).mean() for x in logits)
+        reference = load_balancing_loss_func(tuple(logits), 4, 2) + z_coef * z
+    assert abs(out.aux_loss.item() - float(reference)) <= 1e-5 * max(1.0, abs(float(reference)))
+    # Uniform routing gives exactly `layers` for the switch loss (a sanity anchor for the scale).
+    if kind == "switch_per_layer" and z_coef == 0.0:
+        from granite_train.models.moe import switch_per_layer_loss
+
+        uniform = torch.stack([torch.full((4,), 10.0), torch.full((4,), 5.0), torch.full((4,), 20.0),
+                               torch.zeros(4)]).expand(3, 4, 4)
+        assert switch_per_layer_loss(uniform).item() == pytest.approx(3.0)
+
+
+def test_router_aux_loss_override_reaches_the_model(cli, tmp_path):
+    from granite_train.cli import compose_config
+    from granite_train.data import load_tokenizer
+    from granite_train.train.env import Env
+    from granite_train.train.loop import _build_model
+
+    cfg = compose_config(["model=granitemoe-tiny", "model.router_aux_loss=switch_per_layer",
+                          "model.router_z_loss_coef=0.25"])
+    env = Env(0, 1, 0, torch.device("cpu"), None)
+    model = _build_model(cfg, load_tokenizer(cfg.data.tokenizer, None), env)
+    assert (model.router_loss_kind, model.router_z_loss_coef) == ("switch_per_layer", 0.25)
+
+    bad = cli("model=granitemoe-tiny", "model.router_aux_loss=switch", f"trainer.output_dir={tmp_path}")
+    assert bad.returncode == 2 and "model.router_aux_loss='switch' is not one of" in bad.stderr
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_packed_gradients_equal_per_example(family, checkpointing):
