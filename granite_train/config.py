@@ -20,10 +20,21 @@ class ModelConfig:
     arch: GraniteConfig = field(default_factory=GraniteConfig)
     # Attention kernel: auto picks flash-attn varlen on CUDA when installed, else per-segment SDPA.
     attn_backend: str = "auto"
+    # Mamba-2 kernels: auto picks causal-conv1d + mamba-ssm on CUDA when installed, else the
+    # exact PyTorch path; cuda insists on the kernels; torch never uses them.
+    mamba_backend: str = "auto"
     activation_checkpointing: bool = False
     # >0: compute the loss this many tokens at a time without the [T, vocab] logits (saves
     # memory for large vocabularies at the cost of one extra lm_head matmul). 0: plain.
     loss_chunk_tokens: int = 0
+    # MoE router loss added with the checkpoint's `router_aux_loss_coef`: load_balancing
+    # (transformers' formula, pooled over layers) | switch_per_layer (lm-engine's, per layer).
+    router_aux_loss: str = "load_balancing"
+    # Router z-loss weight inside the aux loss; null = 0.1 with switch_per_layer, 0 otherwise.
+    router_z_loss_coef: Optional[float] = None
+    # muP (optim.mup=true): width of the base model the hyperparameters were tuned on;
+    # m_width = hidden_size / mup_base_width. null: m_width = the model's logits_scaling.
+    mup_base_width: Optional[int] = None
 
 
 @dataclass
@@ -57,6 +68,12 @@ class DataConfig:
     skip_bad_rows: bool = False
     max_examples: Optional[int] = None
     num_proc: int = 1
+    # Evaluation (granite_train/data/eval.py): a separate eval set (same kinds of source as
+    # `path`) OR a held-out share of `path`'s rows in (0, 0.5], drawn from trainer.seed and never
+    # trained on; not both. null/null: no evaluation.
+    eval_path: Optional[str] = None
+    eval_fraction: Optional[float] = None
+    max_eval_examples: Optional[int] = None  # first N eval rows (null: all)
 
 
 @dataclass
@@ -67,13 +84,35 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0
+    # muP: hidden matrices train at lr / m_width and start at std initializer_range / sqrt(m_width)
+    # (m_width: model.mup_base_width or logits_scaling); see granite_train/models/param_roles.py.
+    mup: bool = False
+    # Parameter roles trained without weight decay (roles: hidden, embedding, output, conv,
+    # norm, bias, ssm = Mamba A_log/D/dt_bias).
+    no_decay_roles: List[str] = field(default_factory=lambda: ["norm", "bias", "ssm"])
 
 
 @dataclass
 class SchedulerConfig:
-    name: str = "cosine"  # cosine | linear | constant
+    """See granite_train/train/schedule.py for the formulas; `python -m granite_train.plot_lr`."""
+
+    name: str = "cosine"  # cosine | linear | constant (count steps) | power | wsd (count tokens)
+    # cosine/linear/constant: warmup in optimizer steps; power/wsd use it only when
+    # warmup_tokens is null (as warmup_steps * trainer.tokens_per_step tokens).
     warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # cosine/linear: final lr = optim.lr * min_lr_ratio
+    # Warmup in input tokens. When set it wins over warmup_steps for every schedule
+    # (cosine/linear/constant round it up to whole steps of trainer.tokens_per_step).
+    warmup_tokens: Optional[int] = None
+    # power/wsd: decay over the last decay_tokens of the run (trainer.max_tokens, or
+    # max_steps * tokens_per_step); 0/null: no decay (the power law / stable lr forever).
+    decay_tokens: Optional[int] = None
+    decay: str = "exponential"  # exponential | linear | cosine (power/wsd decay shape)
+    min_lr: float = 0.0  # power/wsd: the lr at the end of the decay (absolute)
+    # power (Shen et al. 2024, Eq. 7): lr = min(optim.lr, a * batch_size * tokens**b)
+    a: float = 4.0
+    b: float = -0.51
+    batch_size: Optional[float] = None  # beta, sequences per step; null: tokens_per_step / 4096
 
 
 @dataclass
@@ -81,6 +120,9 @@ class TrainerConfig:
     output_dir: str = "runs/default"
     seed: int = 42
     max_steps: int = 100
+    # Stop once this many input tokens (padding excluded) were trained; max_steps still caps.
+    # Also the run length N of the power/wsd decay. null: no token limit.
+    max_tokens: Optional[int] = None
     epochs: Optional[int] = None  # null: as many epochs as max_steps needs
     tokens_per_step: int = 16384  # global batch, in tokens, over all ranks and micro-batches
     micro_batch_tokens: int = 4096  # per rank per forward; a memory knob, never changes the math
@@ -88,6 +130,22 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 1
     progress: bool = True
+    # Checkpoints in <output_dir>/checkpoints/step_<N>: every save_every steps (0: only at the
+    # end) and at the end; the newest keep_checkpoints are kept (0: all).
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    # auto: continue from the latest complete checkpoint of output_dir if there is one |
+    # false: start fresh (refused if output_dir holds checkpoints) | a checkpoint path.
+    resume: Optional[str] = "auto"
+    # Critical settings (model shape, data, tokens_per_step, seed) that may differ on resume,
+    # e.g. [data.path] to continue on new data; anything else may always change.
+    resume_allow_changes: List[str] = field(default_factory=list)
+    # Non-finite loss or grad norm: the step is skipped (counted in metrics); this many in a
+    # row stop the run with an error, keeping the last good checkpoint (0 or 1: the first).
+    max_bad_steps: int = 3
+    # With data.eval_path or data.eval_fraction: eval loss/perplexity every eval_every steps
+    # (0: only at the end) and at the end, as "split": "eval" records in metrics.jsonl.
+    eval_every: int = 0
 
 
 @dataclass
@@ -130,15 +188,20 @@ CHOICES = {
     "data.overlong": ("truncate", "drop"),
     "data.packing": ("bfd", "greedy", "none"),
     "optim.name": ("adamw",),
-    "scheduler.name": ("cosine", "linear", "constant"),
+    "scheduler.name": ("cosine", "linear", "constant", "power", "wsd"),
+    "scheduler.decay": ("exponential", "linear", "cosine"),
     "trainer.dtype": ("auto", "fp32", "bf16"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "model.attn_backend": ("auto", "sdpa", "flash"),
+    "model.mamba_backend": ("auto", "torch", "cuda"),
+    "model.router_aux_loss": ("load_balancing", "switch_per_layer"),
     "distributed.backend": ("auto", "gloo", "nccl"),
     "tracking.wandb.mode": ("online", "offline", "disabled"),
 }
 
 _NON_NEGATIVE = ("scheduler.warmup_steps", "model.loss_chunk_tokens", "data.num_proc",
+                 "trainer.save_every", "trainer.keep_checkpoints", "trainer.max_bad_steps",
+                 "trainer.eval_every",
                  "optim.weight_decay", "optim.grad_clip", "optim.lr")
 _POSITIVE = ("trainer.max_steps", "trainer.tokens_per_step", "trainer.micro_batch_tokens",
              "data.max_length", "trainer.log_every")
@@ -175,7 +238,89 @@ def validate(cfg: RunConfig) -> None:
     for key in _NON_NEGATIVE:
         if _get(cfg, key) < 0:
             raise UserError(f"{key}={_get(cfg, key)} must be >= 0")
+    if cfg.model.router_z_loss_coef is not None and cfg.model.router_z_loss_coef < 0:
+        raise UserError(f"model.router_z_loss_coef={cfg.model.router_z_loss_coef} must be >= 0 (or null)")
     if cfg.trainer.epochs is not None and cfg.trainer.epochs < 1:
         raise UserError(f"trainer.epochs={cfg.trainer.epochs} must be >= 1 (or null: as many as max_steps needs)")
+    validate_eval(cfg.data)
+    _validate_mup(cfg)
     if len(cfg.optim.betas) != 2:
         raise UserError(f"optim.betas={list(cfg.optim.betas)} must be two numbers, e.g. [0.9,0.95]")
+    # Learning-rate schedule (granite_train/train/schedule.py) and the token budget.
+    sch, tr = cfg.scheduler, cfg.trainer
+    if tr.max_tokens is not None and tr.max_tokens <= 0:
+        raise UserError(f"trainer.max_tokens={tr.max_tokens} must be > 0 (or null: no token limit)")
+    for key in ("warmup_tokens", "decay_tokens"):
+        if getattr(sch, key) is not None and getattr(sch, key) < 0:
+            raise UserError(f"scheduler.{key}={getattr(sch, key)} must be >= 0 (or null)")
+    if sch.min_lr < 0:
+        raise UserError(f"scheduler.min_lr={sch.min_lr} must be >= 0")
+    if not sch.a > 0:
+        raise UserError(f"scheduler.a={sch.a} must be > 0 (the power law's coefficient; the paper uses 4)")
+    if not sch.b < 0:
+        raise UserError(f"scheduler.b={sch.b} must be < 0 (the lr falls as tokens**b; the paper uses -0.51)")
+    if sch.batch_size is not None and not sch.batch_size > 0:
+        raise UserError(f"scheduler.batch_size={sch.batch_size} must be > 0 (sequences per step; "
+                        f"or null: trainer.tokens_per_step / 4096)")
+    if sch.name in ("power", "wsd"):
+        if tr.max_tokens is not None:
+            total, total_name = tr.max_tokens, "trainer.max_tokens"
+        else:
+            total, total_name = tr.max_steps * tr.tokens_per_step, "trainer.max_steps x trainer.tokens_per_step"
+        decay = sch.decay_tokens or 0
+        if sch.warmup_tokens is not None:
+            warm, warm_name = sch.warmup_tokens, f"scheduler.warmup_tokens={sch.warmup_tokens}"
+        else:
+            warm = sch.warmup_steps * tr.tokens_per_step
+            warm_name = f"scheduler.warmup_steps x trainer.tokens_per_step={warm}"
+        if decay > total:
+            raise UserError(f"scheduler.decay_tokens={decay} is more than the run's {total} tokens "
+                            f"({total_name}); lower it or raise the run length")
+        if warm + decay > total:
+            raise UserError(f"{warm_name} plus scheduler.decay_tokens={decay} is more than the run's "
+                            f"{total} tokens ({total_name}); shorten the warmup or the decay")
+        if sch.min_lr > cfg.optim.lr:
+            raise UserError(f"scheduler.min_lr={sch.min_lr} is above optim.lr={cfg.optim.lr} (the peak lr)")
+        if decay > 0 and sch.min_lr > 0:
+            from granite_train.train.schedule import Schedule
+
+            top = Schedule(sch, cfg.optim.lr, tr.max_steps, tokens_per_step=tr.tokens_per_step,
+                           total_tokens=tr.max_tokens).lr_at(0, total - decay)
+            if sch.min_lr > top:
+                raise UserError(f"scheduler.min_lr={sch.min_lr} is above the lr at the start of the "
+                                f"decay ({top:.4g}): the decay would raise the lr; lower scheduler.min_lr")
+
+
+def validate_eval(data: DataConfig) -> None:
+    """data.eval_path / eval_fraction / max_eval_examples (also checked by the data pipeline)."""
+    from granite_train.errors import UserError
+
+    if data.eval_path is not None and data.eval_fraction is not None:
+        raise UserError(f"data.eval_path={data.eval_path} and data.eval_fraction={data.eval_fraction} "
+                        f"are both set; use one (a separate eval set, or a held-out share of data.path)")
+    if data.eval_fraction is not None and not 0 < data.eval_fraction <= 0.5:
+        raise UserError(f"data.eval_fraction={data.eval_fraction} must be in (0, 0.5] (or null: no "
+                        f"held-out eval set)")
+    if data.eval_fraction is not None and data.streaming:
+        raise UserError("data.eval_fraction needs a map-style dataset (data.streaming=false); with "
+                        "data.streaming=true hold out an eval set yourself and set data.eval_path")
+    if data.eval_path is not None and not data.eval_path.strip():
+        raise UserError("data.eval_path is empty; set it to your eval data (or null: no eval set)")
+    if data.max_eval_examples is not None and data.max_eval_examples <= 0:
+        raise UserError(f"data.max_eval_examples={data.max_eval_examples} must be > 0 (or null: all)")
+
+
+def _validate_mup(cfg: RunConfig) -> None:
+    """optim.no_decay_roles and muP's width multiplier (checked here when model.arch is used;
+    a checkpoint's sizes are checked when the model is built)."""
+    from granite_train.errors import UserError
+    from granite_train.models.param_roles import ROLES, mup_width_multiplier
+
+    bad = sorted(set(cfg.optim.no_decay_roles) - set(ROLES))
+    if bad:
+        raise UserError(f"optim.no_decay_roles has unknown roles {bad} (roles: {', '.join(ROLES)})")
+    base = cfg.model.mup_base_width
+    if base is not None and base <= 0:
+        raise UserError(f"model.mup_base_width={base} must be a positive width (or null)")
+    if cfg.optim.mup and cfg.model.path is None:
+        mup_width_multiplier(cfg.model.arch, base)

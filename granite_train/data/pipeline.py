@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import datasets
 import numpy as np
 
-from granite_train.config import CHOICES, DataConfig, TrainerConfig
+from granite_train.config import CHOICES, DataConfig, TrainerConfig, validate_eval
 from granite_train.data.chat import chat_overhead, make_renderer
 from granite_train.data.collator import MicroBatch, collate_packed, collate_padded, empty_micro_batch
 from granite_train.data.plan import StepPlan, packing_efficiency, plan_epoch, plan_step
@@ -50,6 +50,7 @@ class TrainStep:
 
 
 def check_config(data_cfg: DataConfig, trainer_cfg: TrainerConfig) -> None:
+    validate_eval(data_cfg)
     for key, allowed in _CHOICES.items():
         if getattr(data_cfg, key) not in allowed:
             raise UserError(f"data.{key}={getattr(data_cfg, key)!r} is not one of {', '.join(allowed)}")
@@ -87,8 +88,11 @@ class TrainData:
 
     def __init__(self, examples: datasets.Dataset, lengths: np.ndarray, n_trained: np.ndarray,
                  stats: PrepStats, data_cfg: DataConfig, trainer_cfg: TrainerConfig, rank: int,
-                 world_size: int, pad_id: int) -> None:
+                 world_size: int, pad_id: int, heldout: Optional["HeldOut"] = None) -> None:
         self._examples = examples.select_columns(["input_ids", "labels"]).with_format("numpy")
+        # data.eval_fraction: the held-out rows (never in `examples`), for build_eval_data.
+        self.heldout = heldout
+        self._eval_fraction = data_cfg.eval_fraction
         self.lengths = lengths
         self.n_trained = n_trained
         self.stats = stats
@@ -132,7 +136,7 @@ class TrainData:
         # resuming with other values keeps every step's examples.
         keys = ("seed", "tokens_per_step", "max_length", "packing")
         return {**{k: self._plan_args[k] for k in keys}, "num_examples": int(len(self.lengths)),
-                "num_tokens": int(self.lengths.sum())}
+                "num_tokens": int(self.lengths.sum()), "eval_fraction": self._eval_fraction}
 
     def state_dict(self) -> Dict[str, Any]:
         return {"kind": "map", "epoch": self._epoch, "step_in_epoch": self._step,
@@ -151,8 +155,8 @@ def _check_fingerprint(saved: Dict[str, Any], now: Dict[str, Any]) -> None:
     changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in now if saved.get(k) != now[k]]
     if changed:
         raise UserError(f"cannot resume the data position: {', '.join(changed)} changed since the "
-                        f"checkpoint; restore those settings (data, trainer.seed, tokens_per_step, "
-                        f"max_length, packing) or start a fresh run")
+                        f"checkpoint; restore those settings (data, data.eval_fraction, trainer.seed, "
+                        f"tokens_per_step, max_length, packing) or start a fresh run")
 
 
 class StreamTrainData:
@@ -278,13 +282,35 @@ def _column_names(ds: Union[datasets.Dataset, datasets.IterableDataset], name: s
     return list(first)
 
 
-def build_train_data(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer: Tokenizer,
-                     rank: int, world_size: int) -> Union[TrainData, StreamTrainData]:
-    """Load, tokenize and plan. Every rank calls this and computes the same global plan."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    t0 = time.perf_counter()
-    check_config(data_cfg, trainer_cfg)
+EVAL_SPLIT_SALT = 0x6576616C  # "eval": the held-out rows' RNG stream, apart from epoch orders
+
+
+def heldout_rows(num_rows: int, fraction: float, seed: int) -> np.ndarray:
+    """data.eval_fraction: the sorted row numbers (of the rows after data.max_examples) held out
+    for evaluation; round(fraction * rows), at least 1, and at least one row left to train on."""
+    if num_rows < 2:
+        raise UserError(f"data.eval_fraction={fraction} needs at least 2 rows to split; the data has "
+                        f"{num_rows}")
+    n_eval = min(max(1, int(round(fraction * num_rows))), num_rows - 1)
+    perm = np.random.default_rng([seed, EVAL_SPLIT_SALT]).permutation(num_rows)
+    return np.sort(perm[:n_eval])
+
+
+@dataclass
+class HeldOut:
+    """Tokenized rows held out by data.eval_fraction (their own stats: rows, drops, truncation)."""
+
+    examples: datasets.Dataset  # the held-out rows, dropped ones included (see `status`)
+    status: np.ndarray
+    lengths: np.ndarray
+    n_trained: np.ndarray
+    source: str
+    malformed_lines: int = 0  # JSON lines skipped by data.skip_bad_rows (data.eval_path only)
+
+
+def _open(data_cfg: DataConfig, tokenizer: Tokenizer):
+    """(source, stats, raw dataset, encoder) for data_cfg.path: the one preparation path shared
+    by training and evaluation data."""
     renderer = None
     if data_cfg.format == "chat":
         renderer = make_renderer(data_cfg.chat_template, tokenizer)
@@ -299,6 +325,28 @@ def build_train_data(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer
     ds = source.dataset
     row_format = resolve_row_format(data_cfg, _column_names(ds, source.name), source.name)
     encoder = Encoder.from_config(data_cfg, tokenizer, renderer, row_format, source.name)
+    return source, stats, ds, encoder
+
+
+def _tokenize(ds: datasets.Dataset, encoder: Encoder, data_cfg: DataConfig):
+    """(tokenized rows, status, lengths, n_trained): one output row per input row (cached map)."""
+    tokenized = ds.map(encoder, batched=True, batch_size=256, with_indices=True, features=FEATURES,
+                       remove_columns=ds.column_names, desc="tokenizing",
+                       num_proc=data_cfg.num_proc if data_cfg.num_proc > 1 else None)
+    cols = tokenized.select_columns(["status", "length", "n_trained"]).with_format("numpy")[:]
+    status, lengths, n_trained = (np.asarray(cols[k]) for k in ("status", "length", "n_trained"))
+    return tokenized, status, lengths, n_trained
+
+
+def build_train_data(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer: Tokenizer,
+                     rank: int, world_size: int) -> Union[TrainData, StreamTrainData]:
+    """Load, tokenize and plan. Every rank calls this and computes the same global plan.
+    With data.eval_fraction the held-out rows are excluded here (see `heldout_rows`)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    t0 = time.perf_counter()
+    check_config(data_cfg, trainer_cfg)
+    source, stats, ds, encoder = _open(data_cfg, tokenizer)
     pad_id = tokenizer.eos_token_id
 
     if isinstance(ds, datasets.IterableDataset):
@@ -312,19 +360,23 @@ def build_train_data(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer
 
     if data_cfg.max_examples is not None:
         ds = ds.select(range(min(len(ds), data_cfg.max_examples)))
-    tokenized = ds.map(encoder, batched=True, batch_size=256, with_indices=True, features=FEATURES,
-                       remove_columns=ds.column_names, desc="tokenizing",
-                       num_proc=data_cfg.num_proc if data_cfg.num_proc > 1 else None)
-    cols = tokenized.select_columns(["status", "length", "n_trained"]).with_format("numpy")[:]
-    status, lengths, n_trained = (np.asarray(cols[k]) for k in ("status", "length", "n_trained"))
-    stats.count(status, lengths, n_trained)
-    keep = np.flatnonzero(Status.kept(status))
+    tokenized, status, lengths, n_trained = _tokenize(ds, encoder, data_cfg)
+    train_rows = np.ones(len(status), dtype=bool)
+    heldout = None
+    if data_cfg.eval_fraction is not None:
+        held = heldout_rows(len(status), data_cfg.eval_fraction, trainer_cfg.seed)
+        train_rows[held] = False
+        heldout = HeldOut(tokenized.select(held), status[held], lengths[held], n_trained[held], source.name)
+        log.info("data.eval_fraction=%s: %d of %d rows held out for evaluation (never trained on)",
+                 data_cfg.eval_fraction, held.size, len(status))
+    stats.count(status[train_rows], lengths[train_rows], n_trained[train_rows])
+    keep = np.flatnonzero(Status.kept(status) & train_rows)
     if keep.size == 0:
         raise UserError(f"no examples left in data.path={source.name} after preparation ({stats.report()}); "
                         f"check the data fields, data.train_on and data.max_length")
     examples = tokenized.select(keep) if keep.size < len(tokenized) else tokenized
     data = TrainData(examples, lengths[keep].astype(np.int64), n_trained[keep].astype(np.int64), stats,
-                     data_cfg, trainer_cfg, rank, world_size, pad_id)
+                     data_cfg, trainer_cfg, rank, world_size, pad_id, heldout)
     stats.set_lengths(data.lengths)
     stats.steps_per_epoch = data.num_steps_per_epoch
     stats.packing_efficiency = packing_efficiency(data.plan(0))

@@ -1,27 +1,70 @@
-"""Optimizer construction."""
+"""Optimizer construction: one AdamW param group per parameter role.
+
+Roles are declared where parameters are created (`granite_train.models.param_roles`). Each group
+carries `role`, its `weight_decay` (0 for `optim.no_decay_roles`: norms, biases, Mamba's
+A_log/D/dt_bias by default) and `lr_scale`: 1.0, or 1 / m_width for hidden matrices under muP
+(`optim.mup=true`). The training loop sets `group["lr"] = schedule_lr * group["lr_scale"]` every step.
+"""
 
 from __future__ import annotations
 
-from typing import List
+import logging
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from granite_train.config import OptimConfig
+from granite_train.models.param_roles import (DEFAULT_NO_DECAY_ROLES, MUP_SCALED_ROLES, ROLES,
+                                              mup_width_multiplier, named_param_roles)
+
+log = logging.getLogger("granite_train.train")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> List[dict]:
-    # Norm gains, biases and other vectors are not decayed (decaying them only shrinks scales).
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if not p.requires_grad:
+def param_groups(model: torch.nn.Module, weight_decay: float, mup_width: Optional[float] = None,
+                 no_decay_roles: Sequence[str] = DEFAULT_NO_DECAY_ROLES) -> List[dict]:
+    """Param groups by role (empty roles left out; every trainable parameter in exactly one group).
+    `mup_width`: muP's m_width (None: standard parametrisation, every lr_scale 1.0)."""
+    by_role: Dict[str, List[torch.nn.Parameter]] = {}
+    for _, p, role in named_param_roles(model):
+        if p.requires_grad:
+            by_role.setdefault(role, []).append(p)
+    groups = []
+    for role in ROLES:  # a fixed order: the optimizer state of a checkpoint lines up on resume
+        if role not in by_role:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        scale = 1.0 / mup_width if (mup_width and role in MUP_SCALED_ROLES) else 1.0
+        groups.append({"params": by_role[role], "role": role, "lr_scale": scale,
+                       "weight_decay": 0.0 if role in no_decay_roles else weight_decay})
+    return groups
+
+
+def model_mup_width(model: torch.nn.Module, cfg: OptimConfig) -> Optional[float]:
+    """The m_width the optimizer scales by: the model's (set by `model.apply_mup`) when
+    `cfg.mup`, else None. muP on without `apply_mup` is a wiring bug, not a user error."""
+    if not cfg.mup:
+        return None
+    m = getattr(model, "mup_width", None)
+    if m is None:
+        raise RuntimeError("optim.mup=true but the model has no muP width: call model.apply_mup(m_width) "
+                           "(granite_train.train.optim.mup_width_for) before build_optimizer")
+    return m
+
+
+def mup_width_for(model: torch.nn.Module, mup_base_width: Optional[int]) -> float:
+    """m_width of `model`: hidden_size / model.mup_base_width, else its logits_scaling (UserError
+    if neither gives one). Works for checkpoints too (their sizes are known only here)."""
+    c = model.config
+    m = mup_width_multiplier(c, mup_base_width)
+    if mup_base_width is not None and c.logits_scaling != m:
+        log.warning(
+            "muP: m_width=%g (hidden_size %d / model.mup_base_width %d) but logits_scaling=%g: the "
+            "logits get 1/%g, not muP's 1/m_width; set model.arch.logits_scaling=%g for the full muP",
+            m, c.hidden_size, mup_base_width, c.logits_scaling, c.logits_scaling, m)
+    return m
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, model_mup_width(model, cfg), cfg.no_decay_roles)
+    for group in groups:  # the loop sets lr = schedule lr * lr_scale every step; this is step 0's
+        group["lr"] = cfg.lr * group["lr_scale"]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)

@@ -1,0 +1,64 @@
+"""Eval loss and perplexity over the whole eval set (granite_train/data/eval.py).
+
+Token-exact like training: eval_loss = (sum of token losses over every eval example) / (trained
+eval tokens), both sums accumulated in fp64 over this rank's micro-batches and all-reduced over
+data-parallel ranks, so neither trainer.micro_batch_tokens nor the world size changes it.
+Every rank must call `evaluate` (it runs a collective).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from granite_train.data.collator import is_empty
+from granite_train.train.env import Env
+from granite_train.train.inputs import MODEL_INPUTS, to_device
+
+
+def eval_sums(model: torch.nn.Module, eval_data, device: torch.device,
+              autocast_dtype: Optional[torch.dtype] = None, loss_chunk_tokens: int = 0) -> torch.Tensor:
+    """fp64 [sum of token losses, trained tokens] over THIS rank's eval micro-batches (on
+    `device`); no collective.
+    The caller sets eval mode and no_grad (`evaluate` does)."""
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for mb in eval_data.micro_batches():
+        if is_empty(mb):
+            continue
+        mb = to_device(mb, device)
+        n_mb = int((mb["labels"] != -100).sum())  # the collators mask every example's first label
+        if n_mb == 0:
+            continue
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            output = model(**{k: mb.get(k) for k in MODEL_INPUTS}, labels=mb["labels"],
+                           loss_chunk_tokens=loss_chunk_tokens, return_logits=False)
+        sums[0] += output.loss.detach().double() * n_mb  # the model's loss is the mean over n_mb
+        sums[1] += n_mb
+    return sums
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, eval_data, env: Env, loss_chunk_tokens: int = 0) -> Dict[str, float]:
+    """eval_loss, eval_ppl, eval_tokens, eval_examples, eval_time_s over the whole eval set (all
+    ranks together). The model is in eval mode meanwhile and back in its previous mode after."""
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        sums = eval_sums(model, eval_data, env.device, env.autocast_dtype, loss_chunk_tokens)
+        if env.distributed:
+            dist.all_reduce(sums)
+        loss_sum, tokens = float(sums[0]), int(round(float(sums[1])))
+    finally:
+        model.train(was_training)
+    loss = loss_sum / tokens if tokens else float("nan")
+    try:
+        ppl = math.exp(loss)
+    except OverflowError:
+        ppl = float("inf")
+    return {"eval_loss": loss, "eval_ppl": ppl, "eval_tokens": tokens,
+            "eval_examples": eval_data.num_examples, "eval_time_s": time.perf_counter() - t0}
