@@ -140,6 +140,9 @@ class TrainerConfig:
     # Critical settings (model shape, data, tokens_per_step, seed) that may differ on resume,
     # e.g. [data.path] to continue on new data; anything else may always change.
     resume_allow_changes: List[str] = field(default_factory=list)
+    # Peak dense TFLOP/s of one device in the training dtype, for the `mfu` metric. null: known
+    # GPUs (H100/H200 989 bf16, A100 312) are looked up; elsewhere (CPU) mfu is not logged.
+    peak_tflops: Optional[float] = None
     # Non-finite loss or grad norm: the step is skipped (counted in metrics); this many in a
     # row stop the run with an error, keeping the last good checkpoint (0 or 1: the first).
     max_bad_steps: int = 3

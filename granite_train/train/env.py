@@ -74,3 +74,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# Dense bf16 peak TFLOP/s by GPU name (vendor spec sheets; fp32 runs use TF32 peaks / 2 would be
+# closer, but training here is bf16). Substring match on torch.cuda.get_device_name().
+_PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0))
+
+
+def peak_tflops(configured: Optional[float], device: torch.device) -> Optional[float]:
+    """The per-device peak used for MFU: the configured value, a known GPU's, or None."""
+    if configured is not None:
+        return configured if configured > 0 else None
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf for key, tf in _PEAK_BF16_TFLOPS if key in name), None)

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from granite_train.config import RunConfig
 from granite_train.errors import UserError
-from granite_train.train.env import Env, init_env, seed_everything
+from granite_train.train.env import Env, init_env, peak_tflops, seed_everything
 from granite_train.train.evaluate import evaluate
 from granite_train.train.inputs import MODEL_INPUTS, to_device
 from granite_train.train import checkpoint as ckpt_io
@@ -98,12 +98,35 @@ def _describe(cfg: RunConfig, model: torch.nn.Module, tokenizer, env: Env) -> No
 
 
 def _expert_load(counts_LE: torch.Tensor) -> Dict[str, Any]:
-    """Load balance of the step: the busiest expert's share relative to a uniform split (1.0 is
-    perfect balance), worst layer, plus the per-layer counts for plots."""
+    """Load balance of the step, worst layer: the busiest expert's tokens over the mean (1.0 is
+    perfect balance) and over the idlest expert's (inf, logged null, when an expert got none),
+    how many (layer, expert) pairs got no token, plus the per-layer counts for plots."""
     counts_LE = counts_LE.float()
-    imbalance_L = counts_LE.max(dim=1).values / counts_LE.mean(dim=1).clamp_min(1e-9)
-    return {"expert_imbalance": float(imbalance_L.max()),
+    max_L = counts_LE.max(dim=1).values
+    imbalance_L = max_L / counts_LE.mean(dim=1).clamp_min(1e-9)
+    min_L = counts_LE.min(dim=1).values
+    max_min = float("inf") if bool((min_L == 0).any()) else float((max_L / min_L).max())
+    return {"expert_imbalance": float(imbalance_L.max()), "expert_max_min": max_min,
+            "experts_idle": int((counts_LE == 0).sum()),
             "expert_counts": counts_LE.round().long().tolist()}
+
+
+def _step_flops(model: torch.nn.Module, step) -> float:
+    """Model FLOPs of this rank's share of the step (forward + backward, PaLM convention):
+    tokens x flops_per_token at the token-weighted mean example length, since attention and the
+    SSD scan never cross examples."""
+    lens: List[int] = []
+    for mb in step.micro_batches:
+        cu = mb.get("cu_seq_lens")
+        if cu is not None:
+            bounds = cu.reshape(-1).tolist()
+            lens += [e - s for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+        elif "attention_mask" in mb:
+            lens += [int(n) for n in mb["attention_mask"].sum(dim=1).tolist() if n > 0]
+    if not lens:
+        return 0.0
+    tokens = sum(lens)
+    return tokens * model.flops_per_token(max(1, round(sum(n * n for n in lens) / tokens)))
 
 
 def _real_tokens(mb: Dict[str, Any]) -> int:
@@ -306,6 +329,7 @@ def train(cfg: RunConfig) -> TrainResult:
     sink = MetricsSink(out, cfg.tracking.wandb, resolved, cfg.trainer.max_steps, enabled=env.is_main,
                        progress=cfg.trainer.progress, initial_step=step_no, wandb_run_id=wandb_id)
     max_tokens = cfg.trainer.max_tokens
+    peak = peak_tflops(cfg.trainer.peak_tflops, env.device)
 
     def trainer_state() -> ckpt_io.TrainerState:
         return ckpt_io.TrainerState(step=step_no, tokens_seen=tokens_seen, data=data.state_dict(),
@@ -341,6 +365,8 @@ def train(cfg: RunConfig) -> TrainResult:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             result = _train_step(model, optimizer, params, step, env, cfg, aux_coef, is_empty)
             dt = time.perf_counter() - t0
+            # MFU of this rank (ranks run equal shares); absent where no peak is known (CPU).
+            mfu = _step_flops(model, step) / dt / (peak * 1e12) if peak else None
             step_no += 1
             tokens_seen += step.num_input_tokens
             if result.finite:
@@ -365,6 +391,7 @@ def train(cfg: RunConfig) -> TrainResult:
                     "packing_efficiency": step.num_input_tokens / max(step.num_slots, 1),
                     "micro_batches": len(step.micro_batches),
                     "step_time_s": dt,
+                    **({"mfu": mfu} if mfu is not None else {}),
                     **({"skipped": True} if not result.finite else {}),
                     "skipped_steps": skipped,
                     **({"aux_loss": result.aux_loss} if result.aux_loss is not None else {}),

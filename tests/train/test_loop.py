@@ -40,6 +40,7 @@ def test_metrics_contract_and_falling_loss(trained):
         assert r["tokens_seen"] == seen
         assert 0 < r["packing_efficiency"] <= 1
     assert rows[-1]["loss"] < rows[0]["loss"]
+    assert "mfu" not in rows[0]  # CPU, no trainer.peak_tflops: no peak to divide by
     assert (out / "config.yaml").exists()
     assert not (root / "outputs").exists()  # no Hydra litter
 
@@ -98,13 +99,19 @@ def test_moe_run_logs_aux_loss_and_exports_for_transformers(cli, tmp_path):
     out = tmp_path / "moe"
     proc = cli(*FAST, "model=granitemoe-tiny", "model.arch.hidden_size=64", "model.arch.intermediate_size=64",
                "model.arch.num_hidden_layers=2", "model.arch.num_local_experts=4", "trainer.max_steps=3",
-               f"trainer.output_dir={out}")
+               "trainer.peak_tflops=0.5", f"trainer.output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(out / "metrics.jsonl")
     assert all(r["aux_loss"] >= 2.0 * 0.99 for r in rows)  # top-2: >= 2 up to float error, 2 at uniform routing
     for r in rows:  # every real input token sends top-2 assignments, in every layer
         assert [sum(layer) for layer in r["expert_counts"]] == [2 * r["input_tokens"]] * 2
         assert r["expert_imbalance"] >= 1.0
+        counts = r["expert_counts"]
+        idle = sum(c == 0 for layer in counts for c in layer)
+        assert r["experts_idle"] == idle
+        worst = max(max(layer) / min(layer) for layer in counts) if idle == 0 else None
+        assert r["expert_max_min"] == (pytest.approx(worst) if worst else None)
+        assert 0 < r["mfu"] < 1  # set trainer.peak_tflops: MFU is logged on any device
     ours = load_model(out / "final").eval()
     theirs = transformers.GraniteMoeForCausalLM.from_pretrained(out / "final").eval()
     ids = torch.randint(0, ours.config.vocab_size, (1, 19))
@@ -134,3 +141,21 @@ def test_hybrid_run_exports_for_transformers(cli, tmp_path):
     with torch.no_grad():
         diff = (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max().item()
     assert diff <= 1e-4
+
+
+def test_step_flops_use_the_token_weighted_example_length():
+    from types import SimpleNamespace
+
+    from granite_train.models import GraniteConfig, build_model
+    from granite_train.train.loop import _step_flops
+
+    model = build_model(GraniteConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    mbs = [{"cu_seq_lens": torch.tensor([0, 10, 40], dtype=torch.int32)},
+           {"cu_seq_lens": torch.tensor([0, 20], dtype=torch.int32)}]
+    lens = [10, 30, 20]
+    mean_len = round(sum(n * n for n in lens) / sum(lens))  # 23
+    expected = sum(lens) * model.flops_per_token(mean_len)
+    assert _step_flops(model, SimpleNamespace(micro_batches=mbs)) == pytest.approx(expected, rel=1e-12)
+    padded = [{"attention_mask": torch.tensor([[1] * 10 + [0] * 20, [1] * 30, [1] * 20 + [0] * 10])}]
+    assert _step_flops(model, SimpleNamespace(micro_batches=padded)) == pytest.approx(expected, rel=1e-12)
