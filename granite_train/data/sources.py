@@ -1,7 +1,8 @@
 """data.path -> a `datasets` Dataset (or IterableDataset when data.streaming).
 
 Accepted: local .jsonl/.json/.parquet/.csv files, a directory or glob of them, a directory
-written by `Dataset.save_to_disk`, a hub dataset name (needs network), or `demo:chitchat`.
+written by `Dataset.save_to_disk`, a hub dataset name (needs network), or a demo data set
+(`demo:chitchat`, `demo:shakespeare`; granite_train/data/demo.py).
 """
 
 from __future__ import annotations
