@@ -7,6 +7,7 @@ silently ignored setting. Field names are a public contract (CLI overrides): ext
 
 from __future__ import annotations
 
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -154,6 +155,14 @@ class TrainerConfig:
 @dataclass
 class DistributedConfig:
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    # null: plain data parallel (every rank holds everything; one summed all-reduce per step).
+    # 0-3: DeepSpeed ZeRO stage (granite_train/train/engine.py): 1 shards the optimizer state,
+    # 2 also the gradients, 3 also the weights. Same math as null, token-exact.
+    zero_stage: Optional[int] = None
+    # A DeepSpeed JSON config merged on top of the generated one (zero_stage set only).
+    deepspeed_config: Optional[str] = None
+    offload_optimizer: bool = False  # ZeRO 1-3: optimizer state and step on the CPU
+    offload_params: bool = False  # ZeRO-3 only: the weights live on the CPU between uses
 
 
 @dataclass
@@ -247,6 +256,7 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"trainer.epochs={cfg.trainer.epochs} must be >= 1 (or null: as many as max_steps needs)")
     validate_eval(cfg.data)
     _validate_mup(cfg)
+    _validate_distributed(cfg)
     if len(cfg.optim.betas) != 2:
         raise UserError(f"optim.betas={list(cfg.optim.betas)} must be two numbers, e.g. [0.9,0.95]")
     # Learning-rate schedule (granite_train/train/schedule.py) and the token budget.
@@ -327,3 +337,34 @@ def _validate_mup(cfg: RunConfig) -> None:
         raise UserError(f"model.mup_base_width={base} must be a positive width (or null)")
     if cfg.optim.mup and cfg.model.path is None:
         mup_width_multiplier(cfg.model.arch, base)
+
+
+def _validate_distributed(cfg: RunConfig) -> None:
+    """distributed.zero_stage and its companions (DeepSpeed ZeRO)."""
+    from granite_train.errors import UserError
+
+    d = cfg.distributed
+    if d.zero_stage is None:
+        if d.offload_params:
+            raise UserError("distributed.offload_params=true needs DeepSpeed ZeRO-3: set "
+                            "distributed.zero_stage=3 (or drop distributed.offload_params)")
+        for key in ("deepspeed_config", "offload_optimizer"):
+            if getattr(d, key):
+                raise UserError(f"distributed.{key} needs DeepSpeed: set distributed.zero_stage=0|1|2|3 "
+                                f"(or drop distributed.{key})")
+        return
+    if d.zero_stage not in (0, 1, 2, 3):
+        raise UserError(f"distributed.zero_stage={d.zero_stage} is not one of 0, 1, 2, 3 (or null: plain "
+                        f"data parallel without DeepSpeed)")
+    if d.offload_params and d.zero_stage != 3:
+        raise UserError(f"distributed.offload_params=true needs distributed.zero_stage=3 (weights are only "
+                        f"sharded under ZeRO-3), not {d.zero_stage}")
+    if d.offload_optimizer and d.zero_stage == 0:
+        raise UserError("distributed.offload_optimizer=true needs distributed.zero_stage=1, 2 or 3 "
+                        "(ZeRO-0 keeps no optimizer shard to offload)")
+    if d.deepspeed_config is not None and not Path(d.deepspeed_config).is_file():
+        raise UserError(f"distributed.deepspeed_config={d.deepspeed_config} is not a file; point it at a "
+                        f"DeepSpeed JSON config (or null)")
+    if d.zero_stage == 3 and (cfg.data.eval_path is not None or cfg.data.eval_fraction is not None):
+        raise UserError("evaluation (data.eval_path / data.eval_fraction) is not supported yet with "
+                        "distributed.zero_stage=3; use zero_stage 0-2 or drop the eval set")

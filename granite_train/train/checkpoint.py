@@ -2,7 +2,9 @@
 
 Layout of `<output_dir>/checkpoints/step_<N>/`:
 - `model/`              the weights in HF layout (config.json + safetensors): loads in transformers
-- `optimizer.pt`        the optimizer's state_dict
+- `optimizer.pt`        the optimizer's state_dict (plain data parallel)
+- `deepspeed/`          DeepSpeed ZeRO only: every rank's weight and optimizer shards (resume
+                        with the same number of ranks and zero_stage); no optimizer.pt then
 - `rng/rank_<r>.pt`     python, numpy and torch (CPU + CUDA) RNG states of every rank
 - `trainer_state.json`  step, tokens seen, data-iterator position, bad-step counters, W&B run id
 - `config.yaml`         the resolved run config that wrote it
@@ -126,15 +128,19 @@ def write_rank_state(tmp: Path, rank: int) -> None:
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank}.pt")
 
 
-def write_main_state(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def write_main_state(tmp: Path, model: torch.nn.Module, optimizer: Any,
                      state: TrainerState, config_yaml: str, tokenizer: Any = None) -> None:
-    """Rank 0: weights + tokenizer (HF layout), optimizer, config; the trainer state last."""
+    """Rank 0: weights + tokenizer (HF layout), optimizer, config; the trainer state last.
+    `optimizer`: an optimizer or its state_dict; None when the state is sharded (DeepSpeed ZeRO
+    writes its own per-rank files under `deepspeed/`)."""
     from granite_train.models import save_model
 
     save_model(model, tmp / "model")
     if tokenizer is not None:
         tokenizer.save(tmp / "model")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if optimizer is not None:
+        sd = optimizer.state_dict() if hasattr(optimizer, "state_dict") else optimizer
+        torch.save(sd, tmp / "optimizer.pt")
     (tmp / "config.yaml").write_text(config_yaml)
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1) + "\n")
 

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from granite_train.config import RunConfig
 from granite_train.errors import UserError
+from granite_train.train.engine import build_engine
 from granite_train.train.env import Env, init_env, peak_tflops, seed_everything
 from granite_train.train.evaluate import evaluate
 from granite_train.train.inputs import MODEL_INPUTS, to_device
@@ -134,16 +135,6 @@ def _real_tokens(mb: Dict[str, Any]) -> int:
     return int(mask.sum()) if mask is not None else mb["input_ids"].numel()
 
 
-def _allreduce_grads(params: List[torch.nn.Parameter]) -> None:
-    # One flat buffer: a single collective per step. Sum, because every rank already divided its
-    # loss by the global token count.
-    grads = [p.grad for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        g.copy_(synced)
-
-
 def _agree(env: Env, value: Any) -> Any:
     """Rank 0's value on every rank (decisions about files must not differ between ranks)."""
     if not env.distributed:
@@ -187,19 +178,21 @@ def _load_weights(model: torch.nn.Module, ckpt: Path, allow: List[str]) -> None:
             p.copy_(saved.state_dict()[name])
 
 
-def _save_checkpoint(env: Env, out: Path, state: ckpt_io.TrainerState, model: torch.nn.Module,
-                     optimizer: torch.optim.Optimizer, config_yaml: str, tokenizer, keep: int) -> None:
+def _save_checkpoint(env: Env, out: Path, state: ckpt_io.TrainerState, engine,
+                     config_yaml: str, tokenizer, keep: int) -> None:
     root = ckpt_io.checkpoints_dir(out)
     tmp = ckpt_io.begin_save(root, state.step) if env.is_main else ckpt_io.tmp_dir_for(root, state.step)
     if env.distributed:
         dist.barrier()  # the directory exists before other ranks write into it
     ckpt_io.write_rank_state(tmp, env.rank)
+    engine.save_state(tmp)  # DeepSpeed: every rank's shards (nothing for the plain engine)
     if env.distributed:
         dist.barrier()
-    if env.is_main:
-        ckpt_io.write_main_state(tmp, model, optimizer, state, config_yaml, tokenizer)
-        final = ckpt_io.publish(tmp, state.step, keep)
-        log.info("checkpoint: %s", final)
+    with engine.full_weights() as model:  # ZeRO-3: every rank takes part in the gather
+        if env.is_main:
+            ckpt_io.write_main_state(tmp, model, engine.optimizer_state(), state, config_yaml, tokenizer)
+            final = ckpt_io.publish(tmp, state.step, keep)
+            log.info("checkpoint: %s", final)
     if env.distributed:
         dist.barrier()  # nobody moves on (or exits) before the checkpoint is complete
 
@@ -216,10 +209,9 @@ class StepOutcome:
         return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
 
 
-def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params: List[torch.nn.Parameter],
-                step, env: Env, cfg: RunConfig, aux_coef: float, is_empty) -> StepOutcome:
-    """Forward/backward over the step's micro-batches, gradient sync, clipping, and the update
-    (skipped when the loss or gradient norm is not finite)."""
+def _train_step(engine, step, env: Env, cfg: RunConfig, aux_coef: float, is_empty) -> StepOutcome:
+    """Forward/backward over the step's micro-batches, then the engine's gradient sync, clipping
+    and update (skipped when the loss or gradient norm is not finite)."""
     n_global = step.num_trained_tokens
     loss_sum = torch.zeros((), device=env.device, dtype=torch.float64)
     aux_sum = torch.zeros((), device=env.device, dtype=torch.float64)
@@ -227,14 +219,16 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params
     saw_aux = False
     for mb in step.micro_batches:
         if is_empty(mb) or n_global == 0:
+            engine.backward_nothing()  # DeepSpeed: every rank runs as many backwards
             continue
         mb = to_device(mb, env.device)
         n_mb = int((mb["labels"] != -100).sum())
         if n_mb == 0:
+            engine.backward_nothing()
             continue
         with torch.autocast(env.device.type, dtype=env.autocast_dtype, enabled=env.autocast_dtype is not None):
-            output = model(**{k: mb.get(k) for k in MODEL_INPUTS}, labels=mb["labels"],
-                           loss_chunk_tokens=cfg.model.loss_chunk_tokens, return_logits=False)
+            output = engine.forward(**{k: mb.get(k) for k in MODEL_INPUTS}, labels=mb["labels"],
+                                    loss_chunk_tokens=cfg.model.loss_chunk_tokens, return_logits=False)
         objective = output.loss * (n_mb / n_global)
         if output.aux_loss is not None:
             # The router loss is a per-token mean too: weight it by the micro-batch's share of
@@ -243,26 +237,19 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, params
             objective = objective + aux_coef * output.aux_loss * share
             aux_sum += output.aux_loss.detach().double() * share
             saw_aux = True
-        objective.backward()
+        engine.backward(objective)
         if output.expert_counts is not None:
             expert_counts = output.expert_counts if expert_counts is None else expert_counts + output.expert_counts
         loss_sum += output.loss.detach().double() * n_mb
-    for p in params:
-        if p.grad is None:  # a rank whose micro-batches never touched p still syncs it
-            p.grad = torch.zeros_like(p)
     if env.distributed:
-        _allreduce_grads(params)
         dist.all_reduce(loss_sum)
         dist.all_reduce(aux_sum)
         if expert_counts is not None:
             dist.all_reduce(expert_counts)
-    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-    outcome = StepOutcome(float(loss_sum) / max(n_global, 1), grad_norm,
-                          float(aux_sum) if saw_aux else None, expert_counts)
-    if outcome.finite:  # every rank sees the same reduced values, so all skip together
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    loss = float(loss_sum) / max(n_global, 1)
+    # Every rank sees the same reduced values, so all skip together.
+    grad_norm, _ = engine.step(math.isfinite(loss))
+    outcome = StepOutcome(loss, grad_norm, float(aux_sum) if saw_aux else None, expert_counts)
     if env.device.type == "cuda":
         torch.cuda.synchronize()
     return outcome
@@ -314,12 +301,13 @@ def train(cfg: RunConfig) -> TrainResult:
     eval_data = build_eval_data(cfg.data, cfg.trainer, tokenizer, env.rank, env.world_size, train_data=data)
 
     optimizer = build_optimizer(model, cfg.optim)
+    engine = build_engine(model, optimizer, env, cfg)
+    model = engine.model  # the same module (ZeRO-3: its weights sharded)
     schedule = Schedule.from_config(cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
     step_no = tokens_seen = skipped = bad_in_a_row = 0
     wandb_id = None
     if state is not None:
-        ckpt_io.load_optimizer(ckpt, optimizer)
+        engine.load_state(ckpt)
         data.load_state_dict(state.data)
         ckpt_io.load_rank_rng(ckpt, env.rank)
         step_no, tokens_seen = state.step, state.tokens_seen
@@ -337,7 +325,7 @@ def train(cfg: RunConfig) -> TrainResult:
                                     wandb_run_id=sink.wandb_run_id or wandb_id)
 
     def save() -> None:
-        _save_checkpoint(env, out, trainer_state(), model, optimizer, config_yaml, tokenizer,
+        _save_checkpoint(env, out, trainer_state(), engine, config_yaml, tokenizer,
                          cfg.trainer.keep_checkpoints)
 
     last_eval = -1
@@ -361,9 +349,9 @@ def train(cfg: RunConfig) -> TrainResult:
         for step in itertools.islice(data.steps(), remaining):
             t0 = time.perf_counter()
             lr = schedule.lr_at(step_no, tokens_seen)  # tokens trained before this step
-            for group in optimizer.param_groups:
+            for group in engine.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            result = _train_step(model, optimizer, params, step, env, cfg, aux_coef, is_empty)
+            result = _train_step(engine, step, env, cfg, aux_coef, is_empty)
             dt = time.perf_counter() - t0
             # MFU of this rank (ranks run equal shares); absent where no peak is known (CPU).
             mfu = _step_flops(model, step) / dt / (peak * 1e12) if peak else None
@@ -425,12 +413,13 @@ def train(cfg: RunConfig) -> TrainResult:
     finally:
         sink.close()
 
-    if env.is_main:
-        final = out / "final"
-        save_model(model, final)
-        tokenizer.save(final)
-        log.info("done: %d steps, %d tokens, final loss %.4f | HF checkpoint: %s",
-                 step_no, tokens_seen, last_loss, final)
+    with engine.full_weights() as full:  # ZeRO-3: every rank takes part in the gather
+        if env.is_main:
+            final = out / "final"
+            save_model(full, final)
+            tokenizer.save(final)
+            log.info("done: %d steps, %d tokens, final loss %.4f | HF checkpoint: %s",
+                     step_no, tokens_seen, last_loss, final)
     if env.distributed:
         dist.barrier()
         dist.destroy_process_group()
