@@ -77,7 +77,7 @@ class PlainEngine:
                 p.grad = torch.zeros_like(p)
         if self.env.distributed:
             _allreduce_grads(self.params)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
+        grad_norm = clip_by_global_norm(self.params, self.clip)
         stepped = loss_is_finite and math.isfinite(grad_norm)
         if stepped:  # every rank sees the same reduced values, so all skip together
             self.optimizer.step()
@@ -113,6 +113,23 @@ def _saved_zero_stage(ckpt: Path) -> Optional[int]:
         return None
 
 
+def clip_by_global_norm(params: List[torch.nn.Parameter], max_norm: float) -> float:
+    """The global L2 norm of the gradients, accumulated in fp64, then clipped like
+    `clip_grad_norm_` (scale max_norm / (norm + 1e-6) when below 1). fp64 because torch's fp32
+    norm of a multi-million-element CPU gradient drifts by ~1e-4 relative, and DeepSpeed's
+    ZeRO 1-3 norms are fp64: the same run then reports the same norm with or without ZeRO."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float64) for g in grads])
+    norm = float(torch.linalg.vector_norm(total))
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:  # also false for a non-finite norm: that step is skipped, not scaled
+        for g in grads:
+            g.detach().mul_(coef)
+    return norm
+
+
 class _GuardedAdamW(torch.optim.AdamW):
     """ZeRO-0 only (DeepSpeed hands the optimizer the full, already reduced gradients):
     clip by the global norm like `clip_grad_norm_`, skip a non-finite step. DeepSpeed's engine
@@ -124,7 +141,7 @@ class _GuardedAdamW(torch.optim.AdamW):
 
     def step(self, closure=None):
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self._global_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip))
+        self._global_grad_norm = clip_by_global_norm(params, self.clip)
         self.overflow = self.force_skip or not math.isfinite(self._global_grad_norm)
         if not self.overflow:
             super().step(closure)
