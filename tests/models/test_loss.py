@@ -6,6 +6,15 @@ from granite_train.models import build_model, causal_lm_loss, chunked_causal_lm_
 from granite_train.models.config import GraniteConfig
 
 
+def _tiny_packed_batch():
+    """A small dense model and one packed row of three examples (1, 14 and 25 tokens)."""
+    cfg = GraniteConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, logits_scaling=3.0)
+    model = build_model(cfg)
+    ids = torch.randint(0, 97, (1, 40))
+    return model, ids, torch.tensor([0, 1, 15, 40], dtype=torch.int32)
+
+
 def test_chunked_loss_matches_plain_value_and_grads():
     torch.manual_seed(0)
     h = torch.randn(1, 50, 16, dtype=torch.float64, requires_grad=True)
@@ -24,11 +33,7 @@ def test_chunked_loss_matches_plain_value_and_grads():
 
 def test_model_without_logits_gives_same_loss_and_grads():
     torch.manual_seed(0)
-    cfg = GraniteConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, logits_scaling=3.0)
-    model = build_model(cfg)
-    ids = torch.randint(0, 97, (1, 40))
-    cu = torch.tensor([0, 1, 15, 40], dtype=torch.int32)
+    model, ids, cu = _tiny_packed_batch()
     labels = ids.clone()
     labels[0, [0, 1, 15]] = -100
     ref = model(input_ids=ids, cu_seq_lens=cu, labels=labels)
@@ -63,11 +68,7 @@ def test_trained_positions_loss_equals_the_full_logits_path():
     none = trained_positions_loss(h, w, torch.full_like(labels, -100))
     assert none.item() == 0.0
 
-    cfg = GraniteConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, logits_scaling=3.0)
-    model = build_model(cfg)
-    ids = torch.randint(0, 97, (1, 40))
-    cu = torch.tensor([0, 1, 15, 40], dtype=torch.int32)
+    model, ids, cu = _tiny_packed_batch()
     labels = ids.clone()
     labels[0, [0, 1, 2, 3, 15, 16, 17]] = -100
     ref = model(input_ids=ids, cu_seq_lens=cu, labels=labels)

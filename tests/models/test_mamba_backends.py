@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from granite_train.errors import UserError
-from granite_train.models import GraniteConfig, GraniteForCausalLM
+from granite_train.models import GraniteForCausalLM
 from granite_train.models import mamba_kernels
 from granite_train.models.batch import SeqLayout
-from granite_train.models.mamba import Mamba2Mixer
+from .test_mamba import _cfg, _mixer  # the same tiny mixer as the exactness tests
 
 LENGTHS = [1, 3, 8, 13, 30, 2]  # 1, < d_conv, = chunk, not a multiple of the chunk
 
@@ -132,27 +132,6 @@ def fake_kernels(monkeypatch):
 
 # ---------------------------------------------------------------- helpers
 
-def _cfg(**kw):
-    d = dict(model_type="granitemoehybrid", vocab_size=32, hidden_size=32, num_hidden_layers=1,
-             num_attention_heads=4, num_key_value_heads=2, num_local_experts=0, shared_intermediate_size=16,
-             layer_types=["mamba"], mamba_n_heads=4, mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4,
-             mamba_expand=2, mamba_chunk_size=8)
-    d.update(kw)
-    return GraniteConfig(**d)
-
-
-def _mixer(seed=0, **kw):
-    torch.manual_seed(seed)
-    m = Mamba2Mixer(_cfg(**kw))
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name in ("in_proj.weight", "out_proj.weight"):
-                p.normal_(0.0, 0.2)
-            elif name in ("dt_bias", "D", "norm.weight", "conv1d.bias"):
-                p.add_(0.3 * torch.randn_like(p))
-            elif name == "A_log":
-                p.add_(0.5 * torch.randn_like(p))
-    return m
 
 
 def _layout(lengths, backend, device="cpu"):
