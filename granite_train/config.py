@@ -163,6 +163,9 @@ class DistributedConfig:
     deepspeed_config: Optional[str] = None
     offload_optimizer: bool = False  # ZeRO 1-3: optimizer state and step on the CPU
     offload_params: bool = False  # ZeRO-3 only: the weights live on the CPU between uses
+    # Expert parallelism (MoE models, ZeRO 0-2): each MoE layer's experts split over this many
+    # ranks (num_local_experts / E each); tokens reach their experts by all-to-all. 1: off.
+    expert_parallel_size: int = 1
 
 
 @dataclass
@@ -344,6 +347,22 @@ def _validate_distributed(cfg: RunConfig) -> None:
     from granite_train.errors import UserError
 
     d = cfg.distributed
+    ep = d.expert_parallel_size
+    if ep < 1:
+        raise UserError(f"distributed.expert_parallel_size={ep} must be >= 1 (1: no expert parallelism)")
+    if ep > 1 and d.zero_stage is None:
+        raise UserError(f"distributed.expert_parallel_size={ep} runs on DeepSpeed: set distributed.zero_stage=0, "
+                        f"1 or 2 (or expert_parallel_size=1)")
+    if ep > 1 and d.zero_stage == 3:
+        raise UserError(f"distributed.expert_parallel_size={ep} does not work with distributed.zero_stage=3 "
+                        f"(DeepSpeed refuses native MoE layers under ZeRO-3 and its AutoEP only replaces "
+                        f"transformers' MoE blocks, not ours); use zero_stage 0, 1 or 2 with expert parallelism")
+    if ep > 1 and cfg.model.path is None and cfg.model.arch.num_local_experts == 0:
+        raise UserError(f"distributed.expert_parallel_size={ep} needs a MoE model, and this one has no experts "
+                        f"(model.arch.num_local_experts=0); set distributed.expert_parallel_size=1")
+    if ep > 1 and cfg.model.path is None and cfg.model.arch.num_local_experts % ep:
+        raise UserError(f"model.arch.num_local_experts={cfg.model.arch.num_local_experts} does not split over "
+                        f"distributed.expert_parallel_size={ep} ranks; pick a size that divides the experts")
     if d.zero_stage is None:
         if d.offload_params:
             raise UserError("distributed.offload_params=true needs DeepSpeed ZeRO-3: set "
@@ -365,6 +384,3 @@ def _validate_distributed(cfg: RunConfig) -> None:
     if d.deepspeed_config is not None and not Path(d.deepspeed_config).is_file():
         raise UserError(f"distributed.deepspeed_config={d.deepspeed_config} is not a file; point it at a "
                         f"DeepSpeed JSON config (or null)")
-    if d.zero_stage == 3 and (cfg.data.eval_path is not None or cfg.data.eval_fraction is not None):
-        raise UserError("evaluation (data.eval_path / data.eval_fraction) is not supported yet with "
-                        "distributed.zero_stage=3; use zero_stage 0-2 or drop the eval set")

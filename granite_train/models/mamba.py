@@ -55,12 +55,17 @@ def causal_conv1d_packed(x_BTC: torch.Tensor, weight_C1K: torch.Tensor, bias_C: 
     B, T, C = x_BTC.shape
     K = weight_C1K.shape[-1]
     if pos_BT is None:
-        out_BCT = F.conv1d(x_BTC.transpose(1, 2), weight_C1K, bias_C, padding=K - 1, groups=C)[..., :T]
-        return out_BCT.transpose(1, 2)
+        out_BTC = F.conv1d(x_BTC.transpose(1, 2), weight_C1K, None, padding=K - 1, groups=C)[..., :T].transpose(1, 2)
+        # The bias is added last on both paths, so gradients become ready in the same order
+        # (bias, then weight) whatever the micro-batch; see below.
+        return out_BTC if bias_C is None else out_BTC + bias_C
     w_KC = weight_C1K[:, 0, :].t()  # w_KC[j] multiplies x[t - (K - 1 - j)]
     out_BTC = x_BTC * w_KC[K - 1]
-    for k in range(1, min(K, T)):  # k tokens back, only where still inside the same example
-        shifted_BTC = F.pad(x_BTC[:, :T - k], (0, 0, k, 0))
+    # Every tap runs even when T <= k (on zeros): the autograd graph, and so the order in which
+    # weight and bias gradients become ready, must not depend on the micro-batch (DeepSpeed
+    # ZeRO-2 buckets gradients in that order and needs it equal on every rank).
+    for k in range(1, K):  # k tokens back, only where still inside the same example
+        shifted_BTC = F.pad(x_BTC[:, :max(T - k, 0)], (0, 0, min(k, T), 0))
         keep_BT1 = (pos_BT >= k).unsqueeze(-1)
         out_BTC = out_BTC + torch.where(keep_BT1, shifted_BTC, 0.0) * w_KC[K - 1 - k]
     if bias_C is not None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from granite_train.models.config import GraniteConfig
+from granite_train.models.expert_parallel import ExpertShard, run_experts_parallel
 from granite_train.models.param_roles import HIDDEN, mark, mark_linear
 
 
@@ -70,15 +71,38 @@ def grouped_expert_matmul(x_MC: torch.Tensor, w_EOC: torch.Tensor, counts_E: tor
 
 
 class MoE(nn.Module):
-    """Sparse top-k mixture of SwiGLU experts (`block_sparse_moe`)."""
+    """Sparse top-k mixture of SwiGLU experts (`block_sparse_moe`).
+
+    After `shard_experts(shard)` (expert parallelism) the layer keeps only its rank's experts
+    and sends each (token, slot) row to the rank that owns its expert (expert_parallel.py);
+    routing and everything it returns are unchanged.
+    """
 
     def __init__(self, cfg: GraniteConfig) -> None:
         super().__init__()
-        self.num_experts = cfg.num_local_experts
+        self.num_experts = cfg.num_local_experts  # all experts, wherever they live
         self.top_k = cfg.num_experts_per_tok
         self.router = Router(cfg.hidden_size, cfg.num_local_experts)
         self.input_linear = ExpertWeight(cfg.num_local_experts, cfg.hidden_size, 2 * cfg.intermediate_size)
         self.output_linear = ExpertWeight(cfg.num_local_experts, cfg.intermediate_size, cfg.hidden_size)
+        self.expert_shard: Optional[ExpertShard] = None
+
+    def shard_experts(self, shard: ExpertShard) -> None:
+        """Keep only this rank's experts (their weights sliced out of the full stacks)."""
+        if self.num_experts % shard.size:
+            raise ValueError(f"{self.num_experts} experts do not split over {shard.size} ranks")
+        local = shard.local_range(self.num_experts)
+        for w in (self.input_linear, self.output_linear):
+            old = w.weight
+            # (the muP role is kept by the module, so it survives the new Parameter)
+            w.weight = nn.Parameter(old.detach()[local.start:local.stop].clone(), requires_grad=old.requires_grad)
+        self.expert_shard = shard
+
+    def _experts(self, x_MC: torch.Tensor, counts_E: torch.Tensor, sizes: Optional[list]) -> torch.Tensor:
+        """This rank's experts on rows sorted by (local) expert."""
+        w_in, w_out = self.input_linear.weight, self.output_linear.weight
+        gate_MI, up_MI = grouped_expert_matmul(x_MC, w_in, counts_E, sizes).chunk(2, dim=-1)
+        return grouped_expert_matmul(F.silu(gate_MI) * up_MI, w_out, counts_E, sizes)
 
     def forward(self, x_BTC: torch.Tensor, real_tokens: Optional[int] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -103,12 +127,13 @@ class MoE(nn.Module):
             inverse_M = torch.empty_like(order_M)
             inverse_M[order_M] = torch.arange(order_M.numel(), device=order_M.device)
             counts_E = torch.bincount(expert_M, minlength=E)
-        w_in, w_out = self.input_linear.weight, self.output_linear.weight
-        sizes = None if _use_grouped_mm(x_NC, w_in) else counts_E.tolist()  # the one host sync
-
+        grouped = _use_grouped_mm(x_NC, self.input_linear.weight)
         x_MC = x_NC[order_M // k]
-        gate_MI, up_MI = grouped_expert_matmul(x_MC, w_in, counts_E, sizes).chunk(2, dim=-1)
-        y_MC = grouped_expert_matmul(F.silu(gate_MI) * up_MI, w_out, counts_E, sizes)
+        if self.expert_shard is None:
+            sizes = None if grouped else counts_E.tolist()  # the one host sync
+            y_MC = self._experts(x_MC, counts_E, sizes)
+        else:
+            y_MC = run_experts_parallel(x_MC, counts_E, self.expert_shard, self._experts, host_sizes=not grouped)
         # Back to (token, slot) order, then the combine-weighted sum over the k slots: the same
         # as a scatter-add into the tokens, without atomics (deterministic on GPU).
         y_NKC = y_MC[inverse_M].view(N, k, C)

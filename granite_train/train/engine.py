@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from granite_train.config import RunConfig
 from granite_train.errors import UserError
+from granite_train.models.expert_parallel import ExpertShard
 from granite_train.train.env import Env
 
 log = logging.getLogger("granite_train.train")
@@ -113,16 +114,34 @@ def _saved_zero_stage(ckpt: Path) -> Optional[int]:
         return None
 
 
-def clip_by_global_norm(params: List[torch.nn.Parameter], max_norm: float) -> float:
+def clip_by_global_norm(params: List[torch.nn.Parameter], max_norm: float, expert_group: Any = None) -> float:
     """The global L2 norm of the gradients, accumulated in fp64, then clipped like
     `clip_grad_norm_` (scale max_norm / (norm + 1e-6) when below 1). fp64 because torch's fp32
     norm of a multi-million-element CPU gradient drifts by ~1e-4 relative, and DeepSpeed's
-    ZeRO 1-3 norms are fp64: the same run then reports the same norm with or without ZeRO."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    ZeRO 1-3 norms are fp64: the same run then reports the same norm with or without ZeRO.
+
+    `expert_group` (expert parallelism): the expert-parallel group; each of its ranks holds
+    other experts, so their squared norms are summed over it (each expert counted once, every
+    rank clipping by the same norm) while the shared weights count once."""
+    from granite_train.train.expert_parallel import is_expert_param
+
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
         return 0.0
-    total = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float64) for g in grads])
-    norm = float(torch.linalg.vector_norm(total))
+
+    def sq(ps) -> torch.Tensor:
+        if not ps:
+            return torch.zeros((), dtype=torch.float64, device=with_grad[0].grad.device)
+        return torch.stack([torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64) for p in ps]).square().sum()
+
+    if expert_group is None:
+        total_sq = sq(with_grad)
+    else:
+        expert_sq = sq([p for p in with_grad if is_expert_param(p)])
+        dist.all_reduce(expert_sq, group=expert_group)
+        total_sq = sq([p for p in with_grad if not is_expert_param(p)]) + expert_sq
+    grads = [p.grad for p in with_grad]
+    norm = float(total_sq.sqrt())
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0:  # also false for a non-finite norm: that step is skipped, not scaled
         for g in grads:
@@ -138,10 +157,11 @@ class _GuardedAdamW(torch.optim.AdamW):
 
     clip: float = float("inf")
     force_skip: bool = False
+    expert_group: Any = None  # expert parallelism: see clip_by_global_norm
 
     def step(self, closure=None):
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self._global_grad_norm = clip_by_global_norm(params, self.clip)
+        self._global_grad_norm = clip_by_global_norm(params, self.clip, self.expert_group)
         self.overflow = self.force_skip or not math.isfinite(self._global_grad_norm)
         if not self.overflow:
             super().step(closure)
@@ -247,20 +267,24 @@ class DeepSpeedEngine:
 
     uses_deepspeed = True
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, env: Env, cfg: RunConfig):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, env: Env, cfg: RunConfig,
+                 expert_shard: Optional[ExpertShard] = None):
         deepspeed = _import_deepspeed(env)
         self.env, self.stage = env, int(cfg.distributed.zero_stage)
         self.world = env.world_size
+        self.expert_shard = expert_shard
         if self.stage == 0:
             optimizer.__class__ = _GuardedAdamW  # same state and groups; adds the guard
             optimizer.clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            optimizer.expert_group = expert_shard.group if expert_shard is not None else None
         self.base_optimizer = optimizer
         _init_single_process_group(env)
         if self.stage == 3:
             _prepare_zero3(model)
         config = deepspeed_config(cfg, env)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        self.model = self.engine.module
+        module = model if expert_shard is None else _expert_parallel_module(model, expert_shard)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+        self.model = model  # the same module (ZeRO-3: its weights sharded)
         self._deepspeed = deepspeed
         self._dummy: Optional[Dict[str, Any]] = None
 
@@ -280,11 +304,10 @@ class DeepSpeedEngine:
     def backward_nothing(self, poison: bool = False) -> None:
         """A backward that adds nothing (or, `poison`, NaN everywhere): ZeRO-2/3 reduce inside
         every backward, so all ranks must run the same number of them, touching every weight."""
-        from granite_train.data.collator import collate_packed
-        from granite_train.train.inputs import MODEL_INPUTS, to_device
+        from granite_train.train.inputs import MODEL_INPUTS, dummy_micro_batch
 
         if self._dummy is None:
-            self._dummy = to_device(collate_packed([{"input_ids": [0, 0]}]), self.env.device)
+            self._dummy = dummy_micro_batch(self.env.device)
         mb = self._dummy
         with torch.autocast(self.env.device.type, dtype=self.env.autocast_dtype,
                             enabled=self.env.autocast_dtype is not None):
@@ -311,8 +334,13 @@ class DeepSpeedEngine:
 
     @contextlib.contextmanager
     def full_weights(self) -> Iterator[torch.nn.Module]:
-        """Every rank must enter it (ZeRO-3 all-gathers the weights)."""
-        if self.stage == 3:
+        """Every rank must enter it (ZeRO-3 and expert parallelism all-gather the weights)."""
+        if self.expert_shard is not None:
+            from granite_train.train.expert_parallel import gathered_experts
+
+            with gathered_experts(self.model) as model:
+                yield model
+        elif self.stage == 3:
             params = list(self.model.parameters())
             with self._deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 yield self.model
@@ -325,10 +353,52 @@ class DeepSpeedEngine:
     def save_state(self, directory: Path) -> None:
         """Every rank: DeepSpeed's per-rank weights + optimizer shards (resume with the same
         ranks and stage)."""
+        if self.expert_shard is not None:
+            self._save_expert_parallel_state(directory / DS_STATE_DIR)
+            return
         self.engine.save_checkpoint(str(directory / DS_STATE_DIR), tag=_DS_TAG, save_latest=False)
 
+    # Expert parallelism: DeepSpeed's own checkpoint code only knows its own MoE layer's
+    # parameter names, so each rank writes its optimizer (ZeRO: its shard, fp32 masters included)
+    # itself; the weights come from the consolidated model/ on resume.
+    def _ep_state_file(self, state_dir: Path, rank: int) -> Path:
+        return state_dir / f"expert_parallel_rank_{rank:05d}.pt"
+
+    def _save_expert_parallel_state(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"optimizer": self.optimizer.state_dict(), "zero_stage": self.stage, "world_size": self.world,
+                    "expert_parallel_size": self.expert_shard.size},
+                   self._ep_state_file(state_dir, self.env.rank))
+
+    def _load_expert_parallel_state(self, ckpt: Path) -> None:
+        state_dir = ckpt / DS_STATE_DIR
+        path = self._ep_state_file(state_dir, self.env.rank)
+        saved = torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+        found = (saved["zero_stage"], saved["world_size"], saved["expert_parallel_size"]) if saved else None
+        if found != (self.stage, self.world, self.expert_shard.size):
+            what = (f"zero_stage={found[0]} on {found[1]} ranks with expert_parallel_size={found[2]}" if found
+                    else "without expert parallelism" if (state_dir / _DS_TAG).is_dir() or (ckpt / "optimizer.pt").is_file()
+                    else "with fewer ranks")
+            raise UserError(f"cannot resume {ckpt}: it was saved {what}; this run has zero_stage={self.stage} on "
+                            f"{self.world} ranks with expert_parallel_size={self.expert_shard.size}; resume with the "
+                            f"saved settings (or start from its model/ with model.path= and a fresh run)")
+        if self.stage == 0:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        else:  # a ZeRO optimizer takes every rank's state and picks its own
+            states = [None] * self.world
+            states[self.env.rank] = saved["optimizer"]
+            self.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+
     def load_state(self, ckpt: Path) -> None:
+        if self.expert_shard is not None:
+            self._load_expert_parallel_state(ckpt)
+            return
         state = ckpt / DS_STATE_DIR
+        ep_files = sorted(state.glob("expert_parallel_rank_*.pt"))
+        if ep_files:
+            saved_ep = torch.load(ep_files[0], map_location="cpu", weights_only=False)["expert_parallel_size"]
+            raise UserError(f"cannot resume {ckpt}: it was saved with distributed.expert_parallel_size={saved_ep} "
+                            f"on {len(ep_files)} ranks; resume it with those settings")
         if not (state / _DS_TAG).is_dir():
             raise UserError(f"cannot resume {ckpt} with distributed.zero_stage={self.stage}: it holds no "
                             f"DeepSpeed state (it was saved without DeepSpeed); resume it with "
@@ -347,7 +417,33 @@ class DeepSpeedEngine:
                             f"number of ranks or ZeRO stage?)")
 
 
-def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, env: Env, cfg: RunConfig):
+def _expert_parallel_module(model: torch.nn.Module, shard: ExpertShard) -> torch.nn.Module:
+    """`model` wrapped so that DeepSpeed sees MoE layers: its engine turns its MoE support on
+    (expert gradients reduced over the expert-data-parallel group, ZeRO partitions of the
+    expert param groups over it) only for instances of its own `MoE` class."""
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    class ExpertParallelModel(DeepSpeedMoE):
+        def __init__(self) -> None:
+            torch.nn.Module.__init__(self)  # none of DeepSpeed's layer: only what its engine reads
+            self.module = model
+            self.ep_size, self.expert_group_name = shard.size, shard.group_name
+            self.num_experts = model.config.num_local_experts
+            self.num_local_experts = self.num_experts // shard.size
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass  # the groups exist already (train/expert_parallel.py)
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    return ExpertParallelModel()
+
+
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, env: Env, cfg: RunConfig,
+                 expert_shard: Optional[ExpertShard] = None):
     if cfg.distributed.zero_stage is None:
+        if expert_shard is not None:
+            raise ValueError("expert parallelism runs on DeepSpeed (config validation lets no such run through)")
         return PlainEngine(model, optimizer, env, cfg.optim.grad_clip)
-    return DeepSpeedEngine(model, optimizer, env, cfg)
+    return DeepSpeedEngine(model, optimizer, env, cfg, expert_shard)

@@ -10,22 +10,33 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
 
 from granite_train.data.collator import is_empty
 from granite_train.train.env import Env
-from granite_train.train.inputs import MODEL_INPUTS, to_device
+from granite_train.train.inputs import MODEL_INPUTS, dummy_micro_batch, to_device
 
 
 def eval_sums(model: torch.nn.Module, eval_data, device: torch.device,
-              autocast_dtype: Optional[torch.dtype] = None, loss_chunk_tokens: int = 0) -> torch.Tensor:
+              autocast_dtype: Optional[torch.dtype] = None, loss_chunk_tokens: int = 0,
+              forwards_to_run: Optional[Callable[[int], int]] = None) -> torch.Tensor:
     """fp64 [sum of token losses, trained tokens] over THIS rank's eval micro-batches (on
-    `device`); no collective.
+    `device`); no collective unless `forwards_to_run` has one.
+    `forwards_to_run(n)`: given this rank's n forwards, how many every rank must run (the rest
+    run on a dummy micro-batch and count nothing), for models whose forward is a collective
+    (ZeRO-3, expert parallelism).
     The caller sets eval mode and no_grad (`evaluate` does)."""
     sums = torch.zeros(2, dtype=torch.float64, device=device)
+
+    def forward(mb):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            return model(**{k: mb.get(k) for k in MODEL_INPUTS}, labels=mb["labels"],
+                         loss_chunk_tokens=loss_chunk_tokens, return_logits=False)
+
+    forwards = 0
     for mb in eval_data.micro_batches():
         if is_empty(mb):
             continue
@@ -33,23 +44,35 @@ def eval_sums(model: torch.nn.Module, eval_data, device: torch.device,
         n_mb = int((mb["labels"] != -100).sum())  # the collators mask every example's first label
         if n_mb == 0:
             continue
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            output = model(**{k: mb.get(k) for k in MODEL_INPUTS}, labels=mb["labels"],
-                           loss_chunk_tokens=loss_chunk_tokens, return_logits=False)
+        output = forward(mb)
+        forwards += 1
         sums[0] += output.loss.detach().double() * n_mb  # the model's loss is the mean over n_mb
         sums[1] += n_mb
+    if forwards_to_run is not None:
+        dummy = dummy_micro_batch(device)
+        for _ in range(forwards_to_run(forwards) - forwards):
+            forward(dummy)
     return sums
 
 
+def _most_forwards_of_any_rank(n: int, device: torch.device) -> int:
+    box = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box)
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, eval_data, env: Env, loss_chunk_tokens: int = 0) -> Dict[str, float]:
+def evaluate(model: torch.nn.Module, eval_data, env: Env, loss_chunk_tokens: int = 0,
+             lockstep: bool = False) -> Dict[str, float]:
     """eval_loss, eval_ppl, eval_tokens, eval_examples, eval_time_s over the whole eval set (all
-    ranks together). The model is in eval mode meanwhile and back in its previous mode after."""
+    ranks together). The model is in eval mode meanwhile and back in its previous mode after.
+    `lockstep`: every rank runs as many forwards (ZeRO-3, expert parallelism)."""
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
-        sums = eval_sums(model, eval_data, env.device, env.autocast_dtype, loss_chunk_tokens)
+        align = (lambda n: _most_forwards_of_any_rank(n, env.device)) if (lockstep and env.distributed) else None
+        sums = eval_sums(model, eval_data, env.device, env.autocast_dtype, loss_chunk_tokens, align)
         if env.distributed:
             dist.all_reduce(sums)
         loss_sum, tokens = float(sums[0]), int(round(float(sums[1])))

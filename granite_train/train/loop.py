@@ -30,6 +30,7 @@ from granite_train.errors import UserError
 from granite_train.train.engine import build_engine
 from granite_train.train.env import Env, init_env, peak_tflops, seed_everything
 from granite_train.train.evaluate import evaluate
+from granite_train.train.expert_parallel import setup_expert_parallel
 from granite_train.train.inputs import MODEL_INPUTS, to_device
 from granite_train.train import checkpoint as ckpt_io
 from granite_train.train.metrics import MetricsSink, truncate_metrics
@@ -297,12 +298,15 @@ def train(cfg: RunConfig) -> TrainResult:
         _load_weights(model, ckpt, list(cfg.trainer.resume_allow_changes))
     if env.is_main:
         _describe(cfg, model, tokenizer, env)
+    expert_shard = setup_expert_parallel(model, env, cfg)  # after the full weights are final
     data = build_train_data(cfg.data, cfg.trainer, tokenizer, env.rank, env.world_size)
     eval_data = build_eval_data(cfg.data, cfg.trainer, tokenizer, env.rank, env.world_size, train_data=data)
 
     optimizer = build_optimizer(model, cfg.optim)
-    engine = build_engine(model, optimizer, env, cfg)
+    engine = build_engine(model, optimizer, env, cfg, expert_shard)
     model = engine.model  # the same module (ZeRO-3: its weights sharded)
+    # Forwards that are collectives (ZeRO-3 gathers, expert all-to-alls) must run on every rank.
+    lockstep_eval = cfg.distributed.zero_stage == 3 or expert_shard is not None
     schedule = Schedule.from_config(cfg)
     step_no = tokens_seen = skipped = bad_in_a_row = 0
     wandb_id = None
@@ -334,7 +338,8 @@ def train(cfg: RunConfig) -> TrainResult:
         nonlocal last_eval
         if eval_data is None or last_eval == step_no:
             return
-        result = evaluate(model, eval_data, env, loss_chunk_tokens=cfg.model.loss_chunk_tokens)
+        result = evaluate(model, eval_data, env, loss_chunk_tokens=cfg.model.loss_chunk_tokens,
+                          lockstep=lockstep_eval)
         sink.log({"step": step_no, "split": "eval", **result})
         last_eval = step_no
 

@@ -23,18 +23,24 @@ log = logging.getLogger("granite_train.train")
 def param_groups(model: torch.nn.Module, weight_decay: float, mup_width: Optional[float] = None,
                  no_decay_roles: Sequence[str] = DEFAULT_NO_DECAY_ROLES) -> List[dict]:
     """Param groups by role (empty roles left out; every trainable parameter in exactly one group).
-    `mup_width`: muP's m_width (None: standard parametrisation, every lr_scale 1.0)."""
-    by_role: Dict[str, List[torch.nn.Parameter]] = {}
+    `mup_width`: muP's m_width (None: standard parametrisation, every lr_scale 1.0).
+
+    Expert-parallel weights (tagged `allreduce=False` by train/expert_parallel.py) get groups of
+    their own, marked `moe: True` and named after their group, as DeepSpeed's MoE support wants."""
+    by_key: Dict[tuple, List[torch.nn.Parameter]] = {}
     for _, p, role in named_param_roles(model):
         if p.requires_grad:
-            by_role.setdefault(role, []).append(p)
+            expert_group = getattr(p, "group_name", None) if getattr(p, "allreduce", True) is False else None
+            by_key.setdefault((role, expert_group), []).append(p)
     groups = []
-    for role in ROLES:  # a fixed order: the optimizer state of a checkpoint lines up on resume
-        if role not in by_role:
-            continue
+    # A fixed order (role, then shared before expert-parallel): optimizer state lines up on resume.
+    for role, expert_group in sorted(by_key, key=lambda k: (ROLES.index(k[0]), k[1] is not None, k[1] or "")):
         scale = 1.0 / mup_width if (mup_width and role in MUP_SCALED_ROLES) else 1.0
-        groups.append({"params": by_role[role], "role": role, "lr_scale": scale,
-                       "weight_decay": 0.0 if role in no_decay_roles else weight_decay})
+        group = {"params": by_key[(role, expert_group)], "role": role, "lr_scale": scale,
+                 "weight_decay": 0.0 if role in no_decay_roles else weight_decay}
+        if expert_group is not None:
+            group.update(moe=True, name=expert_group)
+        groups.append(group)
     return groups
 
 

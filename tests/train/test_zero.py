@@ -1,7 +1,9 @@
-"""DeepSpeed ZeRO 0/1/2/3 (distributed.zero_stage) trains the same steps as the plain
-single-process run: 2 CPU processes (gloo), fp32, a tiny MoE, several micro-batches per step.
+"""DeepSpeed ZeRO 0/1/2/3 (distributed.zero_stage), with and without expert parallelism
+(distributed.expert_parallel_size=2), trains the same steps as the plain single-process run:
+2 CPU processes (gloo), fp32, a tiny Granite-4.0-H hybrid (Mamba-2 + attention + 4 experts +
+shared MLP), several micro-batches per step, an eval set.
 
-One torchrun launch runs every stage (and a ZeRO-3 resume) one after the other in the same
+One torchrun launch runs every configuration (and the resumes) one after the other in the same
 processes: a launch costs far more than a tiny run here.
 """
 
@@ -17,29 +19,47 @@ import torch
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 
-COMMON = ["recipe=sft_tiny", "model=granitemoe-tiny", "model.arch.hidden_size=64",
-          "model.arch.intermediate_size=64", "model.arch.num_hidden_layers=2",
+COMMON = ["recipe=sft_tiny", "model=granite-4.0-h-tiny-scaled", "model.arch.hidden_size=64",
+          "model.arch.intermediate_size=32", "model.arch.shared_intermediate_size=64",
+          "model.arch.num_hidden_layers=3", "model.arch.layer_types=[mamba,attention,mamba]",
+          "model.arch.mamba_n_heads=4", "model.arch.mamba_d_state=16", "model.arch.mamba_chunk_size=16",
           "model.arch.num_local_experts=4", "data.max_examples=300", "data.max_length=512",
-          "trainer.tokens_per_step=4096", "trainer.micro_batch_tokens=1024", "trainer.dtype=fp32",
-          "trainer.max_steps=5", "trainer.progress=false"]
-STAGES = (0, 1, 2, 3)
+          "data.eval_fraction=0.05", "trainer.tokens_per_step=4096", "trainer.micro_batch_tokens=1024",
+          "trainer.dtype=fp32", "trainer.max_steps=5", "trainer.progress=false"]
+# run name -> (zero stage, expert-parallel size)
+RUNS = {"zero0": (0, 1), "zero1": (1, 1), "zero2": (2, 1), "zero3": (3, 1),
+        "ep_zero0": (0, 2), "ep_zero1": (1, 2), "ep_zero2": (2, 2)}
+SAVED = ("zero3", "ep_zero2")  # checkpoint at step 3, resumed below
 
-# Runs train() once per stage in the same torchrun processes (the process group and DeepSpeed
-# stay up between runs), then resumes the ZeRO-3 run from its step-3 checkpoint.
+# Runs train() once per configuration in the same torchrun processes (the process group and
+# DeepSpeed stay up between runs), then resumes two of them from their step-3 checkpoints.
 DRIVER = textwrap.dedent("""
-    import sys
+    import json, sys
     import torch.distributed as dist
     from granite_train.cli import _setup_logging, compose_config
+    from granite_train.errors import UserError
     from granite_train.train.loop import train
 
     _setup_logging()
     dist.destroy_process_group = lambda *a, **k: None  # the next run reuses the group
-    root, common = sys.argv[1], sys.argv[2:]
-    for stage in (0, 1, 2, 3):
-        train(compose_config([*common, f"distributed.zero_stage={stage}",
-                              f"trainer.save_every={3 if stage == 3 else 0}", f"trainer.output_dir={root}/zero{stage}"]))
-    train(compose_config([*common, "distributed.zero_stage=3", f"trainer.output_dir={root}/resumed",
-                          f"trainer.resume={root}/zero3/checkpoints/step_3"]))
+    root, runs, saved, common = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3].split(","), sys.argv[4:]
+
+    def settings(name):
+        stage, ep = runs[name]
+        return [*common, f"distributed.zero_stage={stage}", f"distributed.expert_parallel_size={ep}"]
+
+    for name in runs:
+        train(compose_config([*settings(name), f"trainer.save_every={3 if name in saved else 0}",
+                              f"trainer.output_dir={root}/{name}"]))
+    for name in saved:
+        train(compose_config([*settings(name), f"trainer.output_dir={root}/{name}_resumed",
+                              f"trainer.resume={root}/{name}/checkpoints/step_3"]))
+    # An expert-parallel checkpoint resumed without expert parallelism: one clear error.
+    try:
+        train(compose_config([*settings("zero2"), f"trainer.output_dir={root}/refused",
+                              f"trainer.resume={root}/ep_zero2/checkpoints/step_3"]))
+    except UserError as exc:
+        open(f"{root}/refused.txt", "w").write(str(exc))
 
     # A NaN loss in step 2 (on every micro-batch of rank 0 only): every rank skips that update.
     import granite_train.train.loop as loop
@@ -58,15 +78,15 @@ DRIVER = textwrap.dedent("""
         return real_step(*a, **k)
 
     GraniteForCausalLM.forward, loop._train_step = forward, counted
-    for stage in (0, 2):
+    for name in ("zero0", "zero2", "ep_zero2"):
         calls["step"] = 0
-        train(compose_config([*common, f"distributed.zero_stage={stage}", "trainer.max_steps=3",
-                              f"trainer.output_dir={root}/poisoned{stage}"]))
+        train(compose_config([*settings(name), "trainer.max_steps=3", f"trainer.output_dir={root}/poisoned_{name}"]))
 """)
 
 
 def curve(out):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r.get("split") != "eval"]
     return [(r["step"], r["loss"], r["grad_norm"], r["tokens"], r["micro_batches"]) for r in rows]
 
 
@@ -87,7 +107,8 @@ def runs(tmp_path_factory, cli_at):
     env = dict(os.environ, WANDB_MODE="disabled", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(root), *COMMON], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+         str(script), str(root), json.dumps(RUNS), ",".join(SAVED), *COMMON],
+        cwd=root, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root
 
@@ -98,58 +119,83 @@ def test_runs_have_several_micro_batches_per_step(runs):
     assert all(mb > 1 for *_, mb in rows)
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_zero_stage_trains_the_plain_steps(runs, stage):
-    plain, zero = curve(runs / "plain"), curve(runs / f"zero{stage}")
-    assert len(zero) == len(plain) == 5
-    for (s, lp, gp, tp, _), (sz, lz, gz, tz, _) in zip(plain, zero):
+def eval_loss(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["eval_loss"] for r in rows if r.get("split") == "eval"]
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_distributed_run_trains_the_plain_steps(runs, name):
+    plain, dist_run = curve(runs / "plain"), curve(runs / name)
+    assert len(dist_run) == len(plain) == 5
+    for (s, lp, gp, tp, _), (sz, lz, gz, tz, _) in zip(plain, dist_run):
         assert (s, tp) == (sz, tz)
         assert lz == pytest.approx(lp, rel=1e-5)
         # Both sides take the global norm in fp64 (engine.clip_by_global_norm, DeepSpeed's ZeRO
-        # 1-3), so the norms agree as tightly as the losses.
+        # 1-3), each expert counted once under expert parallelism: the norms agree as tightly
+        # as the losses.
         assert gz == pytest.approx(gp, rel=1e-5)
+    # The end-of-run eval over the held-out examples (lockstep forwards under ZeRO-3 and EP).
+    assert len(eval_loss(runs / name)) == 1
+    assert eval_loss(runs / name)[0] == pytest.approx(eval_loss(runs / "plain")[0], rel=1e-5)
 
 
 def test_sharded_stages_agree_on_the_grad_norm(runs):
     ref = curve(runs / "zero1")
-    for stage in (2, 3):
-        for (_, _, g1, _, _), (_, _, gz, _, _) in zip(ref, curve(runs / f"zero{stage}")):
+    for name in ("zero2", "zero3", "ep_zero1", "ep_zero2"):
+        for (_, _, g1, _, _), (_, _, gz, _, _) in zip(ref, curve(runs / name)):
             assert gz == pytest.approx(g1, rel=1e-6)
 
 
-def test_zero3_exports_the_plain_final_weights(runs):
-    plain, zero3 = weights(runs / "plain" / "final"), weights(runs / "zero3" / "final")
-    assert plain.keys() == zero3.keys()
-    for name, w in plain.items():
-        assert zero3[name].shape == w.shape, name
-        assert torch.allclose(zero3[name], w, rtol=0, atol=1e-5), name
-    # The checkpoint's model/ is the consolidated HF layout too, next to DeepSpeed's shards.
+@pytest.mark.parametrize("name", ("zero3", "ep_zero1", "ep_zero2"))
+def test_sharded_runs_export_the_plain_final_weights(runs, name):
+    # ZeRO-3 gathers every weight, expert parallelism every expert: final/ is the full model.
+    plain, full = weights(runs / "plain" / "final"), weights(runs / name / "final")
+    assert plain.keys() == full.keys()
+    for key, w in plain.items():
+        assert full[key].shape == w.shape, key
+        assert torch.allclose(full[key], w, rtol=0, atol=1e-5), key
+
+
+def test_checkpoints_hold_the_full_model_next_to_the_rank_state(runs):
     ckpt = runs / "zero3" / "checkpoints" / "step_3"
     assert (ckpt / "model" / "config.json").is_file() and (ckpt / "deepspeed").is_dir()
     assert not (ckpt / "optimizer.pt").exists()
+    ckpt = runs / "ep_zero2" / "checkpoints" / "step_3"
+    assert sorted(p.name for p in (ckpt / "deepspeed").iterdir()) == [
+        "expert_parallel_rank_00000.pt", "expert_parallel_rank_00001.pt"]
+    experts = weights(ckpt / "model")["model.layers.0.block_sparse_moe.input_linear.weight"]
+    assert experts.shape[0] == 4  # every expert, not one rank's two
 
 
-def test_zero3_resume_continues_the_straight_run(runs):
-    straight, resumed = curve(runs / "zero3"), curve(runs / "resumed")
+@pytest.mark.parametrize("name", SAVED)
+def test_resume_continues_the_straight_run(runs, name):
+    straight, resumed = curve(runs / name), curve(runs / f"{name}_resumed")
     assert [r[0] for r in resumed] == [4, 5]
     for a, b in zip(straight[3:], resumed):
         assert b[1] == pytest.approx(a[1], rel=1e-6)
         assert b[2] == pytest.approx(a[2], rel=1e-6)
-    a, b = weights(runs / "zero3" / "final"), weights(runs / "resumed" / "final")
-    for name in a:
-        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6), name
+    a, b = weights(runs / name / "final"), weights(runs / f"{name}_resumed" / "final")
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
 
 
-@pytest.mark.parametrize("stage", (0, 2))
-def test_a_non_finite_step_is_skipped_on_every_rank(runs, stage):
-    rows = [json.loads(line) for line in (runs / f"poisoned{stage}" / "metrics.jsonl").read_text().splitlines()]
+def test_resuming_expert_parallel_state_without_it_is_refused(runs):
+    message = (runs / "refused.txt").read_text()
+    assert "distributed.expert_parallel_size=2" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("name", ("zero0", "zero2", "ep_zero2"))
+def test_a_non_finite_step_is_skipped_on_every_rank(runs, name):
+    rows = [json.loads(line) for line in (runs / f"poisoned_{name}" / "metrics.jsonl").read_text().splitlines()
+            if '"split": "eval"' not in line]
     assert [r.get("skipped", False) for r in rows] == [False, True, False]
     assert rows[-1]["skipped_steps"] == 1
-    straight = curve(runs / f"zero{stage}")
+    straight = curve(runs / name)
     assert rows[0]["loss"] == pytest.approx(straight[0][1], rel=1e-6)
     # Step 3 starts from the weights after step 1: not the straight run's step 3.
     assert rows[2]["loss"] != pytest.approx(straight[2][1], rel=1e-6)
-    w = weights(runs / f"poisoned{stage}" / "final")
+    w = weights(runs / f"poisoned_{name}" / "final")
     assert all(bool(torch.isfinite(t).all()) for t in w.values())
 
 
@@ -167,6 +213,11 @@ def test_resuming_across_engines_is_refused(runs, cli_at):
     (["distributed.zero_stage=2", "distributed.offload_params=true"], "needs distributed.zero_stage=3"),
     (["distributed.offload_optimizer=true"], "needs DeepSpeed"),
     (["distributed.zero_stage=1", "distributed.deepspeed_config=/nonexistent.json"], "is not a file"),
+    (["distributed.expert_parallel_size=2"], "runs on DeepSpeed: set distributed.zero_stage=0, 1 or 2"),
+    (["distributed.zero_stage=3", "distributed.expert_parallel_size=2"], "does not work with distributed.zero_stage=3"),
+    (["distributed.zero_stage=1", "distributed.expert_parallel_size=3"], "does not split over"),
+    (["distributed.zero_stage=1", "distributed.expert_parallel_size=0"], "must be >= 1"),
+    (["distributed.zero_stage=1", "distributed.expert_parallel_size=2", "model.arch.num_local_experts=0"], "needs a MoE model"),
 ])
 def test_invalid_zero_settings_are_one_line_errors(overrides, message):
     from granite_train.cli import compose_config
@@ -175,3 +226,12 @@ def test_invalid_zero_settings_are_one_line_errors(overrides, message):
     with pytest.raises(UserError) as err:
         compose_config([*COMMON, *overrides])
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_expert_parallel_size_must_divide_the_ranks(tmp_path, cli_at):
+    # One process cannot hold half of the experts: refused before any training.
+    proc = cli_at(tmp_path, *COMMON, "distributed.zero_stage=1", "distributed.expert_parallel_size=2",
+                  f"trainer.output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 2
+    assert "does not divide the 1 rank(s)" in proc.stderr
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

@@ -1,0 +1,106 @@
+"""Expert-parallel MoE (models/expert_parallel.py) equals the unsharded layer: 2 gloo processes.
+
+Each rank routes its own tokens; with its experts split over the ranks, the layer must give
+the same outputs, router stats and input/router gradients as the full layer on that rank's
+tokens, and each expert's weight gradient must be the sum of the full layers' gradients over
+both ranks (the expert saw both ranks' tokens).
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from granite_train.models import GraniteConfig
+from granite_train.models.expert_parallel import ExpertShard
+from granite_train.models.moe import MoE
+
+WORLD = 2
+# (experts, top_k, tokens on rank 0, tokens on rank 1, router bias towards rank 0's experts)
+CASES = [(4, 2, 37, 23, 0.0), (2, 1, 16, 9, 0.0), (8, 3, 40, 0, 0.0), (4, 2, 12, 30, 50.0)]
+
+
+def _layer(experts, top_k, seed=0):
+    torch.manual_seed(seed)
+    cfg = GraniteConfig(model_type="granitemoe", vocab_size=16, hidden_size=24, intermediate_size=20,
+                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                        num_local_experts=experts, num_experts_per_tok=top_k)
+    moe = MoE(cfg).double()
+    with torch.no_grad():
+        for w in (moe.router.layer.weight, moe.input_linear.weight, moe.output_linear.weight):
+            w.normal_(0, 0.3)
+    return moe
+
+
+def _run_case(rank, case, failures):
+    experts, top_k, n0, n1, bias = case
+    full, sharded = _layer(experts, top_k), _layer(experts, top_k)
+    shard = ExpertShard(group=dist.group.WORLD, rank=rank, size=WORLD)
+    sharded.shard_experts(shard)
+    local = shard.local_range(experts)
+    assert sharded.input_linear.weight.shape[0] == len(local)
+
+    torch.manual_seed(100 + rank)
+    n = (n0, n1)[rank]
+    x = torch.randn(1, n, 24, dtype=torch.float64)
+    if bias:  # skew the routing: most rows go to rank 0's experts
+        with torch.no_grad():
+            for m in (full, sharded):
+                m.router.layer.weight[: experts // 2] += bias / 24
+    probe = torch.randn(1, n, 24, dtype=torch.float64)
+    outs = {}
+    for name, m in (("full", full), ("sharded", sharded)):
+        xi = x.clone().requires_grad_(True)
+        y, stats = m(xi)
+        ((y * probe).sum() + stats[1].sum() * 0.1).backward()
+        outs[name] = (y.detach(), stats.detach(), xi.grad, m.router.layer.weight.grad,
+                      m.input_linear.weight.grad, m.output_linear.weight.grad)
+    (yf, sf, gxf, grf, gif, gof), (ys, ss, gxs, grs, gis, gos) = outs["full"], outs["sharded"]
+    # The full layers on both ranks together saw every token: their summed expert grads are what
+    # the owner of each expert must hold.
+    dist.all_reduce(gif)
+    dist.all_reduce(gof)
+
+    def check(what, a, b):
+        if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-10, atol=1e-12):
+            failures.append(f"case {case} rank {rank}: {what} differs")
+
+    check("output", ys, yf)
+    check("stats", ss, sf)
+    check("input grad", gxs, gxf)
+    check("router grad", grs, grf)
+    check("input_linear grad", gis, gif[local.start:local.stop])
+    check("output_linear grad", gos, gof[local.start:local.stop])
+
+
+def _worker(rank, port, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    failures = []
+    try:
+        for case in CASES:
+            _run_case(rank, case, failures)
+    except Exception as exc:  # reported by the parent
+        failures.append(f"rank {rank}: {type(exc).__name__}: {exc}")
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
+        f.write("\n".join(failures))
+
+
+def test_sharded_experts_equal_the_full_layer(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
+    failures = [line for r in range(WORLD) for line in (tmp_path / f"rank{r}.txt").read_text().splitlines()]
+    assert not failures, failures
+
+
+def test_experts_must_split_evenly():
+    moe = _layer(4, 2)
+    with pytest.raises(ValueError, match="4 experts do not split over 3 ranks"):
+        moe.shard_experts(ExpertShard(group=None, rank=0, size=3))
