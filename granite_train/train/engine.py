@@ -36,6 +36,7 @@ from granite_train.train.env import Env
 log = logging.getLogger("granite_train.train")
 
 DS_STATE_DIR = "deepspeed"  # per-rank DeepSpeed state inside a checkpoint
+DS_CONFIG_FILE = "deepspeed_config.json"  # the generated config, in the run's output_dir
 _DS_TAG = "state"
 
 
@@ -282,6 +283,10 @@ class DeepSpeedEngine:
         if self.stage == 3:
             _prepare_zero3(model)
         config = deepspeed_config(cfg, env)
+        if env.is_main:  # what DeepSpeed was given, for the record and for other launchers
+            out = Path(cfg.trainer.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / DS_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         module = model if expert_shard is None else _expert_parallel_module(model, expert_shard)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
         self.model = model  # the same module (ZeRO-3: its weights sharded)

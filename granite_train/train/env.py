@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -89,3 +90,16 @@ def peak_tflops(configured: Optional[float], device: torch.device) -> Optional[f
         return None
     name = torch.cuda.get_device_name(device)
     return next((tf for key, tf in _PEAK_BF16_TFLOPS if key in name), None)
+
+
+@contextlib.contextmanager
+def main_rank_first(env: Env) -> Iterator[None]:
+    """Rank 0 runs the block first, the others after it finished: data preparation then
+    tokenizes once and the other ranks load the `datasets` cache it wrote (file-backed data;
+    in-memory demo data is small and tokenized on every rank). If rank 0 fails inside, the others
+    wait until torchrun stops them (it does when a rank exits)."""
+    if env.distributed and not env.is_main:
+        dist.barrier()
+    yield
+    if env.distributed and env.is_main:
+        dist.barrier()

@@ -28,9 +28,9 @@ from omegaconf import OmegaConf
 from granite_train.config import RunConfig
 from granite_train.errors import UserError
 from granite_train.train.engine import build_engine
-from granite_train.train.env import Env, init_env, peak_tflops, seed_everything
+from granite_train.train.env import Env, init_env, main_rank_first, peak_tflops, seed_everything
 from granite_train.train.evaluate import evaluate
-from granite_train.train.expert_parallel import setup_expert_parallel
+from granite_train.train.expert_parallel import moe_layers, setup_expert_parallel
 from granite_train.train.inputs import MODEL_INPUTS, to_device
 from granite_train.train import checkpoint as ckpt_io
 from granite_train.train.metrics import MetricsSink, truncate_metrics
@@ -210,13 +210,17 @@ class StepOutcome:
         return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
 
 
-def _train_step(engine, step, env: Env, cfg: RunConfig, aux_coef: float, is_empty) -> StepOutcome:
+def _train_step(engine, step, env: Env, cfg: RunConfig, aux_coef: float, is_empty,
+                expert_shape: Optional[tuple] = None) -> StepOutcome:
     """Forward/backward over the step's micro-batches, then the engine's gradient sync, clipping
-    and update (skipped when the loss or gradient norm is not finite)."""
+    and update (skipped when the loss or gradient norm is not finite). `expert_shape`: (MoE
+    layers, experts) for MoE models, None for dense ones."""
     n_global = step.num_trained_tokens
     loss_sum = torch.zeros((), device=env.device, dtype=torch.float64)
     aux_sum = torch.zeros((), device=env.device, dtype=torch.float64)
-    expert_counts = None  # [layers, experts] top-k assignments over the whole step
+    # [layers, experts] top-k assignments over the whole step; zeros, not None, on a rank whose
+    # micro-batches are all empty: every rank must run the same collectives below.
+    expert_counts = torch.zeros(expert_shape, device=env.device) if expert_shape else None
     saw_aux = False
     for mb in step.micro_batches:
         if is_empty(mb) or n_global == 0:
@@ -299,8 +303,9 @@ def train(cfg: RunConfig) -> TrainResult:
     if env.is_main:
         _describe(cfg, model, tokenizer, env)
     expert_shard = setup_expert_parallel(model, env, cfg)  # after the full weights are final
-    data = build_train_data(cfg.data, cfg.trainer, tokenizer, env.rank, env.world_size)
-    eval_data = build_eval_data(cfg.data, cfg.trainer, tokenizer, env.rank, env.world_size, train_data=data)
+    with main_rank_first(env):  # tokenize once; the other ranks read the datasets cache
+        data = build_train_data(cfg.data, cfg.trainer, tokenizer, env.rank, env.world_size)
+        eval_data = build_eval_data(cfg.data, cfg.trainer, tokenizer, env.rank, env.world_size, train_data=data)
 
     optimizer = build_optimizer(model, cfg.optim)
     engine = build_engine(model, optimizer, env, cfg, expert_shard)
@@ -344,6 +349,8 @@ def train(cfg: RunConfig) -> TrainResult:
         last_eval = step_no
 
     aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
+    n_moe = len(moe_layers(model))
+    expert_shape = (n_moe, model.config.num_local_experts) if n_moe else None
     last_loss = float("nan")
     start_step, saved_at = step_no, step_no if state is not None else -1
     out_of_tokens = max_tokens is not None and tokens_seen >= max_tokens
@@ -356,7 +363,7 @@ def train(cfg: RunConfig) -> TrainResult:
             lr = schedule.lr_at(step_no, tokens_seen)  # tokens trained before this step
             for group in engine.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            result = _train_step(engine, step, env, cfg, aux_coef, is_empty)
+            result = _train_step(engine, step, env, cfg, aux_coef, is_empty, expert_shape)
             dt = time.perf_counter() - t0
             # MFU of this rank (ranks run equal shares); absent where no peak is known (CPU).
             mfu = _step_flops(model, step) / dt / (peak * 1e12) if peak else None

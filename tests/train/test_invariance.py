@@ -64,3 +64,23 @@ def test_padded_baseline_trains_the_same_loss_as_packed(cli, tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         curves[packing] = curve(out)
     assert_same_curve(curves["greedy"], curves["none"], rel=1e-6)
+
+
+def test_a_rank_with_nothing_to_train_keeps_step(cli, tmp_path):
+    # One micro-batch per step: rank 1 gets none, every step (MoE: its expert counts are zeros,
+    # and it still takes part in every collective). Same curve as one process.
+    settings = [*COMMON, "model=granitemoe-tiny", "model.arch.num_local_experts=4",
+                "trainer.tokens_per_step=1024", "trainer.micro_batch_tokens=1024", "trainer.max_steps=4"]
+    one = tmp_path / "one"
+    proc = cli(*settings, f"trainer.output_dir={one}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = tmp_path / "two"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "granite_train", *settings, f"trainer.output_dir={two}"],
+        cwd=tmp_path, env=dict(os.environ, WANDB_MODE="disabled"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_same_curve(curve(one), curve(two), rel=1e-5)
+    rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["micro_batches"] == 1 for r in rows)
+    assert all(sum(map(sum, r["expert_counts"])) > 0 for r in rows)
