@@ -194,7 +194,20 @@ class GraniteForCausalLM(nn.Module):
             n -= self.model.embed_tokens.weight.numel()
         return n
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def active_matmul_params(self) -> int:
+        """Weights one token multiplies with (lm_head included even when tied; MoE: the active
+        experts' share). Count it on the full model: after expert parallelism or ZeRO-3 sharding
+        a rank holds only part of the weights (the trainer counts once, before)."""
+        c = self.config
+        matmul_params = self.num_parameters(exclude_embeddings=True)
+        if c.tie_word_embeddings:
+            matmul_params += self.lm_head.weight.numel()
+        if c.num_local_experts > 0:
+            expert_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, ExpertWeight))
+            matmul_params -= expert_params * (c.num_local_experts - c.num_experts_per_tok) // c.num_local_experts
+        return matmul_params
+
+    def flops_per_token(self, seq_len: int, matmul_params: Optional[int] = None) -> float:
         """Training FLOPs per token (forward + backward), PaLM convention.
 
         6 * (matmul parameters, lm_head included even when tied) + 12 * layers * heads * head_dim
@@ -205,14 +218,11 @@ class GraniteForCausalLM(nn.Module):
         their product with x inside the chunk (Q * (N + P) MACs), the chunk state and the state's
         output (2 * P * N MACs): 6 * heads * (Q * (N + P) + 2 * P * N) per layer. The depthwise
         conv is already in the parameter term (one MAC per weight per token).
+        `matmul_params`: `active_matmul_params()` counted before (else counted now).
         """
         c = self.config
-        matmul_params = self.num_parameters(exclude_embeddings=True)
-        if c.tie_word_embeddings:
-            matmul_params += self.lm_head.weight.numel()
-        if c.num_local_experts > 0:
-            expert_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, ExpertWeight))
-            matmul_params -= expert_params * (c.num_local_experts - c.num_experts_per_tok) // c.num_local_experts
+        if matmul_params is None:
+            matmul_params = self.active_matmul_params()
         attn_layers = sum(c.mixer_type(i) == "attention" for i in range(c.num_hidden_layers))
         attn = 12 * attn_layers * c.num_attention_heads * c.resolved_head_dim * seq_len
         ssd = 0

@@ -40,10 +40,10 @@ def eval_sums(model: torch.nn.Module, eval_data, device: torch.device,
     for mb in eval_data.micro_batches():
         if is_empty(mb):
             continue
-        mb = to_device(mb, device)
-        n_mb = int((mb["labels"] != -100).sum())  # the collators mask every example's first label
-        if n_mb == 0:
+        n_mb = int((mb["labels"] != -100).sum())  # on the host copy: no device sync
+        if n_mb == 0:  # (the collators mask every example's first label)
             continue
+        mb = to_device(mb, device)
         output = forward(mb)
         forwards += 1
         sums[0] += output.loss.detach().double() * n_mb  # the model's loss is the mean over n_mb

@@ -113,10 +113,10 @@ def _expert_load(counts_LE: torch.Tensor) -> Dict[str, Any]:
             "expert_counts": counts_LE.round().long().tolist()}
 
 
-def _step_flops(model: torch.nn.Module, step) -> float:
+def _step_flops(model: torch.nn.Module, step, matmul_params: Optional[int] = None) -> float:
     """Model FLOPs of this rank's share of the step (forward + backward, PaLM convention):
     tokens x flops_per_token at the token-weighted mean example length, since attention and the
-    SSD scan never cross examples."""
+    SSD scan never cross examples. `matmul_params`: the full model's, counted before sharding."""
     lens: List[int] = []
     for mb in step.micro_batches:
         cu = mb.get("cu_seq_lens")
@@ -128,7 +128,7 @@ def _step_flops(model: torch.nn.Module, step) -> float:
     if not lens:
         return 0.0
     tokens = sum(lens)
-    return tokens * model.flops_per_token(max(1, round(sum(n * n for n in lens) / tokens)))
+    return tokens * model.flops_per_token(max(1, round(sum(n * n for n in lens) / tokens)), matmul_params)
 
 
 def _real_tokens(mb: Dict[str, Any]) -> int:
@@ -226,11 +226,13 @@ def _train_step(engine, step, env: Env, cfg: RunConfig, aux_coef: float, is_empt
         if is_empty(mb) or n_global == 0:
             engine.backward_nothing()  # DeepSpeed: every rank runs as many backwards
             continue
-        mb = to_device(mb, env.device)
+        # Counted on the host copy, before the transfer: no device sync per micro-batch.
         n_mb = int((mb["labels"] != -100).sum())
+        real_mb = _real_tokens(mb)
         if n_mb == 0:
             engine.backward_nothing()
             continue
+        mb = to_device(mb, env.device)
         with torch.autocast(env.device.type, dtype=env.autocast_dtype, enabled=env.autocast_dtype is not None):
             output = engine.forward(**{k: mb.get(k) for k in MODEL_INPUTS}, labels=mb["labels"],
                                     loss_chunk_tokens=cfg.model.loss_chunk_tokens, return_logits=False)
@@ -238,7 +240,7 @@ def _train_step(engine, step, env: Env, cfg: RunConfig, aux_coef: float, is_empt
         if output.aux_loss is not None:
             # The router loss is a per-token mean too: weight it by the micro-batch's share of
             # the step's real tokens, so accumulation and ranks don't change it.
-            share = _real_tokens(mb) / step.num_input_tokens
+            share = real_mb / step.num_input_tokens
             objective = objective + aux_coef * output.aux_loss * share
             aux_sum += output.aux_loss.detach().double() * share
             saw_aux = True
@@ -302,6 +304,7 @@ def train(cfg: RunConfig) -> TrainResult:
         _load_weights(model, ckpt, list(cfg.trainer.resume_allow_changes))
     if env.is_main:
         _describe(cfg, model, tokenizer, env)
+    matmul_params = model.active_matmul_params()  # for MFU: the full model, before any sharding
     expert_shard = setup_expert_parallel(model, env, cfg)  # after the full weights are final
     with main_rank_first(env):  # tokenize once; the other ranks read the datasets cache
         data = build_train_data(cfg.data, cfg.trainer, tokenizer, env.rank, env.world_size)
@@ -366,7 +369,7 @@ def train(cfg: RunConfig) -> TrainResult:
             result = _train_step(engine, step, env, cfg, aux_coef, is_empty, expert_shape)
             dt = time.perf_counter() - t0
             # MFU of this rank (ranks run equal shares); absent where no peak is known (CPU).
-            mfu = _step_flops(model, step) / dt / (peak * 1e12) if peak else None
+            mfu = _step_flops(model, step, matmul_params) / dt / (peak * 1e12) if peak else None
             step_no += 1
             tokens_seen += step.num_input_tokens
             if result.finite:

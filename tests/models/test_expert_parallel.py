@@ -104,3 +104,20 @@ def test_experts_must_split_evenly():
     moe = _layer(4, 2)
     with pytest.raises(ValueError, match="4 experts do not split over 3 ranks"):
         moe.shard_experts(ExpertShard(group=None, rank=0, size=3))
+
+
+def test_flops_are_counted_on_the_full_model():
+    # MFU: after sharding a rank holds half of the experts; the trainer counts the matmul
+    # weights before sharding and passes them in.
+    from granite_train.models import build_model
+
+    cfg = GraniteConfig(model_type="granitemoe", vocab_size=64, hidden_size=24, intermediate_size=20,
+                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                        num_local_experts=4, num_experts_per_tok=2)
+    model = build_model(cfg)
+    full_params, full_flops = model.active_matmul_params(), model.flops_per_token(32)
+    for layer in model.modules():
+        if isinstance(layer, MoE):
+            layer.shard_experts(ExpertShard(group=None, rank=1, size=2))
+    assert model.active_matmul_params() < full_params
+    assert model.flops_per_token(32, full_params) == full_flops
