@@ -48,7 +48,10 @@ time over `--steps` rounds after `--warmup` rounds; in every round each configur
 in a rotating order, all in this process, so machine noise hits both alike), token slots (packed:
 sum of the micro-batch lengths; padded: sum of B x longest), peak memory (each configuration again
 in a fresh subprocess: VmHWM after one round, and its increase over the RSS after setup).
-Ratios: IDEAL = padded slots / real tokens (what padding costs if compute scaled with slots),
+Ratios: IDEAL = padded slots / real tokens (what padding costs if all compute scaled with slots);
+FLOP IDEAL = the model FLOPs of the padded workload over the packed one's (`model_flops`: the
+lm_head runs only at trained positions on both, so it does not scale with slots; attention and
+the SSD scan are counted at each row's length), i.e. the ratio compute alone allows;
 ACHIEVED = packed real tokens/s / padded real tokens/s, and achieved / ideal. Expect achieved <
 ideal for these small models: the trainer computes the lm_head and its softmax only at trained
 positions, which padding never adds, and at hidden 192 with a 50k vocabulary that is most of
@@ -342,6 +345,7 @@ def run_pair(model_kind: str, data_kind: str, args: argparse.Namespace, data_cac
 
     tps = {c: real / statistics.median(times[c]) for c in CONFIGS}
     ideal = padded.slots / real
+    compute_ideal = model_flops(model, padded) / model_flops(model, packed)
     rows = []
     for c, w in workloads.items():
         med = statistics.median(times[c])
@@ -354,9 +358,32 @@ def run_pair(model_kind: str, data_kind: str, args: argparse.Namespace, data_cac
         if c == "padded":
             achieved = tps["packed"] / tps["padded"]
             row.update(ideal_ratio=ideal, achieved_ratio=achieved, achieved_over_ideal=achieved / ideal,
+                       compute_ideal_ratio=compute_ideal, achieved_over_compute_ideal=achieved / compute_ideal,
                        max_abs_loss_diff=agree["max_abs_loss_diff"])
         rows.append(row)
     return rows
+
+
+def model_flops(model: torch.nn.Module, w: Workload) -> float:
+    """Training FLOPs the model spends on a workload (PaLM convention, `flops_per_token`): the body
+    (every matmul but the lm_head, attention, SSD scan) on every slot, packed rows per example
+    length and padded rows at their full width; the lm_head only at trained positions (the
+    trainer's `return_logits=False` path), the same count both ways."""
+    head = 6.0 * model.lm_head.weight.numel()
+    matmul = model.active_matmul_params()
+    total = 0.0
+    for step, trained in zip(w.steps, w.trained_tokens):
+        total += head * trained
+        for mb in step:
+            cu = mb.get("cu_seq_lens")
+            if cu is not None:
+                bounds = cu.reshape(-1).tolist()
+                lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+            else:
+                rows, width = mb["input_ids"].shape
+                lengths = [width] * rows
+            total += sum(n * (model.flops_per_token(n, matmul) - head) for n in lengths)
+    return total
 
 
 # ---------------------------------------------------------------- output
@@ -364,10 +391,11 @@ def run_pair(model_kind: str, data_kind: str, args: argparse.Namespace, data_cac
 def print_table(rows: List[Dict[str, Any]]) -> None:
     print(f"\n{'model':<6} {'data':<11} {'config':<6} {'mbs':>4} {'real tok':>8} {'slots':>7} {'slots/real':>10} "
           f"{'round s':>8} {'real tok/s':>10} {'ideal':>6} {'achieved':>8} {'ach/ideal':>9} "
-          f"{'peak MiB':>8} {'+step MiB':>9}")
+          f"{'flop ideal':>10} {'ach/flop':>8} {'peak MiB':>8} {'+step MiB':>9}")
     for r in rows:
-        ratios = (f"{r['ideal_ratio']:>6.2f} {r['achieved_ratio']:>8.2f} {r['achieved_over_ideal']:>9.2f}"
-                  if "ideal_ratio" in r else f"{'':>6} {'':>8} {'':>9}")
+        ratios = (f"{r['ideal_ratio']:>6.2f} {r['achieved_ratio']:>8.2f} {r['achieved_over_ideal']:>9.2f} "
+                  f"{r['compute_ideal_ratio']:>10.2f} {r['achieved_over_compute_ideal']:>8.2f}"
+                  if "ideal_ratio" in r else f"{'':>6} {'':>8} {'':>9} {'':>10} {'':>8}")
         mem = (f"{r['peak_rss'] / 2**20:>8.0f} {(r['peak_rss'] - r['setup_rss']) / 2**20:>9.0f}"
                if "peak_rss" in r else f"{'-':>8} {'-':>9}")
         print(f"{r['model']:<6} {r['data']:<11} {r['config']:<6} {r['micro_batches']:>4} {r['real_tokens']:>8} "

@@ -44,9 +44,9 @@ MODELS = {
 CONFIGS = {
     "1 proc x 2 threads": dict(procs=1, threads=2, extra=[]),
     "1 proc x 1 thread": dict(procs=1, threads=1, extra=[]),
-    "2 procs, plain DP": dict(procs=2, threads=1, extra=[]),
-    "2 procs, ZeRO-2": dict(procs=2, threads=1, extra=["distributed.zero_stage=2"]),
-    "2 procs, ZeRO-2 + EP 2": dict(procs=2, threads=1, extra=["distributed.zero_stage=2",
+    "2 procs plain DP": dict(procs=2, threads=1, extra=[]),
+    "2 procs ZeRO-2": dict(procs=2, threads=1, extra=["distributed.zero_stage=2"]),
+    "2 procs ZeRO-2 + EP 2": dict(procs=2, threads=1, extra=["distributed.zero_stage=2",
                                                               "distributed.expert_parallel_size=2"]),
 }
 
