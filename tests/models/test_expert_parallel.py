@@ -8,6 +8,8 @@ both ranks (the expert saw both ranks' tokens).
 
 import os
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,7 +97,18 @@ def test_sharded_experts_equal_the_full_layer(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
+    # The spawned children unpickle `_worker` by its module name (tests.models....): they import
+    # it with the parent's sys.path, which must hold the repository root (plain `pytest` with
+    # --import-mode=importlib does not put it there).
+    root = str(Path(__file__).resolve().parents[2])
+    added = root not in sys.path
+    if added:
+        sys.path.insert(0, root)
+    try:
+        mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
+    finally:
+        if added:
+            sys.path.remove(root)
     failures = [line for r in range(WORLD) for line in (tmp_path / f"rank{r}.txt").read_text().splitlines()]
     assert not failures, failures
 
