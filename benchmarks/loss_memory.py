@@ -54,7 +54,6 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -66,6 +65,8 @@ import torch
 import torch.nn.functional as F
 
 from granite_train.models.loss import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss, trained_positions_loss
+
+from common import git_commit, hwm_bytes, machine_info, rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
@@ -145,19 +146,6 @@ def check_exactness(fractions: List[float], variants: List[str]) -> Dict[str, fl
 
 # ---------------------------------------------------------------- the measuring child
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _hwm_bytes() -> int:
-    """Peak RSS of this process image (VmHWM); see benchmarks/vs_transformers.py for why not ru_maxrss."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
 
 def child(args: argparse.Namespace) -> None:
     """Fresh process: inputs, RSS, warmup + steps of one variant; one JSON line on stdout."""
@@ -165,12 +153,12 @@ def child(args: argparse.Namespace) -> None:
     fn = VARIANTS[args.variant]
     # One tiny step first: the first checkpoint() imports ~800 modules (~85 MiB of RSS), code
     # that is not the step's memory and that a training process has loaded after its first step.
-    rss_before = _rss_bytes()
+    rss_before = rss_bytes()
     _loss_and_grads(fn, *make_inputs(16, 8, 32, 1.0), chunk=8)
-    code_bytes = _rss_bytes() - rss_before
+    code_bytes = rss_bytes() - rss_before
     h, w, labels = make_inputs(args.tokens, args.hidden, args.vocab_one, args.fraction_one)
     gc.collect()
-    setup_rss, setup_hwm = _rss_bytes(), _hwm_bytes()
+    setup_rss, setup_hwm = rss_bytes(), hwm_bytes()
     fwd, total, loss = [], [], float("nan")
     for _ in range(args.warmup + args.steps):
         h.grad = w.grad = None
@@ -182,7 +170,7 @@ def child(args: argparse.Namespace) -> None:
         total.append(time.perf_counter() - t0)
         loss = float(out.detach())
         del out
-    print(json.dumps(dict(setup_rss=setup_rss, setup_peak_rss=setup_hwm, peak_rss=_hwm_bytes(), loss=loss,
+    print(json.dumps(dict(setup_rss=setup_rss, setup_peak_rss=setup_hwm, peak_rss=hwm_bytes(), loss=loss,
                           code_warmup_rss=code_bytes,
                           fwd_times_s=fwd[args.warmup:], step_times_s=total[args.warmup:],
                           trained_share=trained_share(labels))))
@@ -289,24 +277,6 @@ def write_json(path: Path, meta: Dict[str, Any], rows: List[Dict[str, Any]], mer
     return kept + rows
 
 
-def git_commit() -> str:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
-def machine(threads: int) -> Dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return dict(cpu=cpu, cpu_count=os.cpu_count(), threads=threads, platform=platform.platform())
-
-
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab", default="49155,100352", help="comma list of vocabulary sizes")
@@ -344,7 +314,7 @@ def main() -> None:
     if args.child:
         return child(args)
     torch.set_num_threads(args.threads)
-    info = machine(args.threads)
+    info = machine_info(args.threads)
     print(f"torch {torch.__version__}, commit {git_commit()}, {info['cpu']}, {args.threads} threads; "
           f"T={args.tokens}, H={args.hidden}, chunk {args.chunk_tokens}, {args.warmup} warmup + {args.steps} "
           f"timed step(s) per child")

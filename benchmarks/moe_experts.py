@@ -47,9 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +59,8 @@ import yaml
 
 from granite_train.models import GraniteConfig
 from granite_train.models.moe import MoE
+
+from common import git_commit, machine_info
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE_PRESETS = {"scaled": "granite-4.0-h-tiny-scaled", "h-tiny": "granite-4.0-h-tiny"}
@@ -292,28 +292,6 @@ def write_json(path: Path, meta: Dict[str, Any], rows: List[Dict[str, Any]], mer
     return kept + rows
 
 
-def git_commit() -> str:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
-def machine(threads: int) -> Dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info: Dict[str, Any] = dict(cpu=cpu, cpu_count=os.cpu_count(), threads=threads, platform=platform.platform())
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["grouped_mm"] = hasattr(torch, "_grouped_mm")
-    return info
-
-
 def print_table(rows: List[Dict[str, Any]]) -> None:
     print(f"\n{'shape':<7} {'H':>5} {'I':>4} {'top-k/E':>7} {'device':<11} {'impl':<8} {'fwd ms':>8} "
           f"{'f+b ms':>8} {'tokens/s':>9} {'grouped/loop':>12} {'max rel err':>11}")
@@ -377,7 +355,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     todo = cases(args)
-    info = machine(args.threads)
+    info = machine_info(args.threads)
     print(f"torch {torch.__version__}, commit {git_commit()}, {info['cpu']}, {args.threads} threads"
           + (f", {info['gpu']}" if "gpu" in info else ""))
     print(f"{args.tokens} tokens; {args.warmup} warmup + {args.steps} timed rounds; top-k per expert count: "

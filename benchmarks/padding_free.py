@@ -66,7 +66,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -76,6 +75,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from common import git_commit, hwm_bytes, machine_info, rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"hybrid": "granite-4.0-h-tiny-scaled", "dense": "granite-tiny"}
@@ -97,23 +98,6 @@ class Workload:
     @property
     def shapes(self) -> List[List[int]]:
         return [list(mb["input_ids"].shape) for step in self.steps for mb in step]
-
-
-# ---------------------------------------------------------------- memory helpers (as vs_transformers.py)
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _hwm_bytes() -> int:
-    """Peak RSS of this process image (VmHWM). Not ru_maxrss: Linux carries the forking parent's
-    high-water mark across exec into the child's ru_maxrss (this parent holds GBs of data)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 # ---------------------------------------------------------------- config, data, model
@@ -286,9 +270,9 @@ def memory_child(args: argparse.Namespace) -> None:
     model = load_model(Path(args.ckpt), dtype=torch.float32).train()
     model.set_router_aux_loss(s.router_aux_loss, s.router_z_loss_coef)
     gc.collect()
-    setup_rss, setup_hwm = _rss_bytes(), _hwm_bytes()
+    setup_rss, setup_hwm = rss_bytes(), hwm_bytes()
     run_workload(model, w, s)
-    print(json.dumps({"setup_rss": setup_rss, "setup_peak_rss": setup_hwm, "peak_rss": _hwm_bytes()}))
+    print(json.dumps({"setup_rss": setup_rss, "setup_peak_rss": setup_hwm, "peak_rss": hwm_bytes()}))
 
 
 def measure_memory(w: Workload, s: StepSettings, ckpt: Path, threads: int, tmp: Path) -> Dict[str, int]:
@@ -403,29 +387,9 @@ def print_table(rows: List[Dict[str, Any]]) -> None:
               f"{r['real_tokens_per_s']:>10.0f} {ratios} {mem}")
 
 
-def _git_commit() -> Dict[str, Any]:
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD") or None,
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-
-
-def machine_info(threads: int) -> Dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return dict(cpu=cpu, cpu_count=os.cpu_count(), threads=threads, platform=platform.platform(),
-                python=platform.python_version(), torch=torch.__version__,
-                loadavg_start=list(os.getloadavg()))
-
-
 def write_json(path: Path, args: argparse.Namespace, machine: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
     machine = {**machine, "loadavg_end": list(os.getloadavg())}
-    meta = dict(machine=machine, torch=torch.__version__, git=_git_commit(),
+    meta = dict(machine=machine, torch=torch.__version__, commit=git_commit(),
                 date=time.strftime("%Y-%m-%d %H:%M:%S %z"),
                 args={k: v for k, v in vars(args).items() if k not in ("memory_child", "ckpt", "batch_file")})
     path.parent.mkdir(parents=True, exist_ok=True)

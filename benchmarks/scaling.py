@@ -36,6 +36,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List
 
+from common import git_commit
+
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {
     "moe": ["model=granitemoe-tiny", "model.arch.num_local_experts=8"],
@@ -140,19 +142,11 @@ def main() -> None:
     import torch
 
     out = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-           "torch": torch.__version__, "commit": _commit(), "args": vars(args), "rows": table,
+           "torch": torch.__version__, "commit": git_commit(), "args": vars(args), "rows": table,
            "all_to_all_estimate": est}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(f"\nwrote {args.json}")
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from common import hwm_bytes, rss_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"hybrid": "granite-4.0-h-tiny-scaled", "moe": "granitemoe-tiny", "dense": "granite-tiny"}
 HF_CLASSES = {"granitemoehybrid": "GraniteMoeHybridForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
@@ -55,20 +57,6 @@ HF_VARIANTS = {"hybrid": ("padded",), "moe": ("packed", "padded"), "dense": ("pa
 
 
 # ---------------------------------------------------------------- setup
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _hwm_bytes() -> int:
-    """Peak RSS of this process image (VmHWM). Not ru_maxrss: Linux carries the forking parent's
-    high-water mark across exec into the child's ru_maxrss (this parent holds GBs of data)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def build_batches(tokens: int, max_length: int, step_index: Optional[int] = None):
@@ -240,10 +228,10 @@ def memory_child(args) -> None:
         model = load_theirs(Path(args.ckpt))
     step = make_step(args.kind, model, batch)
     gc.collect()
-    setup_rss, setup_hwm = _rss_bytes(), _hwm_bytes()
+    setup_rss, setup_hwm = rss_bytes(), hwm_bytes()
     for _ in range(2):
         step()
-    peak = _hwm_bytes()
+    peak = hwm_bytes()
     print(json.dumps({"setup_rss": setup_rss, "setup_peak_rss": setup_hwm, "peak_rss": peak}))
 
 
