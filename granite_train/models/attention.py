@@ -55,17 +55,19 @@ def _sdpa_padded(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tenso
 def _sdpa_varlen(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor,
                  scale: float, layout: SeqLayout, dropout_p: float) -> torch.Tensor:
     assert layout.bounds is not None
-    q_THD, k_TKD, v_TKD = q_BTHD[0], k_BTKD[0], v_BTKD[0]
+    # [1, H, S, D] views, never 3-D [H, S, D]: on CPU, SDPA only dispatches 4-D inputs to its
+    # flash kernel; 3-D ones take the math path, which builds the [H, S, S] scores (3.8x slower
+    # forward + backward at S=1,600 and O(S^2) memory; benchmarks/padding_free.py).
+    q_BHTD, k_BKTD, v_BKTD = q_BTHD.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2)
     outs = []
     for start, end in zip(layout.bounds[:-1], layout.bounds[1:]):
         if end == start:
             continue
-        o_HSD = F.scaled_dot_product_attention(
-            q_THD[start:end].transpose(0, 1), k_TKD[start:end].transpose(0, 1),
-            v_TKD[start:end].transpose(0, 1), is_causal=True, scale=scale, enable_gqa=True,
-            dropout_p=dropout_p)
-        outs.append(o_HSD.transpose(0, 1))
-    return torch.cat(outs, dim=0).unsqueeze(0)
+        o_BHSD = F.scaled_dot_product_attention(
+            q_BHTD[:, :, start:end], k_BKTD[:, :, start:end], v_BKTD[:, :, start:end],
+            is_causal=True, scale=scale, enable_gqa=True, dropout_p=dropout_p)
+        outs.append(o_BHSD.transpose(1, 2))
+    return torch.cat(outs, dim=1)
 
 
 def _flash_varlen(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor,
