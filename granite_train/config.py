@@ -150,6 +150,10 @@ class TrainerConfig:
     # With data.eval_path or data.eval_fraction: eval loss/perplexity every eval_every steps
     # (0: only at the end) and at the end, as "split": "eval" records in metrics.jsonl.
     eval_every: int = 0
+    # torch.compile the norms and MLPs (granite_train/models/compile.py: dynamic shapes, exact
+    # to 1e-5; attention, MoE dispatch and the Mamba scan stay eager). Compiles at the first
+    # step (seconds to a minute); on CPU it needs a C++ compiler.
+    compile: bool = False
 
 
 @dataclass

@@ -135,24 +135,25 @@ def ssd_chunked(x_BTHP: torch.Tensor, dt_BTH: torch.Tensor, A_H: torch.Tensor, B
         to_end_BHCL = to_end_BHCL * same_seg[..., -1, :].unsqueeze(1)
     chunk_state = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, to_end_BHCL, xdt)
 
-    # 3. inter-chunk recurrence: state entering chunk c (one step per chunk)
-    chunk_decay_BHC = torch.exp(acum_BHCL[..., -1])
-    if same_seg is not None:  # carried only if chunk c - 1 ends in the example chunk c ends in
-        prev_end = F.pad(seq_BCL[:, :-1, -1], (1, 0), value=-2)
-        carry_BC = (seq_BCL[:, :, -1] == prev_end)
-        chunk_decay_BHC = chunk_decay_BHC * carry_BC.unsqueeze(1)
-    states = []
-    S = torch.zeros_like(chunk_state[:, 0])
-    for c in range(nc):
-        states.append(S)
-        S = S * chunk_decay_BHC[:, :, c, None, None] + chunk_state[:, c]
-    S_in = torch.stack(states, dim=1)  # [b, c, h, p, n]
+    # 3. inter-chunk recurrence, in closed form (no Python loop over chunks, so the scan has
+    # no shape-dependent control flow and compiles with dynamic shapes): the state at the end
+    # of chunk l is sum_{s<=l} exp(sum_{s<i<=l} a_i) chunk_state[s], a_i = the chunk's total
+    # log decay; a boundary inside (s, l] (a chunk whose last token starts a new example
+    # relative to the previous chunk's last token) cuts the sum to exactly zero.
+    a_BHC = acum_BHCL[..., -1]
+    end_decay_BHCS = _segsum(a_BHC)  # [b, h, l, s]
+    if same_seg is not None:
+        prev_end = F.pad(seq_BCL[:, :-1, -1], (1, 0), value=-2)  # example the entering state is of
+        breaks_BC = torch.cumsum((seq_BCL[:, :, -1] != prev_end).to(torch.int64), dim=1)
+        carried_BCS = breaks_BC[:, :, None] == breaks_BC[:, None, :]
+        end_decay_BHCS = end_decay_BHCS.masked_fill(~carried_BCS.unsqueeze(1), float("-inf"))
+    end_state = torch.einsum("bhls,bshpn->blhpn", torch.exp(end_decay_BHCS), chunk_state)
+    S_in = F.pad(end_state[:, :-1], (0, 0, 0, 0, 0, 0, 1, 0))  # entering chunk c = end of c - 1
 
     # 4. the entering state's contribution: y[l] += exp(acum[l]) C_l . S_in (same example only)
     from_start_BHCL = torch.exp(acum_BHCL)
     if same_seg is not None:
-        prev_end_BC = F.pad(seq_BCL[:, :-1, -1], (1, 0), value=-2)
-        from_start_BHCL = from_start_BHCL * (seq_BCL == prev_end_BC[..., None]).unsqueeze(1)
+        from_start_BHCL = from_start_BHCL * (seq_BCL == prev_end[..., None]).unsqueeze(1)
     y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, S_in, from_start_BHCL)
     return y.reshape(Bsz, nc * Lc, H, P)[:, :T]
 

@@ -17,6 +17,8 @@ import dataclasses
 import itertools
 import logging
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -27,6 +29,7 @@ from omegaconf import OmegaConf
 
 from granite_train.config import RunConfig
 from granite_train.errors import UserError
+from granite_train.models.compile import compile_model
 from granite_train.train.engine import build_engine
 from granite_train.train.env import Env, init_env, main_rank_first, peak_tflops, seed_everything
 from granite_train.train.evaluate import evaluate
@@ -78,6 +81,17 @@ def _build_model(cfg: RunConfig, tokenizer, env: Env) -> torch.nn.Module:
         model.set_activation_checkpointing(True)
     model.set_router_aux_loss(cfg.model.router_aux_loss, cfg.model.router_z_loss_coef)
     return model.to(env.device)
+
+
+def _compile(model: torch.nn.Module, env: Env) -> None:
+    if env.device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+        raise UserError("trainer.compile=true on CPU needs a C++ compiler (torch inductor builds C++ kernels) "
+                        "and none was found (g++, c++, clang++ or $CXX); install one or set trainer.compile=false")
+    counts = compile_model(model)
+    if env.is_main:
+        log.info("torch.compile (trainer.compile=true, dynamic shapes, compiles at the first step): %s; "
+                 "attention, MoE dispatch and the Mamba scan stay eager",
+                 ", ".join(f"{n} x{k}" for n, k in counts.items()) or "nothing to compile")
 
 
 def _describe(cfg: RunConfig, model: torch.nn.Module, tokenizer, env: Env) -> None:
@@ -306,6 +320,8 @@ def train(cfg: RunConfig) -> TrainResult:
         _describe(cfg, model, tokenizer, env)
     matmul_params = model.active_matmul_params()  # for MFU: the full model, before any sharding
     expert_shard = setup_expert_parallel(model, env, cfg)  # after the full weights are final
+    if cfg.trainer.compile:
+        _compile(model, env)
     with main_rank_first(env):  # tokenize once; the other ranks read the datasets cache
         data = build_train_data(cfg.data, cfg.trainer, tokenizer, env.rank, env.world_size)
         eval_data = build_eval_data(cfg.data, cfg.trainer, tokenizer, env.rank, env.world_size, train_data=data)

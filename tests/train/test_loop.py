@@ -72,6 +72,22 @@ def test_fine_tune_from_exported_checkpoint(trained, cli, tmp_path):
     assert first < fresh  # it starts from the trained weights, not from scratch
 
 
+def test_compile_trains_like_eager(trained, cli, tmp_path):
+    # trainer.compile=true: the same run, the same per-step losses and grad norms (fp32; inductor
+    # may reorder reductions), one log line naming what was compiled.
+    _, eager_out = trained
+    out = tmp_path / "compiled"
+    proc = cli(*FAST, "trainer.max_steps=6", "trainer.compile=true", f"trainer.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch.compile (trainer.compile=true" in proc.stderr and "RMSNorm x5, SwiGLU x2" in proc.stderr
+    eager = [r for r in read_metrics(eager_out / "metrics.jsonl") if r.get("split") != "eval"]
+    compiled = [r for r in read_metrics(out / "metrics.jsonl") if r.get("split") != "eval"]
+    assert [r["step"] for r in compiled] == [r["step"] for r in eager] == list(range(1, 7))
+    for a, b in zip(eager, compiled):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
 def test_wandb_offline_logs_config_and_metrics(tmp_path):
     import os
     import subprocess
