@@ -7,6 +7,7 @@ before packing is what randomizes, and the same input always packs the same way.
 from __future__ import annotations
 
 import bisect
+import heapq
 from typing import List, Sequence
 
 import numpy as np
@@ -42,6 +43,76 @@ def best_fit(sizes: Sequence[int] | np.ndarray, capacity: int, decreasing: bool 
 
 def best_fit_decreasing(sizes: Sequence[int] | np.ndarray, capacity: int) -> Bins:
     return best_fit(sizes, capacity, decreasing=True)
+
+
+def balanced_partition(sizes: Sequence[int] | np.ndarray, k: int, capacity: int | None = None) -> Bins:
+    """Exactly `k` bins (some empty only when there are fewer items than bins) with totals as
+    even as cheaply found: LPT (largest item first, into the lightest bin), then improving moves
+    and swaps between the heaviest bin and the others, until every bin fits `capacity` (when
+    given) or no move, or swap of one item each way, makes the heaviest bin lighter.
+
+    Why: best-fit decreasing opens as few bins as it greedily can, but when the items nearly fill
+    k bins it often leaves the last few with no room and opens a (k+1)-th bin: for a step's
+    micro-batches that is a whole extra micro-batch round on every rank. Spreading the slack
+    evenly over exactly k bins often fits where BFD does not; the caller checks the heaviest bin
+    against its capacity and keeps the BFD bins otherwise. Deterministic (ties go by item and bin
+    index); each improving step costs O(n log n), and there are at most 2n + k of them."""
+    sz = np.asarray(sizes, dtype=np.int64).tolist()
+    if k < 1:
+        raise ValueError(f"need at least one bin, got k={k}")
+    bins: Bins = [[] for _ in range(k)]
+    sums = [0] * k
+    heap = [(0, b) for b in range(k)]  # (total, bin id): the lightest bin on top
+    for i in sorted(range(len(sz)), key=lambda i: (-sz[i], i)):
+        total, b = heapq.heappop(heap)
+        bins[b].append(i)
+        sums[b] = total + sz[i]
+        heapq.heappush(heap, (sums[b], b))
+    order = sorted((sums[b], -b) for b in range(k))  # lightest first; the heaviest (lowest id) last
+    for _ in range(2 * len(sz) + k):
+        h = -order[-1][1]
+        if capacity is not None and sums[h] <= capacity:
+            break
+        # Moving d tokens (one item, or an item swapped for a smaller one) from h to g leaves the
+        # pair at (sums[h] - d, sums[g] + d): both under sums[h] when 0 < d < gap, the heaviest
+        # lightened by min(d, gap - d) <= gap // 2. Take the largest gain, trying the lightest
+        # bins first and stopping at the first whose gap cannot beat the best found.
+        best = (0, 0, 0, -1)  # (gain, g, position in h, position in g or -1 for a move)
+        for total, neg_g in order:
+            gap = sums[h] - total
+            if gap // 2 <= best[0]:
+                break
+            g = -neg_g
+            in_g = sorted((sz[j], q) for q, j in enumerate(bins[g]))
+            g_sizes = [s for s, _ in in_g]
+            for p, i in enumerate(bins[h]):
+                a = sz[i]
+                if 0 < a < gap and min(a, gap - a) > best[0]:
+                    best = (min(a, gap - a), g, p, -1)
+                # the item of g whose swap moves d = a - b closest to gap / 2
+                at = bisect.bisect_left(g_sizes, a - gap // 2)
+                for q in (at - 1, at):
+                    if 0 <= q < len(g_sizes):
+                        d = a - g_sizes[q]
+                        if 0 < d < gap and min(d, gap - d) > best[0]:
+                            best = (min(d, gap - d), g, p, in_g[q][1])
+        gain, g, p, q = best
+        if gain == 0:
+            break
+        order.remove((sums[h], -h))
+        order.remove((sums[g], -g))
+        i = bins[h].pop(p)
+        moved = sz[i]
+        if q >= 0:
+            j = bins[g].pop(q)
+            bins[h].append(j)
+            moved -= sz[j]
+        bins[g].append(i)
+        sums[h] -= moved
+        sums[g] += moved
+        bisect.insort(order, (sums[h], -h))
+        bisect.insort(order, (sums[g], -g))
+    return bins
 
 
 def greedy_fill(sizes: Sequence[int] | np.ndarray, capacity: int) -> Bins:

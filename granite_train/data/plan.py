@@ -25,7 +25,8 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from granite_train.data.packing import best_fit_decreasing, deal_to_ranks, greedy_fill, padded_groups
+from granite_train.data.packing import (balanced_partition, best_fit_decreasing, deal_to_ranks, greedy_fill,
+                                        padded_groups)
 
 Rows = List[List[int]]  # a step: rows of example ids
 
@@ -61,9 +62,9 @@ def select_steps(lengths: np.ndarray, *, seed: int, epoch: int, tokens_per_step:
     if packing != "bfd":  # greedy and none: same selection, in shuffled order
         return [[[int(perm[i])] for i in step] for step in greedy_fill(shuffled, tokens_per_step)]
     rows = [[int(perm[i]) for i in row] for row in best_fit_decreasing(shuffled, max_length)]
-    # BFD builds rows largest-example-first; shuffling them mixes rows of one long example with
-    # rows of many short ones in each step, which is what packs well when micro_batch_tokens is
-    # not a multiple of max_length.
+    # Note: best-fit DEcreasing below sorts the rows by size, so this shuffle only orders rows of
+    # equal size, and each step gathers rows of nearly one size (see docs/benchmarks.md, "Packing
+    # efficiency": on demo:shakespeare such steps cannot always split into the fewest micro-batches).
     rows = [rows[i] for i in rng.permutation(len(rows))]
     row_sizes = np.fromiter((int(lengths[r].sum()) for r in rows), dtype=np.int64, count=len(rows))
     steps = [[rows[r] for r in step] for step in best_fit_decreasing(row_sizes, tokens_per_step)]
@@ -73,15 +74,24 @@ def select_steps(lengths: np.ndarray, *, seed: int, epoch: int, tokens_per_step:
 def _micro_bins_packed(rows: Rows, lengths: np.ndarray, capacity: int, world_size: int) -> List[List[int]]:
     """Micro-batches (example ids) of at most `capacity` tokens: whole rows by BFD, or single
     examples by BFD when that needs fewer micro-batches per rank (capacity not a multiple of
-    max_length)."""
+    max_length). When both need more rounds (micro-batches per rank) than the step's tokens do,
+    a balanced partition of the examples into exactly that many rounds x world_size micro-batches
+    is used instead if every one fits: all slots a step pays for, and ranks evenly loaded."""
     row_sizes = np.fromiter((int(lengths[r].sum()) for r in rows), dtype=np.int64, count=len(rows))
-    by_rows = [[i for r in b for i in rows[r]] for b in best_fit_decreasing(row_sizes, capacity)]
-    if all(len(r) == 1 for r in rows):
-        return by_rows
-    flat = [i for r in rows for i in r]
-    by_examples = [[flat[j] for j in b] for b in best_fit_decreasing(lengths[flat], capacity)]
+    bins = [[i for r in b for i in rows[r]] for b in best_fit_decreasing(row_sizes, capacity)]
     cost = lambda bins: (-(-len(bins) // world_size), len(bins))  # noqa: E731
-    return by_rows if cost(by_rows) <= cost(by_examples) else by_examples
+    flat = [i for r in rows for i in r]
+    if any(len(r) > 1 for r in rows):
+        by_examples = [[flat[j] for j in b] for b in best_fit_decreasing(lengths[flat], capacity)]
+        if cost(by_examples) < cost(bins):
+            bins = by_examples
+    sizes = lengths[flat]
+    rounds = -(-(-(-int(sizes.sum()) // capacity)) // world_size)  # the fewest the tokens allow
+    if cost(bins)[0] > rounds:
+        balanced = balanced_partition(sizes, rounds * world_size, capacity)
+        if all(int(sizes[b].sum()) <= capacity for b in balanced):
+            return [[flat[j] for j in b] for b in balanced if b]
+    return bins
 
 
 def plan_step(rows: Rows, lengths: np.ndarray, n_trained: np.ndarray, *, epoch: int, step_in_epoch: int,

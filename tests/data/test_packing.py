@@ -6,8 +6,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from granite_train.data.packing import best_fit_decreasing, deal_to_ranks, greedy_fill, padded_groups
-from granite_train.data.plan import plan_epoch, select_steps
+from granite_train.data.packing import (balanced_partition, best_fit_decreasing, deal_to_ranks, greedy_fill,
+                                        padded_groups)
+from granite_train.data.plan import plan_epoch, plan_step, select_steps
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -51,6 +52,44 @@ def test_padded_groups_fit_capacity(sizes, capacity):
     groups = padded_groups(sizes, capacity)
     assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
     assert all(len(g) * max(sizes[i] for i in g) <= capacity for g in groups)
+
+
+@FAST
+@given(st.lists(st.integers(1, 500), max_size=200), st.integers(1, 12), st.booleans())
+def test_balanced_partition_keeps_every_item_once_in_k_bins(sizes, k, with_capacity):
+    total = sum(sizes)
+    capacity = max([-(-total // k)] + sizes) if with_capacity else None
+    bins = balanced_partition(sizes, k, capacity)
+    assert len(bins) == k
+    assert sorted(i for b in bins for i in b) == list(range(len(sizes)))
+    loads = [sum(sizes[i] for i in b) for b in bins]
+    if sizes:  # LPT's bound, which the improving moves and swaps never loosen
+        assert max(loads) - min(loads) <= max(sizes)
+    assert bins == balanced_partition(np.asarray(sizes), k, capacity)  # deterministic, list or array
+
+
+def test_balanced_partition_fits_where_bfd_needs_an_extra_bin():
+    sizes = [5, 4, 4, 3, 2, 2]  # 20 tokens: two bins of 10 hold them ({5, 3, 2} and {4, 4, 2})
+    assert len(best_fit_decreasing(sizes, 10)) == 3  # BFD: {5, 4}, {4, 3, 2}, then 2 fits neither
+    bins = balanced_partition(sizes, 2, 10)
+    assert sorted(sum(sizes[i] for i in b) for b in bins) == [10, 10]
+    assert sorted(i for b in bins for i in b) == list(range(6))
+    assert bins == balanced_partition(sizes, 2, 10)
+    # the planner uses it: one micro-batch round, not two, on one rank and on two
+    lengths = np.array(sizes)
+    for world, micro_batches in ((1, 2), (2, 1)):
+        p = plan_step([[i] for i in range(6)], lengths, lengths, epoch=0, step_in_epoch=0,
+                      micro_batch_tokens=10, world_size=world, padded=False)
+        assert p.num_micro_batches == micro_batches and p.num_slots == 20
+        assert p.example_ids == list(range(6))
+        assert all(lengths[list(mb)].sum() == 10 for rank in p.ranks for mb in rank)
+
+
+def test_balanced_partition_that_cannot_fit_leaves_bfd():
+    # 5 items of 6 into bins of 10: the tokens (30) allow 3 bins, but no bin holds two items
+    p = plan_step([[i] for i in range(5)], np.full(5, 6), np.full(5, 6), epoch=0, step_in_epoch=0,
+                  micro_batch_tokens=10, world_size=1, padded=False)
+    assert p.num_micro_batches == 5 and sorted(len(mb) for mb in p.ranks[0]) == [1] * 5
 
 
 @FAST

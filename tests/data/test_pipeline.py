@@ -67,15 +67,16 @@ def same_step(a, b):
 def test_demo_packing_efficiency(demo):
     stats = demo.stats
     assert stats.rows_read == 7168 and stats.examples > 3000
-    assert stats.packing_efficiency >= 0.98
+    assert stats.packing_efficiency >= 0.99  # measured 0.9986
     plans = demo.plan(0)
-    assert np.mean([p.num_input_tokens / p.num_slots for p in plans]) >= 0.98
+    assert np.mean([p.num_input_tokens / p.num_slots for p in plans]) >= 0.99
     assert demo.num_steps_per_epoch == len(plans) == stats.steps_per_epoch
     assert all(p.num_input_tokens <= 16384 for p in plans)
-    # the same steps over 2 ranks keep their efficiency
-    two = plan_epoch(demo.lengths, demo.n_trained, seed=42, epoch=0, tokens_per_step=16384, max_length=2048,
-                     packing="bfd", micro_batch_tokens=4096, world_size=2)
-    assert packing_efficiency(two) >= 0.98
+    # the same steps over more ranks, or in larger micro-batches, keep their efficiency (0.9957-0.9986)
+    for micro, world in ((4096, 2), (4096, 4), (8192, 2)):
+        more = plan_epoch(demo.lengths, demo.n_trained, seed=42, epoch=0, tokens_per_step=16384,
+                          max_length=2048, packing="bfd", micro_batch_tokens=micro, world_size=world)
+        assert packing_efficiency(more) >= 0.99, (micro, world)
     assert "packing efficiency" in stats.report() and "steps per epoch" in stats.report()
 
 
