@@ -41,6 +41,59 @@ def best_fit(sizes: Sequence[int] | np.ndarray, capacity: int, decreasing: bool 
     return bins
 
 
+def lookahead_fill(sizes: Sequence[int] | np.ndarray, capacity: int, lookahead: int, finish: int) -> Bins:
+    """Bins of at most `capacity`, filled in the given order and finished by best fit from a
+    window: each bin opens with the oldest unplaced item and keeps taking the next unplaced items
+    in order while at least `finish` stays free; then it takes, from the next `lookahead`
+    unplaced items, the largest that still fits (the oldest of that size), again and again until
+    none fits. With items of many sizes in the window the last one nearly closes the gap, so bins
+    come out nearly full, and they hold whatever sizes the order brings (no sorting by size).
+    Every item lands in exactly one bin; the oldest unplaced item always opens the next bin, so
+    none waits. O(n log lookahead) comparisons plus list moves of at most `lookahead` entries."""
+    sz = np.asarray(sizes, dtype=np.int64).tolist()
+    if sz and max(sz) > capacity:
+        raise ValueError(f"an item of {max(sz)} exceeds the bin capacity {capacity}")
+    n, mask, lookahead = len(sz), (1 << _SHIFT) - 1, max(1, lookahead)
+    placed = bytearray(n)
+    window: List[int] = []  # the next `lookahead` unplaced items, keyed (size << 32 | position)
+    head = tail = 0  # the oldest unplaced item; the first item not yet in the window
+    bins: Bins = []
+    while True:
+        while tail < n and len(window) < lookahead:
+            bisect.insort(window, (sz[tail] << _SHIFT) | tail)
+            tail += 1
+        while head < n and placed[head]:
+            head += 1
+        if head == n:
+            return bins
+        b: List[int] = []
+        free = capacity
+        while head < n and (not b or sz[head] <= free - finish):  # in order
+            window.pop(bisect.bisect_left(window, (sz[head] << _SHIFT) | head))
+            placed[head] = 1
+            b.append(head)
+            free -= sz[head]
+            head += 1
+            if tail < n:
+                bisect.insort(window, (sz[tail] << _SHIFT) | tail)
+                tail += 1
+            while head < n and placed[head]:
+                head += 1
+        while window:  # best fit
+            j = bisect.bisect_right(window, (free << _SHIFT) | mask) - 1
+            if j < 0:
+                break
+            size = window[j] >> _SHIFT
+            i = window.pop(bisect.bisect_left(window, size << _SHIFT)) & mask
+            placed[i] = 1
+            b.append(i)
+            free -= size
+            if tail < n:
+                bisect.insort(window, (sz[tail] << _SHIFT) | tail)
+                tail += 1
+        bins.append(b)
+
+
 def best_fit_decreasing(sizes: Sequence[int] | np.ndarray, capacity: int) -> Bins:
     return best_fit(sizes, capacity, decreasing=True)
 

@@ -17,7 +17,8 @@ import numpy as np
 from granite_train.config import CHOICES, DataConfig, TrainerConfig, validate_eval
 from granite_train.data.chat import chat_overhead, make_renderer
 from granite_train.data.collator import MicroBatch, collate_packed, collate_padded, empty_micro_batch
-from granite_train.data.plan import StepPlan, packing_efficiency, plan_epoch, plan_step
+from granite_train.data.plan import (PLANNER_VERSION, SELECTION_SINCE, StepPlan, packing_efficiency, plan_epoch,
+                                     plan_step)
 from granite_train.data.prep import FEATURES, Encoder
 from granite_train.data.rows import resolve_row_format
 from granite_train.data.sources import load_source
@@ -139,14 +140,18 @@ class TrainData:
                 "num_tokens": int(self.lengths.sum()), "eval_fraction": self._eval_fraction}
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"kind": "map", "epoch": self._epoch, "step_in_epoch": self._step,
-                "global_step": self._global, "fingerprint": self._fingerprint()}
+        epoch, step = self._epoch, self._step
+        if step and step == len(self.plan(epoch)):  # the epoch is done: record the next one's start
+            epoch, step = epoch + 1, 0
+        return {"kind": "map", "epoch": epoch, "step_in_epoch": step, "global_step": self._global,
+                "fingerprint": self._fingerprint(), "planner": PLANNER_VERSION}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("kind") != "map":
             raise UserError("the checkpoint's data state is from a streaming run; resume with "
                             "data.streaming=true")
         _check_fingerprint(state.get("fingerprint", {}), self._fingerprint())
+        _check_planner(state.get("planner", 1), self._plan_args["packing"], int(state["step_in_epoch"]))
         self._epoch, self._step = int(state["epoch"]), int(state["step_in_epoch"])
         self._global = int(state["global_step"])
 
@@ -157,6 +162,18 @@ def _check_fingerprint(saved: Dict[str, Any], now: Dict[str, Any]) -> None:
         raise UserError(f"cannot resume the data position: {', '.join(changed)} changed since the "
                         f"checkpoint; restore those settings (data, data.eval_fraction, trainer.seed, "
                         f"tokens_per_step, max_length, packing) or start a fresh run")
+
+
+def _check_planner(saved: int, packing: str, step_in_epoch: int) -> None:
+    """A data state saved mid-epoch by a planner that selects other steps (states without a
+    version are from version 1) would repeat and skip examples in the rest of that epoch: the plan
+    is recomputed from (seed, epoch). At an epoch's start nothing of it has been trained yet."""
+    if step_in_epoch and not SELECTION_SINCE[packing] <= saved <= PLANNER_VERSION:
+        raise UserError(f"cannot resume the data position: the checkpoint was planned by step planner version "
+                        f"{saved} and this is version {PLANNER_VERSION}, which selects other data.packing={packing} "
+                        f"steps, so the rest of its epoch would repeat and skip examples; resume from a checkpoint "
+                        f"at an epoch start, or start a new run from its weights (trainer.resume=false "
+                        f"model.path=<checkpoint>/model and a new trainer.output_dir)")
 
 
 class StreamTrainData:

@@ -10,12 +10,25 @@ Two stages, on purpose:
    micro_batch_tokens. Every rank computes the same global plan, so global counts (trained
    tokens for loss normalization, slots for packing efficiency) need no communication.
 
-bfd: examples are first packed (best-fit decreasing) into rows of at most max_length tokens;
-the rows are shuffled, then packed (best-fit decreasing) into steps of tokens_per_step. A row
-always fits a micro-batch (micro_batch_tokens >= max_length), so micro-batches built from whole
-rows stay nearly full. Packing steps straight from example lengths leaves steps of a few large
-examples that do not split evenly into micro-batches (~85% efficiency on the demo data, against
-~99.8% this way).
+bfd: a step is built from parts of tokens_per_step / P tokens (`step_parts`): P the largest
+power of two with parts of at least max_length tokens that the fill below packs to >= 99% on
+average, probed on the lengths in a fixed order, else a smaller P (1: whole steps). On the demo
+data with 16384 tokens a step: 8 parts of 2048 for chitchat (max_length 2048) and for shakespeare
+(max_length 1024, whose ~526-token passages cannot fill parts of 1024). The shuffled examples
+fill the parts one after another (`packing.lookahead_fill`): a part takes the next examples in
+shuffled order until half full, then is finished best-fit from the next 512 unplaced examples
+(the largest that still fits, again and again). Parts come out nearly full while holding whatever
+lengths the shuffle brings; on the demo data the steps are the fewest the tokens allow. P
+consecutive parts make a step; the steps are shuffled. So a step mixes lengths, and each epoch's
+shuffle changes who trains together (on the demo data 0.6-1.1% of the example pairs that share a
+step in one epoch share one in the next, as with greedy). Micro-batches of a power-of-two multiple
+of the part size take whole parts (`plan_step`: best fit of the parts) and are as full as the
+parts; other sizes fall back to best fit of the examples and a balanced partition of the step.
+The planner before (version 1) packed rows of max_length by best-fit DEcreasing into steps: each
+step gathered rows of nearly one size, which often could not split into the fewest micro-batches
+(0.85-0.96 efficiency on demo:shakespeare), and the same examples met again every epoch (31% of
+the pairs on demo:chitchat). The data state records PLANNER_VERSION, so a checkpoint planned by
+another version does not silently resume mid-epoch with other steps.
 """
 
 from __future__ import annotations
@@ -26,9 +39,17 @@ from typing import List, Sequence, Tuple
 import numpy as np
 
 from granite_train.data.packing import (balanced_partition, best_fit_decreasing, deal_to_ranks, greedy_fill,
-                                        padded_groups)
+                                        lookahead_fill, padded_groups)
 
-Rows = List[List[int]]  # a step: rows of example ids
+Parts = List[List[int]]  # a step: its parts (groups of example ids; greedy and none: one example each)
+
+# Bump when select_steps changes which examples share a step. SELECTION_SINCE: the version since
+# which each packing selects as now; a data state from before it cannot resume mid-epoch.
+PLANNER_VERSION = 2
+SELECTION_SINCE = {"bfd": 2, "greedy": 1, "none": 1}
+LOOKAHEAD = 512  # unplaced examples a part's best-fit finish chooses from
+PART_FILL = 0.99  # step_parts: the finest parts that fill at least this well on average
+PROBE_EXAMPLES = 65536
 
 
 @dataclass(frozen=True)
@@ -53,40 +74,63 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch])
 
 
+def step_parts(lengths: np.ndarray, tokens_per_step: int, max_length: int) -> int:
+    """How many parts a bfd step is built from: the most, by powers of two, of at least max_length
+    tokens each whose parts `lookahead_fill` fills to PART_FILL on average, probed on up to
+    PROBE_EXAMPLES of the lengths in a fixed pseudo-random order (so a function of the lengths,
+    tokens_per_step and max_length alone); 1 (whole steps) when no split fills that well."""
+    n_parts = 1
+    while tokens_per_step // (2 * n_parts) >= max_length:
+        n_parts *= 2
+    probe = np.random.default_rng(0).permutation(len(lengths))[:PROBE_EXAMPLES]
+    sample = lengths[probe]
+    total = int(sample.sum())
+    while n_parts > 1:
+        capacity = tokens_per_step // n_parts
+        if total >= PART_FILL * capacity * len(lookahead_fill(sample, capacity, LOOKAHEAD, capacity // 2)):
+            break
+        n_parts //= 2
+    return n_parts
+
+
 def select_steps(lengths: np.ndarray, *, seed: int, epoch: int, tokens_per_step: int,
-                 max_length: int, packing: str) -> List[Rows]:
-    """Each step's examples (as rows of example ids) for one epoch of a map-style dataset."""
+                 max_length: int, packing: str) -> List[Parts]:
+    """Each step's examples (as parts of example ids) for one epoch of a map-style dataset."""
     rng = epoch_rng(seed, epoch)
     perm = rng.permutation(len(lengths))
     shuffled = lengths[perm]
     if packing != "bfd":  # greedy and none: same selection, in shuffled order
         return [[[int(perm[i])] for i in step] for step in greedy_fill(shuffled, tokens_per_step)]
-    rows = [[int(perm[i]) for i in row] for row in best_fit_decreasing(shuffled, max_length)]
-    # Note: best-fit DEcreasing below sorts the rows by size, so this shuffle only orders rows of
-    # equal size, and each step gathers rows of nearly one size (see docs/benchmarks.md, "Packing
-    # efficiency": on demo:shakespeare such steps cannot always split into the fewest micro-batches).
-    rows = [rows[i] for i in rng.permutation(len(rows))]
-    row_sizes = np.fromiter((int(lengths[r].sum()) for r in rows), dtype=np.int64, count=len(rows))
-    steps = [[rows[r] for r in step] for step in best_fit_decreasing(row_sizes, tokens_per_step)]
+    n_parts = step_parts(lengths, tokens_per_step, max_length)
+    capacity = tokens_per_step // n_parts
+    parts = [perm[p].tolist() for p in lookahead_fill(shuffled, capacity, LOOKAHEAD, capacity // 2)]
+    steps = [parts[s: s + n_parts] for s in range(0, len(parts), n_parts)]
     return [steps[i] for i in rng.permutation(len(steps))]
 
 
-def _micro_bins_packed(rows: Rows, lengths: np.ndarray, capacity: int, world_size: int) -> List[List[int]]:
-    """Micro-batches (example ids) of at most `capacity` tokens: whole rows by BFD, or single
-    examples by BFD when that needs fewer micro-batches per rank (capacity not a multiple of
-    max_length). When both need more rounds (micro-batches per rank) than the step's tokens do,
+def _micro_bins_packed(parts: Parts, lengths: np.ndarray, capacity: int, world_size: int) -> List[List[int]]:
+    """Micro-batches (example ids) of at most `capacity` tokens: whole parts by BFD (a part larger
+    than `capacity` split by BFD first), or single examples by BFD when that needs fewer
+    micro-batches. When both need more rounds (micro-batches per rank) than the step's tokens do,
     a balanced partition of the examples into exactly that many rounds x world_size micro-batches
     is used instead if every one fits: all slots a step pays for, and ranks evenly loaded."""
-    row_sizes = np.fromiter((int(lengths[r].sum()) for r in rows), dtype=np.int64, count=len(rows))
-    bins = [[i for r in b for i in rows[r]] for b in best_fit_decreasing(row_sizes, capacity)]
+    units: Parts = []
+    for part in parts:
+        if int(lengths[part].sum()) <= capacity:
+            units.append(part)
+        else:
+            units += [[part[j] for j in b] for b in best_fit_decreasing(lengths[part], capacity)]
+    unit_sizes = np.fromiter((int(lengths[u].sum()) for u in units), dtype=np.int64, count=len(units))
+    bins = [[i for u in b for i in units[u]] for b in best_fit_decreasing(unit_sizes, capacity)]
     cost = lambda bins: (-(-len(bins) // world_size), len(bins))  # noqa: E731
-    flat = [i for r in rows for i in r]
-    if any(len(r) > 1 for r in rows):
-        by_examples = [[flat[j] for j in b] for b in best_fit_decreasing(lengths[flat], capacity)]
+    flat = [i for u in units for i in u]
+    sizes = lengths[flat]
+    fewest = -(-int(sizes.sum()) // capacity)  # micro-batches the tokens need
+    if len(bins) > fewest and any(len(u) > 1 for u in units):
+        by_examples = [[flat[j] for j in b] for b in best_fit_decreasing(sizes, capacity)]
         if cost(by_examples) < cost(bins):
             bins = by_examples
-    sizes = lengths[flat]
-    rounds = -(-(-(-int(sizes.sum()) // capacity)) // world_size)  # the fewest the tokens allow
+    rounds = -(-fewest // world_size)  # the fewest the tokens allow
     if cost(bins)[0] > rounds:
         balanced = balanced_partition(sizes, rounds * world_size, capacity)
         if all(int(sizes[b].sum()) <= capacity for b in balanced):
@@ -94,13 +138,13 @@ def _micro_bins_packed(rows: Rows, lengths: np.ndarray, capacity: int, world_siz
     return bins
 
 
-def plan_step(rows: Rows, lengths: np.ndarray, n_trained: np.ndarray, *, epoch: int, step_in_epoch: int,
+def plan_step(parts: Parts, lengths: np.ndarray, n_trained: np.ndarray, *, epoch: int, step_in_epoch: int,
               micro_batch_tokens: int, world_size: int, padded: bool) -> StepPlan:
-    flat = [i for r in rows for i in r]
+    flat = [i for p in parts for i in p]
     if padded:
         bins = [[flat[j] for j in b] for b in padded_groups(lengths[flat], micro_batch_tokens)]
     else:
-        bins = _micro_bins_packed(rows, lengths, micro_batch_tokens, world_size)
+        bins = _micro_bins_packed(parts, lengths, micro_batch_tokens, world_size)
     bin_tokens = [int(lengths[b].sum()) for b in bins]
     per_rank = deal_to_ranks(bin_tokens, world_size)
     n_micro = max(len(r) for r in per_rank)
@@ -116,10 +160,10 @@ def plan_epoch(lengths: np.ndarray, n_trained: np.ndarray, *, seed: int, epoch: 
                max_length: int, packing: str, micro_batch_tokens: int, world_size: int) -> List[StepPlan]:
     steps = select_steps(lengths, seed=seed, epoch=epoch, tokens_per_step=tokens_per_step,
                          max_length=max_length, packing=packing)
-    return [plan_step(rows, lengths, n_trained, epoch=epoch, step_in_epoch=k,
+    return [plan_step(parts, lengths, n_trained, epoch=epoch, step_in_epoch=k,
                       micro_batch_tokens=micro_batch_tokens, world_size=world_size,
                       padded=packing == "none")
-            for k, rows in enumerate(steps)]
+            for k, parts in enumerate(steps)]
 
 
 def packing_efficiency(plans: Sequence[StepPlan]) -> float:

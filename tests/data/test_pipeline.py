@@ -10,7 +10,8 @@ import torch
 
 from granite_train.config import DataConfig, TrainerConfig
 from granite_train.data import build_train_data, is_empty, load_tokenizer
-from granite_train.data.plan import packing_efficiency, plan_epoch
+from granite_train.data.plan import PLANNER_VERSION, packing_efficiency, plan_epoch
+from granite_train.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +73,8 @@ def test_demo_packing_efficiency(demo):
     assert np.mean([p.num_input_tokens / p.num_slots for p in plans]) >= 0.99
     assert demo.num_steps_per_epoch == len(plans) == stats.steps_per_epoch
     assert all(p.num_input_tokens <= 16384 for p in plans)
-    # the same steps over more ranks, or in larger micro-batches, keep their efficiency (0.9957-0.9986)
-    for micro, world in ((4096, 2), (4096, 4), (8192, 2)):
+    # the same steps over more ranks, or in other micro-batches, keep their efficiency (0.9957-0.9986)
+    for micro, world in ((4096, 2), (4096, 4), (8192, 2), (2048, 8)):
         more = plan_epoch(demo.lengths, demo.n_trained, seed=42, epoch=0, tokens_per_step=16384,
                           max_length=2048, packing="bfd", micro_batch_tokens=micro, world_size=world)
         assert packing_efficiency(more) >= 0.99, (micro, world)
@@ -138,9 +139,35 @@ def test_resume_yields_the_same_steps(tok, small, packing):
 def test_resume_refuses_changed_plan(tok, small):
     state = build(tok, small).state_dict()
     other = build(tok, small, seed=8)
-    from granite_train.errors import UserError
     with pytest.raises(UserError, match="seed 7 -> 8"):
         other.load_state_dict(state)
+
+
+def without_planner(state):  # as written before the data state recorded its planner (version 1)
+    return {k: v for k, v in state.items() if k != "planner"}
+
+
+def test_resume_refuses_a_mid_epoch_state_of_another_planner(tok, small):
+    data = build(tok, small, epochs=2)
+    take(data, 2)
+    state = data.state_dict()
+    assert state["planner"] == PLANNER_VERSION
+    for other in (without_planner(state), {**state, "planner": PLANNER_VERSION + 1}):
+        with pytest.raises(UserError, match=r"planned by step planner version \d+ and this is version .*"
+                                            r"trainer.resume=false model.path=<checkpoint>/model"):
+            build(tok, small, epochs=2).load_state_dict(other)
+    # greedy selects its steps as in version 1: its states resume anywhere
+    greedy = build(tok, small, packing="greedy", epochs=2)
+    take(greedy, 2)
+    build(tok, small, packing="greedy", epochs=2).load_state_dict(without_planner(greedy.state_dict()))
+    # a state at an epoch's end records the next epoch's start, which any planner may resume
+    done = build(tok, small, epochs=2)
+    take(done, done.num_steps_per_epoch)
+    end = done.state_dict()
+    assert (end["epoch"], end["step_in_epoch"]) == (1, 0)
+    resumed = build(tok, small, epochs=2)
+    resumed.load_state_dict(without_planner(end))
+    assert [s.example_ids for s in resumed.steps()] == [s.example_ids for s in done.steps()]
 
 
 def test_epochs_and_order(tok, small):
