@@ -39,28 +39,15 @@ from typing import Any, Dict, List
 import torch
 
 from common import git_commit, machine_info
-from padding_free import PRESETS, StepSettings, build_our_model, build_workloads, compose
+from padding_free import PRESETS, StepSettings, Workload, build_our_model, build_workloads, compose, run_workload
 
 
 def run_step(model: torch.nn.Module, opt: torch.optim.Optimizer, mbs: List[Dict[str, Any]], n_global: int,
              n_real: int, s: StepSettings) -> float:
-    from granite_train.train.inputs import MODEL_INPUTS
-
-    opt.zero_grad(set_to_none=True)
-    loss_sum = 0.0
-    for mb in mbs:
-        n_mb = int((mb["labels"] != -100).sum())
-        if n_mb == 0:
-            continue
-        o = model(**{k: mb.get(k) for k in MODEL_INPUTS}, labels=mb["labels"],
-                  loss_chunk_tokens=s.loss_chunk_tokens, return_logits=False)
-        objective = o.loss * (n_mb / n_global)
-        if o.aux_loss is not None:
-            objective = objective + s.aux_coef * o.aux_loss * (int(mb["input_ids"].numel()) / n_real)
-        objective.backward()
-        loss_sum += float(o.loss.detach()) * n_mb
+    """padding_free's forward + backward of one step (loop.py's weighting), then the update."""
+    out = run_workload(model, Workload("packed", [mbs], [n_global], [n_real], 0), s)
     opt.step()
-    return loss_sum / n_global
+    return out[0]["loss"]
 
 
 def grads_rel_err(a: torch.nn.Module, b: torch.nn.Module) -> float:

@@ -11,12 +11,10 @@ import pytest
 import torch
 
 from granite_train.data.collator import collate_packed
-from granite_train.models import GraniteConfig, build_model
 from granite_train.models.compile import compile_model
 from granite_train.train.inputs import MODEL_INPUTS
 
-from .conftest import hf_config_kwargs
-from .test_grad_order import FAMILIES, MICRO_BATCHES, _readiness_order
+from .test_grad_order import MICRO_BATCHES, _readiness_order, build_family
 
 ROWS = [  # packed micro-batches of different total lengths (dynamic shapes)
     [list(range(1, 12)), [7, 8, 9], list(range(20, 50))],
@@ -37,11 +35,7 @@ def _loss_and_grads(model, examples):
 
 @pytest.mark.parametrize("family", ["granite", "granitemoehybrid"])
 def test_compiled_model_trains_like_eager(family):
-    kw = hf_config_kwargs(**FAMILIES[family])
-    if family == "granitemoehybrid":
-        kw.pop("rope_theta")
-    torch.manual_seed(0)
-    eager = build_model(GraniteConfig(model_type=family, **kw))
+    eager = build_family(family)
     compiled = copy.deepcopy(eager)
     counts = compile_model(compiled)
     expected = {"granite": {"RMSNorm": 7, "SwiGLU": 3},

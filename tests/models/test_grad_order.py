@@ -50,13 +50,18 @@ def _readiness_order(model, examples):
     return order
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_gradients_become_ready_in_one_order(family):
+def build_family(family):
+    """The tiny fp32 model of `family` (seed 0), as the tests in this package build it."""
     kw = hf_config_kwargs(**FAMILIES[family])
     if family == "granitemoehybrid":
         kw.pop("rope_theta")
     torch.manual_seed(0)
-    model = build_model(GraniteConfig(model_type=family, **kw))
+    return build_model(GraniteConfig(model_type=family, **kw))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_become_ready_in_one_order(family):
+    model = build_family(family)
     orders = {name: _readiness_order(model, ex) for name, ex in MICRO_BATCHES.items()}
     reference = orders["packed"]
     assert len(reference) == len(list(model.parameters()))  # every parameter, once
