@@ -23,8 +23,8 @@ budget (`--micro-batch-tokens`: tokens per packed row, slots = rows x longest pe
   its step selection (greedy fill in shuffled order) picks different examples than bfd's.
   Example order inside a step only breaks ties between examples of equal length, which does not
   change any padded shape.
-* Both are fed the trainer's way (`granite_train/train/loop.py::_train_step`):
-  `model(**{k: mb.get(k) for k in MODEL_INPUTS}, labels=..., return_logits=False)`; the padded
+* Both are fed by the trainer's own forward and backward (`granite_train.train.step.
+  forward_backward`, the first half of `train_step`, on the trainer's plain engine): the padded
   `attention_mask` is not a model input (right padding + causal attention/Mamba: real tokens never
   see padding); each micro-batch's loss weighted by its share of the step's trained tokens, plus
   `router_aux_loss_coef` x the router loss weighted by its share of real tokens (MoE/hybrid).
@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -174,8 +175,8 @@ def build_workloads(cfg, tok, n_steps: int) -> tuple[Workload, Workload, Dict[st
 
 
 def build_our_model(cfg, tok, seed: int = 0):
-    """What loop.py::_build_model does for a random init: the preset's arch, the tokenizer's
-    vocabulary and special ids."""
+    """What the trainer's build (train/build.py::build_run_model) does for a random init: the
+    preset's arch, the tokenizer's vocabulary and special ids."""
     from granite_train.models import build_model
 
     arch = dataclasses.replace(cfg.model.arch)
@@ -203,29 +204,32 @@ class StepSettings:
     router_z_loss_coef: Optional[float]
 
 
-def run_workload(model, w: Workload, s: StepSettings) -> List[Dict[str, float]]:
-    """Forward + backward of every optimizer step of `w`, the way loop.py::_train_step does it
-    (without the optimizer update). Returns per step the token-exact LM loss and the aux loss."""
-    from granite_train.train.inputs import MODEL_INPUTS
+@functools.lru_cache(maxsize=None)
+def _engine(model) -> Any:
+    """The trainer's plain engine around `model` (one process). Its optimizer never steps here:
+    the benchmark times forward + backward on unchanged weights."""
+    from granite_train.parallel import Env, ParallelPlan
+    from granite_train.parallel.engine import PlainEngine
 
+    plan = ParallelPlan(world_size=1, zero_stage=None, expert=None, matmul_params=model.active_matmul_params())
+    return PlainEngine(model, torch.optim.SGD(model.parameters(), lr=0.0), Env.single(), 0.0, plan)
+
+
+def run_workload(model, w: Workload, s: StepSettings) -> List[Dict[str, float]]:
+    """Forward + backward of every optimizer step of `w` by the trainer's own
+    `granite_train.train.step.forward_backward` (no optimizer update). Returns per step the
+    token-exact LM loss and the aux loss."""
+    from granite_train.data import TrainStep
+    from granite_train.train.step import StepSettings as TrainerStepSettings
+    from granite_train.train.step import forward_backward
+
+    settings = TrainerStepSettings(torch.device("cpu"), aux_coef=s.aux_coef, loss_chunk_tokens=s.loss_chunk_tokens)
     out: List[Dict[str, float]] = []
     for mbs, n_global, n_real in zip(w.steps, w.trained_tokens, w.real_tokens):
         model.zero_grad(set_to_none=True)
-        loss_sum, aux_sum = 0.0, None
-        for mb in mbs:
-            n_mb = _trained(mb)
-            if n_mb == 0:  # the trainer skips it too
-                continue
-            o = model(**{k: mb.get(k) for k in MODEL_INPUTS}, labels=mb["labels"],
-                      loss_chunk_tokens=s.loss_chunk_tokens, return_logits=False)
-            objective = o.loss * (n_mb / n_global)
-            if o.aux_loss is not None:
-                share = _real(mb) / n_real
-                objective = objective + s.aux_coef * o.aux_loss * share
-                aux_sum = (aux_sum or 0.0) + float(o.aux_loss.detach()) * share
-            objective.backward()
-            loss_sum += float(o.loss.detach().double()) * n_mb
-        out.append({"loss": loss_sum / max(n_global, 1), "aux_loss": aux_sum})
+        sums = forward_backward(_engine(model), TrainStep(0, 0, 0, mbs, n_global, n_real, 0), settings)
+        out.append({"loss": float(sums.loss_sum) / max(n_global, 1),
+                    "aux_loss": float(sums.aux_sum) if sums.saw_aux else None})
     return out
 
 

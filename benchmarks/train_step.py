@@ -18,9 +18,10 @@ shakespeare = `recipe=pretrain_power`), fp32, CPU:
 * `--profile`: torch.profiler over one step of the eager copy: the top operators by self CPU
   time (the "before/after" tables in docs/benchmarks.md come from running this at two commits).
 
-The step is loop.py's: `model(**inputs, labels, return_logits=False)` per micro-batch, loss
-weighted by its share of the step's trained tokens, plus the router aux loss (MoE/hybrid),
-`backward`, then `AdamW.step()`. No timed assertions: this is not a test.
+The step is the trainer's own `granite_train.train.step.train_step` on its plain engine:
+`model(**inputs, labels, return_logits=False)` per micro-batch, loss weighted by its share of the
+step's trained tokens, plus the router aux loss (MoE/hybrid), `backward`, global-norm clipping at
+optim.grad_clip, then `AdamW.step()` (lr 0). No timed assertions: this is not a test.
 """
 
 from __future__ import annotations
@@ -42,12 +43,25 @@ from common import git_commit, machine_info
 from padding_free import PRESETS, StepSettings, Workload, build_our_model, build_workloads, compose, run_workload
 
 
-def run_step(model: torch.nn.Module, opt: torch.optim.Optimizer, mbs: List[Dict[str, Any]], n_global: int,
-             n_real: int, s: StepSettings) -> float:
-    """padding_free's forward + backward of one step (loop.py's weighting), then the update."""
-    out = run_workload(model, Workload("packed", [mbs], [n_global], [n_real], 0), s)
-    opt.step()
-    return out[0]["loss"]
+def run_step(engine, mbs: List[Dict[str, Any]], n_global: int, n_real: int, s: StepSettings) -> float:
+    """The trainer's own optimizer step (`granite_train.train.step.train_step`): forward and
+    backward of every micro-batch with the trainer's weighting, global-norm clipping, the update."""
+    from granite_train.data import TrainStep
+    from granite_train.train.step import StepSettings as TrainerStepSettings
+    from granite_train.train.step import train_step
+
+    settings = TrainerStepSettings(torch.device("cpu"), aux_coef=s.aux_coef, loss_chunk_tokens=s.loss_chunk_tokens)
+    return train_step(engine, TrainStep(0, 0, 0, mbs, n_global, n_real, 0), settings).loss
+
+
+def plain_engine(model: torch.nn.Module, grad_clip: float):
+    """The trainer's one-process plain engine with an AdamW at lr 0: the two copies' weights stay
+    equal across rounds; the update's cost is measured, its effect is not needed."""
+    from granite_train.parallel import Env, ParallelPlan
+    from granite_train.parallel.engine import PlainEngine
+
+    plan = ParallelPlan(world_size=1, zero_stage=None, expert=None, matmul_params=model.active_matmul_params())
+    return PlainEngine(model, torch.optim.AdamW(model.parameters(), lr=0.0), Env.single(), grad_clip, plan)
 
 
 def grads_rel_err(a: torch.nn.Module, b: torch.nn.Module) -> float:
@@ -59,11 +73,11 @@ def grads_rel_err(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return worst
 
 
-def profile_table(model, opt, mbs, n_global, n_real, s: StepSettings, top: int) -> List[Dict[str, Any]]:
+def profile_table(engine, mbs, n_global, n_real, s: StepSettings, top: int) -> List[Dict[str, Any]]:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        run_step(model, opt, mbs, n_global, n_real, s)
+        run_step(engine, mbs, n_global, n_real, s)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
     return [dict(op=e.key, self_ms=e.self_cpu_time_total / 1e3, share=e.self_cpu_time_total / total, calls=e.count)
@@ -91,28 +105,28 @@ def bench_model(model_kind: str, args: argparse.Namespace) -> Dict[str, Any]:
         compiled = copy.deepcopy(eager)
         row["compiled_modules"] = compile_model(compiled)
         models["compiled"] = compiled
-    # Same optimizer state in both (lr 0 keeps the two copies' weights equal across rounds: the
-    # update's cost is measured, its effect is not needed).
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=0.0) for k, m in models.items()}
+    engines = {k: plain_engine(m, cfg.optim.grad_clip) for k, m in models.items()}
     first = {}
-    for k, m in models.items():
+    for k, m in models.items():  # forward + backward only: the gradients are compared below
         t0 = time.perf_counter()
-        row[f"loss_{k}"] = run_step(m, opts[k], mbs, n_global, n_real, s)
+        row[f"loss_{k}"] = run_workload(m, Workload("packed", [mbs], [n_global], [n_real], 0), s)[0]["loss"]
         first[k] = time.perf_counter() - t0
     row["first_step_s"] = first
     if "compiled" in models:
         row["max_grad_rel_err"] = grads_rel_err(eager, models["compiled"])
+    for m in models.values():
+        m.zero_grad(set_to_none=True)
         print(f"   first step (compiled: includes compilation) {first['compiled']:.1f} s vs eager {first['eager']:.1f} s; "
               f"loss {row['loss_compiled']:.7f} vs {row['loss_eager']:.7f}, max grad rel err {row['max_grad_rel_err']:.1e}")
     for _ in range(args.warmup):
         for k, m in models.items():
-            run_step(m, opts[k], mbs, n_global, n_real, s)
+            run_step(engines[k], mbs, n_global, n_real, s)
     times: Dict[str, List[float]] = {k: [] for k in models}
     names = list(models)
     for r in range(args.steps):
         for k in names[r % len(names):] + names[: r % len(names)]:
             t0 = time.perf_counter()
-            run_step(models[k], opts[k], mbs, n_global, n_real, s)
+            run_step(engines[k], mbs, n_global, n_real, s)
             times[k].append(time.perf_counter() - t0)
     row["step_s"] = times
     row["tokens_per_s"] = {k: n_real / statistics.median(v) for k, v in times.items()}
@@ -123,7 +137,7 @@ def bench_model(model_kind: str, args: argparse.Namespace) -> Dict[str, Any]:
         line += f" | compiled/eager {row['compiled_over_eager']:.2f}x"
     print(line, flush=True)
     if args.profile:
-        row["profile"] = profile_table(eager, opts["eager"], mbs, n_global, n_real, s, args.top)
+        row["profile"] = profile_table(engines["eager"], mbs, n_global, n_real, s, args.top)
         print(f"   top {args.top} operators by self CPU time, one eager step:")
         print(f"   {'op':<60} {'self ms':>9} {'share':>6} {'calls':>6}")
         for e in row["profile"]:

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+import granite_train.configs
+import granite_train.recipes
 from granite_train.config import RunConfig, validate
 from granite_train.errors import UserError
 
@@ -33,14 +41,10 @@ data.path=my.jsonl model.path=/ckpt/granite. See README.md for the main override
 
 
 def config_dir() -> Path:
-    import granite_train.configs
-
     return Path(granite_train.configs.__file__).parent
 
 
 def recipe_dir() -> Path:
-    import granite_train.recipes
-
     return Path(granite_train.recipes.__file__).parent
 
 
@@ -67,8 +71,6 @@ def _all_keys(node, prefix: str = "") -> List[str]:
 
 def _explain(exc: Exception, overrides: Sequence[str]) -> str:
     """One line for a Hydra/OmegaConf composition error."""
-    from hydra.errors import MissingConfigException
-
     text = str(exc).strip()
     if isinstance(exc, MissingConfigException) and "recipe/" in text:
         asked = [o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")]
@@ -92,11 +94,6 @@ def _explain(exc: Exception, overrides: Sequence[str]) -> str:
 
 def compose_config(overrides: Sequence[str]) -> RunConfig:
     """Compose the run config from configs/, the chosen recipe and the overrides (typed)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf.errors import OmegaConfBaseException
-
     added = [o for o in overrides if o.startswith("+")]
     if added:
         # Hydra's "+key=value" appends a key the schema does not have: it would be ignored.
@@ -119,8 +116,6 @@ def compose_config(overrides: Sequence[str]) -> RunConfig:
 
 
 def _setup_logging() -> None:
-    import os
-
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
@@ -149,6 +144,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if print_cfg:
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             return 0
+        # Imported here, not at the top: the trainer and the data pipeline cost ~0.8 s to import,
+        # which --cfg, --recipes and every config error line would pay for nothing.
         from granite_train.train.loop import train
 
         train(cfg)

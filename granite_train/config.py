@@ -7,11 +7,14 @@ silently ignored setting. Field names are a public contract (CLI overrides): ext
 
 from __future__ import annotations
 
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from granite_train.errors import UserError
 from granite_train.models.config import GraniteConfig
+from granite_train.models.param_roles import ROLES, mup_width_multiplier
+from granite_train.train.schedule import Schedule
 
 
 @dataclass
@@ -160,7 +163,7 @@ class TrainerConfig:
 class DistributedConfig:
     backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
     # null: plain data parallel (every rank holds everything; one summed all-reduce per step).
-    # 0-3: DeepSpeed ZeRO stage (granite_train/train/engine.py): 1 shards the optimizer state,
+    # 0-3: DeepSpeed ZeRO stage (granite_train/parallel/deepspeed_engine.py): 1 shards the optimizer state,
     # 2 also the gradients, 3 also the weights. Same math as null, token-exact.
     zero_stage: Optional[int] = None
     # A DeepSpeed JSON config merged on top of the generated one (zero_stage set only).
@@ -235,8 +238,6 @@ def _get(cfg: RunConfig, dotted: str) -> Any:
 
 def validate(cfg: RunConfig) -> None:
     """Value checks the type system cannot express; each failure is one UserError line."""
-    from granite_train.errors import UserError
-
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
@@ -244,16 +245,7 @@ def validate(cfg: RunConfig) -> None:
     for key in _POSITIVE:
         if _get(cfg, key) <= 0:
             raise UserError(f"{key}={_get(cfg, key)} must be > 0")
-    if cfg.trainer.micro_batch_tokens < cfg.data.max_length:
-        raise UserError(
-            f"trainer.micro_batch_tokens={cfg.trainer.micro_batch_tokens} is smaller than "
-            f"data.max_length={cfg.data.max_length}: a micro-batch must hold the longest example; "
-            f"raise trainer.micro_batch_tokens or lower data.max_length")
-    if cfg.trainer.tokens_per_step < cfg.data.max_length:
-        raise UserError(
-            f"trainer.tokens_per_step={cfg.trainer.tokens_per_step} is smaller than "
-            f"data.max_length={cfg.data.max_length}: a step must hold the longest example; "
-            f"raise trainer.tokens_per_step or lower data.max_length")
+    validate_data(cfg.data, cfg.trainer)
     for key in _NON_NEGATIVE:
         if _get(cfg, key) < 0:
             raise UserError(f"{key}={_get(cfg, key)} must be >= 0")
@@ -261,7 +253,6 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"model.router_z_loss_coef={cfg.model.router_z_loss_coef} must be >= 0 (or null)")
     if cfg.trainer.epochs is not None and cfg.trainer.epochs < 1:
         raise UserError(f"trainer.epochs={cfg.trainer.epochs} must be >= 1 (or null: as many as max_steps needs)")
-    validate_eval(cfg.data)
     _validate_mup(cfg)
     _validate_distributed(cfg)
     if len(cfg.optim.betas) != 2:
@@ -302,8 +293,6 @@ def validate(cfg: RunConfig) -> None:
         if sch.min_lr > cfg.optim.lr:
             raise UserError(f"scheduler.min_lr={sch.min_lr} is above optim.lr={cfg.optim.lr} (the peak lr)")
         if decay > 0 and sch.min_lr > 0:
-            from granite_train.train.schedule import Schedule
-
             top = Schedule(sch, cfg.optim.lr, tr.max_steps, tokens_per_step=tr.tokens_per_step,
                            total_tokens=tr.max_tokens).lr_at(0, total - decay)
             if sch.min_lr > top:
@@ -311,10 +300,29 @@ def validate(cfg: RunConfig) -> None:
                                 f"decay ({top:.4g}): the decay would raise the lr; lower scheduler.min_lr")
 
 
-def validate_eval(data: DataConfig) -> None:
-    """data.eval_path / eval_fraction / max_eval_examples (also checked by the data pipeline)."""
-    from granite_train.errors import UserError
+def validate_data(data: DataConfig, trainer: TrainerConfig) -> None:
+    """The data section and how it fits the batch (`validate` runs it; so does the data pipeline
+    for callers that build data without the CLI)."""
+    for key, allowed in CHOICES.items():
+        if key.startswith("data.") and getattr(data, key.split(".", 1)[1]) not in allowed:
+            raise UserError(f"{key}={getattr(data, key.split('.', 1)[1])!r} is not one of {', '.join(allowed)}")
+    if data.max_length <= 0:
+        raise UserError(f"data.max_length={data.max_length} must be > 0")
+    if trainer.micro_batch_tokens < data.max_length:
+        raise UserError(
+            f"trainer.micro_batch_tokens={trainer.micro_batch_tokens} is smaller than "
+            f"data.max_length={data.max_length}: a micro-batch must hold the longest example; "
+            f"raise trainer.micro_batch_tokens or lower data.max_length")
+    if trainer.tokens_per_step < data.max_length:
+        raise UserError(
+            f"trainer.tokens_per_step={trainer.tokens_per_step} is smaller than "
+            f"data.max_length={data.max_length}: a step must hold the longest example; "
+            f"raise trainer.tokens_per_step or lower data.max_length")
+    validate_eval(data)
 
+
+def validate_eval(data: DataConfig) -> None:
+    """data.eval_path / eval_fraction / max_eval_examples."""
     if data.eval_path is not None and data.eval_fraction is not None:
         raise UserError(f"data.eval_path={data.eval_path} and data.eval_fraction={data.eval_fraction} "
                         f"are both set; use one (a separate eval set, or a held-out share of data.path)")
@@ -333,9 +341,6 @@ def validate_eval(data: DataConfig) -> None:
 def _validate_mup(cfg: RunConfig) -> None:
     """optim.no_decay_roles and muP's width multiplier (checked here when model.arch is used;
     a checkpoint's sizes are checked when the model is built)."""
-    from granite_train.errors import UserError
-    from granite_train.models.param_roles import ROLES, mup_width_multiplier
-
     bad = sorted(set(cfg.optim.no_decay_roles) - set(ROLES))
     if bad:
         raise UserError(f"optim.no_decay_roles has unknown roles {bad} (roles: {', '.join(ROLES)})")
@@ -348,8 +353,6 @@ def _validate_mup(cfg: RunConfig) -> None:
 
 def _validate_distributed(cfg: RunConfig) -> None:
     """distributed.zero_stage and its companions (DeepSpeed ZeRO)."""
-    from granite_train.errors import UserError
-
     d = cfg.distributed
     ep = d.expert_parallel_size
     if ep < 1:

@@ -13,7 +13,8 @@ gets `logits_scaling = w * base logits_scaling` (Granite's m_width) and `model.a
 (m_width = hidden_size / base hidden_size, i.e. `model.mup_base_width` = the base width); SP
 keeps the base logits_scaling and no muP. Both train with the real code: `build_model`, the
 optimizer from `granite_train.train.optim.build_optimizer` with each group's lr = optim.lr *
-lr_scale, the model's own loss, grad clipping at optim.grad_clip, fp32 on the CPU.
+lr_scale, and the trainer's own optimizer step (`granite_train.train.step.train_step`: the
+model's loss and router loss, global-norm clipping at optim.grad_clip), fp32 on the CPU.
 
 The base model is the composed config (any `model=...`, `model.arch.*`, `optim.*` override) on top
 of small defaults (hidden 32, 2 layers, 2 heads of 16, vocab 256, optim.lr 0.003) so the check
@@ -33,7 +34,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from granite_train.cli import compose_config
+from granite_train.data import TrainStep
 from granite_train.errors import UserError
+from granite_train.models import build_model
+from granite_train.parallel import Env, ParallelPlan
+from granite_train.parallel.engine import PlainEngine
+from granite_train.train.optim import build_optimizer, mup_width_for
+from granite_train.train.step import StepSettings, set_lr, train_step
 
 DEFAULT_OVERRIDES = (
     "model.arch.vocab_size=256",
@@ -98,10 +105,8 @@ def _record(model) -> tuple:
 
 
 def train_width(cfg, base_arch, w: int, mup: bool, steps: int, seed: int) -> List[Dict[str, float]]:
-    """Mean |activation| per layer after 0..steps optimizer steps of the width-x`w` model."""
-    from granite_train.models import build_model
-    from granite_train.train.optim import build_optimizer, mup_width_for
-
+    """Mean |activation| per layer after 0..steps optimizer steps of the width-x`w` model, each
+    step the trainer's own (`train.step.train_step` on a one-process plain engine)."""
     arch = scaled_arch(base_arch, w, mup)
     torch.manual_seed(seed)
     model = build_model(arch, attn_backend=cfg.model.attn_backend, mamba_backend="torch")
@@ -109,29 +114,24 @@ def train_width(cfg, base_arch, w: int, mup: bool, steps: int, seed: int) -> Lis
     optim_cfg = dataclasses.replace(cfg.optim, mup=mup)
     if mup:
         model.apply_mup(mup_width_for(model, base_arch.hidden_size))  # re-draws the muP init
-    optimizer = build_optimizer(model, optim_cfg)
+    env = Env.single()
+    plan = ParallelPlan(world_size=1, zero_stage=None, expert=None, matmul_params=model.active_matmul_params())
+    engine = PlainEngine(model, build_optimizer(model, optim_cfg), env, optim_cfg.grad_clip, plan)
     batch = fixed_batch(arch.vocab_size, seed)
-    aux_coef = float(arch.router_aux_loss_coef or 0.0)
+    step = TrainStep(0, 0, 0, [batch], num_trained_tokens=int((batch["labels"] != -100).sum()),
+                     num_input_tokens=batch["input_ids"].numel(), num_slots=batch["input_ids"].numel())
+    settings = StepSettings.of(model, env)
     acts, handles = _record(model)
     history = []
     model.train()
     try:
-        for step in range(steps + 1):
-            if step == steps:  # the activations after the last update
-                with torch.no_grad():
-                    model(**batch)
-                history.append(dict(acts))
-                break
-            for group in optimizer.param_groups:  # what the training loop does every step
-                group["lr"] = optim_cfg.lr * group.get("lr_scale", 1.0)
-            out = model(**batch)
+        for k in range(steps + 1):
+            with torch.no_grad():  # the full forward (logits included) at the weights after k updates
+                model(**batch)
             history.append(dict(acts))
-            loss = out.loss if out.aux_loss is None else out.loss + aux_coef * out.aux_loss
-            loss.backward()
-            if optim_cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if k < steps:
+                set_lr(engine, optim_cfg.lr)  # constant lr: the check is about widths, not schedules
+                train_step(engine, step, settings)
     finally:
         for h in handles:
             h.remove()

@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import List, Optional
 
 from granite_train.errors import UserError
+from granite_train.models import load_model, save_model
+from granite_train.train.checkpoint import STATE_FILE, checkpoints_dir, latest_checkpoint
 
 
 def export(checkpoint: Path, out: Path, max_shard_size: str = "5GB") -> Path:
-    from granite_train.models import load_model, save_model
-    from granite_train.train.checkpoint import STATE_FILE, checkpoints_dir, latest_checkpoint
-
     ckpt = checkpoint
     if not (ckpt / STATE_FILE).is_file():
         ckpt = latest_checkpoint(checkpoint) or latest_checkpoint(checkpoints_dir(checkpoint))

@@ -16,12 +16,14 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from granite_train.cli import compose_config
+from granite_train.data import load_tokenizer
 from granite_train.errors import UserError
+from granite_train.models import build_model
+from granite_train.models.hf_io import read_config
+from granite_train.models.moe import ExpertWeight
 
 
 def describe(model: torch.nn.Module, seq_len: int) -> Dict[str, Any]:
-    from granite_train.models.moe import ExpertWeight
-
     c = model.config
     total = model.num_parameters()
     embed = model.model.embed_tokens.weight.numel()
@@ -46,10 +48,6 @@ def describe(model: torch.nn.Module, seq_len: int) -> Dict[str, Any]:
 
 
 def _build(overrides: Sequence[str]):
-    from granite_train.data import load_tokenizer
-    from granite_train.models import build_model
-    from granite_train.models.hf_io import read_config
-
     cfg = compose_config(overrides)
     if cfg.model.path is not None:
         arch = read_config(cfg.model.path)

@@ -81,3 +81,22 @@ def empty_micro_batch(padded: bool) -> MicroBatch:
 
 def is_empty(micro_batch: MicroBatch | None) -> bool:
     return micro_batch is None or micro_batch["input_ids"].numel() == 0
+
+
+# The collator's keys the model's forward takes (labels go separately).
+MODEL_INPUTS = ("input_ids", "position_ids", "seq_idx", "cu_seq_lens", "max_seq_len")
+
+
+def model_inputs(mb: MicroBatch) -> Dict[str, Any]:
+    """What the model's forward takes from a collated micro-batch (absent keys as None)."""
+    return {k: mb.get(k) for k in MODEL_INPUTS}
+
+
+def to_device(mb: MicroBatch, device: torch.device) -> MicroBatch:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in mb.items()}
+
+
+def dummy_micro_batch(device: torch.device) -> MicroBatch:
+    """Two tokens, for a forward that every rank must run in lockstep (ZeRO-3 gathers, expert
+    parallelism's all-to-alls) when this rank has no micro-batch of its own."""
+    return to_device(collate_packed([{"input_ids": [0, 0]}]), device)

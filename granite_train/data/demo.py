@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
+import chitchat_dataset
 import datasets
 
 from granite_train.errors import UserError
@@ -57,8 +58,7 @@ def chitchat_to_messages(conversation: Dict[str, Any]) -> List[Dict[str, str]]:
 
 
 def _chitchat_rows() -> Iterator[Dict[str, Any]]:
-    import chitchat_dataset  # imported here: it reads a 20 MB JSON file at construction
-
+    # (Dataset() reads a 20 MB JSON file: only when the demo set is used)
     for conversation in chitchat_dataset.Dataset().values():
         yield {"messages": chitchat_to_messages(conversation)}
 

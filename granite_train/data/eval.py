@@ -17,10 +17,9 @@ from typing import Any, Dict, Iterator, List, Optional
 import datasets
 import numpy as np
 
-from granite_train.config import DataConfig, TrainerConfig
+from granite_train.config import DataConfig, TrainerConfig, validate_data
 from granite_train.data.collator import MicroBatch, collate_packed, collate_padded, empty_micro_batch
-from granite_train.data.pipeline import (HeldOut, TrainData, _open, _tokenize, check_config,
-                                         heldout_rows)
+from granite_train.data.pipeline import HeldOut, TrainData, _open, _tokenize, heldout_rows
 from granite_train.data.plan import StepPlan, packing_efficiency, plan_step
 from granite_train.data.stats import PrepStats, Status
 from granite_train.data.tokenizer import Tokenizer
@@ -118,7 +117,7 @@ def build_eval_data(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     t0 = time.perf_counter()
-    check_config(data_cfg, trainer_cfg)
+    validate_data(data_cfg, trainer_cfg)
     if data_cfg.eval_path is not None:
         held = _prepare_eval_path(data_cfg, tokenizer)
         name, what = f"{held.source} (eval, data.eval_path)", "data.eval_path"

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import datasets
 import numpy as np
 
-from granite_train.config import CHOICES, DataConfig, TrainerConfig, validate_eval
+from granite_train.config import DataConfig, TrainerConfig, validate_data
 from granite_train.data.chat import chat_overhead, make_renderer
 from granite_train.data.collator import MicroBatch, collate_packed, collate_padded, empty_micro_batch
 from granite_train.data.plan import (PLANNER_VERSION, SELECTION_SINCE, StepPlan, packing_efficiency, plan_epoch,
@@ -28,9 +28,6 @@ from granite_train.errors import UserError
 
 log = logging.getLogger("granite_train.data")
 STREAM_BATCH = 256  # rows tokenized together from a stream
-# The data section's allowed values, from the one table in config.py (also checked here for
-# callers of build_train_data that bypass the CLI).
-_CHOICES = {k.split(".", 1)[1]: v for k, v in CHOICES.items() if k.startswith("data.")}
 
 
 @dataclass
@@ -48,25 +45,6 @@ class TrainStep:
     @property
     def packing_efficiency(self) -> float:
         return self.num_input_tokens / self.num_slots if self.num_slots else 0.0
-
-
-def check_config(data_cfg: DataConfig, trainer_cfg: TrainerConfig) -> None:
-    validate_eval(data_cfg)
-    for key, allowed in _CHOICES.items():
-        if getattr(data_cfg, key) not in allowed:
-            raise UserError(f"data.{key}={getattr(data_cfg, key)!r} is not one of {', '.join(allowed)}")
-    if data_cfg.max_length <= 0:
-        raise UserError(f"data.max_length={data_cfg.max_length} must be > 0")
-    if trainer_cfg.micro_batch_tokens < data_cfg.max_length:
-        raise UserError(
-            f"trainer.micro_batch_tokens={trainer_cfg.micro_batch_tokens} is smaller than "
-            f"data.max_length={data_cfg.max_length}: a micro-batch must hold the longest example; "
-            f"raise trainer.micro_batch_tokens or lower data.max_length")
-    if trainer_cfg.tokens_per_step < data_cfg.max_length:
-        raise UserError(
-            f"trainer.tokens_per_step={trainer_cfg.tokens_per_step} is smaller than "
-            f"data.max_length={data_cfg.max_length}: a step must hold the longest example; "
-            f"raise trainer.tokens_per_step or lower data.max_length")
 
 
 def _materialize(plan: StepPlan, rank: int, fetch, padded: bool, pad_id: int) -> List[MicroBatch]:
@@ -146,12 +124,16 @@ class TrainData:
         return {"kind": "map", "epoch": epoch, "step_in_epoch": step, "global_step": self._global,
                 "fingerprint": self._fingerprint(), "planner": PLANNER_VERSION}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def check_state_dict(self, state: Dict[str, Any]) -> None:
+        """One UserError line when `state` (a checkpoint's) cannot resume this data."""
         if state.get("kind") != "map":
             raise UserError("the checkpoint's data state is from a streaming run; resume with "
                             "data.streaming=true")
         _check_fingerprint(state.get("fingerprint", {}), self._fingerprint())
         _check_planner(state.get("planner", 1), self._plan_args["packing"], int(state["step_in_epoch"]))
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.check_state_dict(state)
         self._epoch, self._step = int(state["epoch"]), int(state["step_in_epoch"])
         self._global = int(state["global_step"])
 
@@ -275,11 +257,15 @@ class StreamTrainData:
                 "step_in_epoch": self._step, "global_step": self._global,
                 "fingerprint": dict(self._fingerprint)}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def check_state_dict(self, state: Dict[str, Any]) -> None:
+        """One UserError line when `state` (a checkpoint's) cannot resume this stream."""
         if state.get("kind") != "stream":
             raise UserError("the checkpoint's data state is from a non-streaming run; resume with "
                             "data.streaming=false")
         _check_fingerprint(state.get("fingerprint", {}), self._fingerprint)
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.check_state_dict(state)
         self._epoch, self._consumed = int(state["epoch"]), int(state["rows_consumed"])
         self._step, self._global = int(state["step_in_epoch"]), int(state["global_step"])
 
@@ -362,7 +348,7 @@ def build_train_data(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     t0 = time.perf_counter()
-    check_config(data_cfg, trainer_cfg)
+    validate_data(data_cfg, trainer_cfg)  # callers that build data without the CLI
     source, stats, ds, encoder = _open(data_cfg, tokenizer)
     pad_id = tokenizer.eos_token_id
 

@@ -12,6 +12,16 @@ from typing import List, Optional, Tuple
 import torch
 
 
+def segment_positions(bounds: List[int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(seq_idx [1, T] int64, position inside the example [1, T] int64) from host boundaries."""
+    lens = torch.tensor([e - s for s, e in zip(bounds[:-1], bounds[1:])], device=device)
+    starts = torch.tensor(bounds[:-1], device=device)
+    seq_idx_T = torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
+    T = bounds[-1]
+    pos_T = torch.arange(T, device=device) - torch.repeat_interleave(starts, lens)
+    return seq_idx_T.unsqueeze(0), pos_T.unsqueeze(0)
+
+
 @dataclass
 class SeqLayout:
     """How the tokens of a [B, T] batch group into examples.
@@ -46,6 +56,5 @@ class SeqLayout:
         """Per-token (example index, position inside the example) for a packed row."""
         assert self.bounds is not None
         if self._segments is None or self._segments[0].device != device:
-            from granite_train.models.mamba import segment_positions
             self._segments = segment_positions(self.bounds, device)
         return self._segments

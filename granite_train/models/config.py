@@ -190,17 +190,12 @@ class GraniteConfig:
         if self.head_dim is not None and self.head_dim != self.hidden_size // self.num_attention_heads:
             raise UserError("granitemoehybrid has no head_dim setting (it is hidden_size // "
                             "num_attention_heads); set model.arch.head_dim to null")
-        if self.num_local_experts < 0 or (self.num_local_experts > 0 and not
-                                          1 <= self.num_experts_per_tok <= self.num_local_experts):
-            raise UserError(f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
-                            f"num_local_experts={self.num_local_experts} (num_local_experts >= 0)")
+        if self.num_local_experts < 0:
+            raise UserError(f"num_local_experts={self.num_local_experts} must be >= 0 (0: no experts)")
         if self.shared_intermediate_size <= 0:
             raise UserError(f"granitemoehybrid needs shared_intermediate_size > 0 (got "
                             f"{self.shared_intermediate_size}); set model.arch.shared_intermediate_size")
-        if self.mlp_bias:
-            raise UserError("mlp_bias=true is not supported for granitemoehybrid; set model.arch.mlp_bias to false")
-        if self.router_aux_loss_coef < 0:
-            raise UserError(f"router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0")
+        self._validate_experts()
         for name in ("mamba_n_heads", "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_expand",
                      "mamba_chunk_size"):
             if getattr(self, name) <= 0:
@@ -233,12 +228,16 @@ class GraniteConfig:
                             "granitemoeshared (granitemoe has no shared MLP); set model.arch.model_type")
         if self.shared_intermediate_size < 0:
             raise UserError(f"shared_intermediate_size={self.shared_intermediate_size} must be >= 0")
-        if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+        self._validate_experts()
+
+    def _validate_experts(self) -> None:
+        """What MoE layers and the hybrid's channel mixer both require."""
+        if self.num_local_experts > 0 and not 1 <= self.num_experts_per_tok <= self.num_local_experts:
             raise UserError(f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
                             f"num_local_experts={self.num_local_experts}")
         if self.mlp_bias:
-            raise UserError("mlp_bias=true is not supported for MoE models (Granite experts have no "
-                            "bias); set model.arch.mlp_bias to false")
+            raise UserError(f"mlp_bias=true is not supported for {self.model_type} (Granite experts and "
+                            "shared MLPs have no bias); set model.arch.mlp_bias to false")
         if self.router_aux_loss_coef < 0:
             raise UserError(f"router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0")
 

@@ -12,8 +12,9 @@ Packed rows ([1, T] with `layout.bounds`): the conv never reads across an exampl
 shifted inputs are masked by the position inside the example) and the SSD scan restarts its
 state at every boundary (every decay that would cross a boundary is forced to exactly zero), so
 a packed row equals its examples run alone. The scan is the chunked SSD form: within a chunk a
-quadratic (attention-like) form with segment-sum decays, across chunks a state recurrence
-(one Python step per chunk, never per token); memory is O(T * chunk_size).
+quadratic (attention-like) form with segment-sum decays, across chunks the state recurrence in
+closed form (a segment-sum over the chunks' total decays, with boundaries cutting it to exactly
+zero): no Python loop over chunks or tokens; memory is O(T * chunk_size + chunks^2 per head).
 
 CUDA fast path (`model.mamba_backend=auto|torch|cuda`, resolved once per device by the model and
 handed to every layer in `SeqLayout.mamba_backend`): `causal_conv1d_fn(x, w, b, seq_idx=...,
@@ -36,16 +37,6 @@ from granite_train.models.batch import SeqLayout
 from granite_train.models.config import GraniteConfig
 from granite_train.models import mamba_kernels
 from granite_train.models.param_roles import CONV, HIDDEN, NORM, SSM, mark, mark_linear
-
-
-def segment_positions(bounds: List[int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(seq_idx [1, T] int64, position inside the example [1, T] int64) from host boundaries."""
-    lens = torch.tensor([e - s for s, e in zip(bounds[:-1], bounds[1:])], device=device)
-    starts = torch.tensor(bounds[:-1], device=device)
-    seq_idx_T = torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
-    T = bounds[-1]
-    pos_T = torch.arange(T, device=device) - torch.repeat_interleave(starts, lens)
-    return seq_idx_T.unsqueeze(0), pos_T.unsqueeze(0)
 
 
 def causal_conv1d_packed(x_BTC: torch.Tensor, weight_C1K: torch.Tensor, bias_C: Optional[torch.Tensor],

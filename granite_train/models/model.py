@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from granite_train.models.attention import Attention, check_attn_backend, resolve_attn_backend
-from granite_train.models.batch import SeqLayout
+from granite_train.models.batch import SeqLayout, segment_positions
 from granite_train.models.config import GraniteConfig
 from granite_train.models.mamba import Mamba2Mixer
 from granite_train.models.mamba_kernels import BACKEND_NAMES as _MAMBA_BACKEND_NAMES
@@ -266,10 +266,7 @@ class GraniteForCausalLM(nn.Module):
                     or cu_seq_lens.device != device):
                 cu_seq_lens = torch.tensor(bounds, dtype=torch.int32, device=device)
             if position_ids is None:  # restart positions at every example
-                starts = torch.tensor(bounds[:-1], device=device)
-                lens = torch.tensor([e - s for s, e in zip(bounds[:-1], bounds[1:])], device=device)
-                position_ids = (torch.arange(T, device=device)
-                                - torch.repeat_interleave(starts, lens)).unsqueeze(0)
+                position_ids = segment_positions(bounds, device)[1]
         if position_ids is None:
             position_ids = torch.arange(T, device=device).unsqueeze(0).expand(B, T)
 

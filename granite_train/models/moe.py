@@ -8,21 +8,44 @@ Parameter names and shapes are transformers' on-disk ones:
 Routing follows transformers' GraniteMoe router: logits = x @ W_r.T upcast to fp32, top-k on the
 logits, softmax over the k selected logits (cast back to x's dtype) = combine weights.
 Expert compute is grouped: the (token, slot) pairs are sorted by expert, each expert runs one
-matmul on its contiguous slice (`torch._grouped_mm` on Hopper+ CUDA in bf16, else one matmul per
+matmul on its contiguous slice (grouped GEMM on Hopper+ CUDA in bf16, else one matmul per
 expert from split sizes read with one host sync), and the results go back to their tokens.
+
+Where the experts run is the layer's dispatcher's business (`ExpertDispatcher`): by default every
+expert is here (`local_dispatch`); expert parallelism (`granite_train/parallel/expert_parallel.py`)
+keeps a slice of the experts and hands the layer a dispatcher that sends each row to the rank
+holding its expert. The layer has one code path either way and knows nothing of ranks.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, List, Optional, Protocol, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from granite_train.compat import grouped_mm_kernel
 from granite_train.models.config import GraniteConfig
-from granite_train.models.expert_parallel import ExpertShard, run_experts_parallel
 from granite_train.models.param_roles import HIDDEN, mark, mark_linear
+
+# expert_fn(rows sorted by expert, rows per expert [n] (device), the same on the host or None)
+ExpertFn = Callable[[torch.Tensor, torch.Tensor, Optional[List[int]]], torch.Tensor]
+
+
+class ExpertDispatcher(Protocol):
+    def __call__(self, x_MC: torch.Tensor, counts_E: torch.Tensor, expert_fn: ExpertFn,
+                 host_sizes: bool) -> torch.Tensor:
+        """Expert outputs for the rows of `x_MC` (sorted by expert, `counts_E` [E] rows each:
+        E = all experts of the layer), in `x_MC`'s row order. `expert_fn` runs the experts held
+        here on rows sorted by held expert; `host_sizes`: whether it wants the counts on the host
+        (the per-expert loop does, grouped GEMM does not)."""
+
+
+def local_dispatch(x_MC: torch.Tensor, counts_E: torch.Tensor, expert_fn: ExpertFn,
+                   host_sizes: bool) -> torch.Tensor:
+    """Every expert is held here: run them on the rows as they are."""
+    return expert_fn(x_MC, counts_E, counts_E.tolist() if host_sizes else None)  # the one host sync
 
 
 class ExpertWeight(nn.Module):
@@ -48,9 +71,9 @@ class Router(nn.Module):
 
 
 def _use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
-    # torch._grouped_mm: CUDA sm90+, bf16, 16-byte aligned rows. (Its CPU fallback exists in
-    # torch 2.13 but its backward fails on empty groups, so the CPU keeps the per-expert loop.)
-    return (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+    # Grouped GEMM: CUDA sm90+, bf16, 16-byte aligned rows. (Its CPU fallback exists in torch
+    # 2.13 but its backward fails on empty groups, so the CPU keeps the per-expert loop.)
+    return (x.is_cuda and grouped_mm_kernel() is not None and x.dtype == torch.bfloat16
             and w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
             and x.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0)
 
@@ -65,7 +88,7 @@ def grouped_expert_matmul(x_MC: torch.Tensor, w_EOC: torch.Tensor, counts_E: tor
     """
     if sizes is None:
         offs = counts_E.cumsum(0, dtype=torch.int32)
-        return torch._grouped_mm(x_MC, w_EOC.transpose(-2, -1), offs=offs)
+        return grouped_mm_kernel()(x_MC, w_EOC.transpose(-2, -1), offs=offs)
     # unbind, not w_EOC[e]: the backward of each indexing would build a zero-filled gradient the
     # size of the whole [E, O, C] stack (E fills and adds: most of a 64-expert step on CPU);
     # unbind's backward stacks the E gradients once.
@@ -76,33 +99,38 @@ def grouped_expert_matmul(x_MC: torch.Tensor, w_EOC: torch.Tensor, counts_E: tor
 class MoE(nn.Module):
     """Sparse top-k mixture of SwiGLU experts (`block_sparse_moe`).
 
-    After `shard_experts(shard)` (expert parallelism) the layer keeps only its rank's experts
-    and sends each (token, slot) row to the rank that owns its expert (expert_parallel.py);
-    routing and everything it returns are unchanged.
+    After `keep_experts(experts, dispatch)` (expert parallelism) the layer holds only the
+    experts in `experts` and `dispatch` brings every (token, slot) row to the holder of its
+    expert; routing and everything it returns are unchanged.
     """
 
     def __init__(self, cfg: GraniteConfig) -> None:
         super().__init__()
-        self.num_experts = cfg.num_local_experts  # all experts, wherever they live
+        # All experts of the layer, wherever they are held. (transformers' config calls this
+        # `num_local_experts`; here "local" would mean the experts held on this rank.)
+        self.num_experts = cfg.num_local_experts
         self.top_k = cfg.num_experts_per_tok
-        self.router = Router(cfg.hidden_size, cfg.num_local_experts)
-        self.input_linear = ExpertWeight(cfg.num_local_experts, cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.output_linear = ExpertWeight(cfg.num_local_experts, cfg.intermediate_size, cfg.hidden_size)
-        self.expert_shard: Optional[ExpertShard] = None
+        self.router = Router(cfg.hidden_size, self.num_experts)
+        self.input_linear = ExpertWeight(self.num_experts, cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.output_linear = ExpertWeight(self.num_experts, cfg.intermediate_size, cfg.hidden_size)
+        self.dispatch: ExpertDispatcher = local_dispatch
+        self.held_experts = range(self.num_experts)
 
-    def shard_experts(self, shard: ExpertShard) -> None:
-        """Keep only this rank's experts (their weights sliced out of the full stacks)."""
-        if self.num_experts % shard.size:
-            raise ValueError(f"{self.num_experts} experts do not split over {shard.size} ranks")
-        local = shard.local_range(self.num_experts)
+    def keep_experts(self, experts: range, dispatch: ExpertDispatcher) -> None:
+        """Hold only `experts` (their weights sliced out of the full stacks) and route every row
+        through `dispatch`."""
+        if experts.step != 1 or not 0 <= experts.start < experts.stop <= self.num_experts:
+            raise ValueError(f"experts {experts} are not a contiguous range of the layer's {self.num_experts}")
+        held = self.held_experts
         for w in (self.input_linear, self.output_linear):
             old = w.weight
             # (the muP role is kept by the module, so it survives the new Parameter)
-            w.weight = nn.Parameter(old.detach()[local.start:local.stop].clone(), requires_grad=old.requires_grad)
-        self.expert_shard = shard
+            w.weight = nn.Parameter(old.detach()[experts.start - held.start:experts.stop - held.start].clone(),
+                                    requires_grad=old.requires_grad)
+        self.held_experts, self.dispatch = experts, dispatch
 
     def _experts(self, x_MC: torch.Tensor, counts_E: torch.Tensor, sizes: Optional[list]) -> torch.Tensor:
-        """This rank's experts on rows sorted by (local) expert."""
+        """The experts held here on rows sorted by held expert."""
         w_in, w_out = self.input_linear.weight, self.output_linear.weight
         gate_MI, up_MI = grouped_expert_matmul(x_MC, w_in, counts_E, sizes).chunk(2, dim=-1)
         return grouped_expert_matmul(F.silu(gate_MI) * up_MI, w_out, counts_E, sizes)
@@ -132,11 +160,7 @@ class MoE(nn.Module):
             counts_E = torch.bincount(expert_M, minlength=E)
         grouped = _use_grouped_mm(x_NC, self.input_linear.weight)
         x_MC = x_NC[order_M // k]
-        if self.expert_shard is None:
-            sizes = None if grouped else counts_E.tolist()  # the one host sync
-            y_MC = self._experts(x_MC, counts_E, sizes)
-        else:
-            y_MC = run_experts_parallel(x_MC, counts_E, self.expert_shard, self._experts, host_sizes=not grouped)
+        y_MC = self.dispatch(x_MC, counts_E, self._experts, host_sizes=not grouped)
         # Back to (token, slot) order, then the combine-weighted sum over the k slots: the same
         # as a scatter-add into the tokens, without atomics (deterministic on GPU).
         y_NKC = y_MC[inverse_M].view(N, k, C)

@@ -15,9 +15,8 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.distributed as dist
 
-from granite_train.data.collator import is_empty
-from granite_train.train.env import Env
-from granite_train.train.inputs import MODEL_INPUTS, dummy_micro_batch, to_device
+from granite_train.data.collator import dummy_micro_batch, is_empty, model_inputs, to_device
+from granite_train.parallel.env import Env
 
 
 def eval_sums(model: torch.nn.Module, eval_data, device: torch.device,
@@ -33,7 +32,7 @@ def eval_sums(model: torch.nn.Module, eval_data, device: torch.device,
 
     def forward(mb):
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            return model(**{k: mb.get(k) for k in MODEL_INPUTS}, labels=mb["labels"],
+            return model(**model_inputs(mb), labels=mb["labels"],
                          loss_chunk_tokens=loss_chunk_tokens, return_logits=False)
 
     forwards = 0

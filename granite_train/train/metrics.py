@@ -1,4 +1,5 @@
-"""Where step metrics go: metrics.jsonl, Weights & Biases, and the rank-0 progress bar."""
+"""Step metrics: what a step's record holds, and where records go (metrics.jsonl, Weights &
+Biases, the rank-0 progress bar)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
+
+import torch
+from tqdm.auto import tqdm
 
 from granite_train.config import WandbConfig
 from granite_train.errors import UserError
@@ -33,8 +37,6 @@ class MetricsSink:
             self._wandb = _init_wandb(wandb_cfg, run_config, output_dir, wandb_run_id)
             self.wandb_run_id = self._wandb.id
         if progress:
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
                              dynamic_ncols=True)
 
@@ -70,16 +72,21 @@ class MetricsSink:
                 self._wandb.summary[k] = v
 
     def close(self) -> None:
+        """Idempotent: the trainer closes the sink before its export and again on any error."""
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
         if self._file is not None:
             self._file.close()
+            self._file = None
         if self._wandb is not None:
             self._wandb.finish()
+            self._wandb = None
+        self.enabled = False
 
 
 def _init_wandb(cfg: WandbConfig, run_config: Dict[str, Any], output_dir: Path, run_id: Optional[str]):
-    import wandb  # imported only when used: it is slow to import
+    import wandb  # only when tracking is on: its import costs seconds and starts no service otherwise
 
     try:
         # A resumed run continues its W&B run (same id) instead of starting a second curve.
@@ -114,3 +121,77 @@ def truncate_metrics(path: Path, last_step: int) -> int:
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
     return dropped
+
+
+# ---------------------------------------------------------------- what a step record holds
+
+# Dense bf16 peak TFLOP/s by GPU name (vendor spec sheets; fp32 runs use TF32 peaks / 2 would be
+# closer, but training here is bf16). Substring match on torch.cuda.get_device_name().
+_PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0))
+
+
+def peak_tflops(configured: Optional[float], device: torch.device) -> Optional[float]:
+    """The per-device peak used for MFU: the configured value, a known GPU's, or None."""
+    if configured is not None:
+        return configured if configured > 0 else None
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf for key, tf in _PEAK_BF16_TFLOPS if key in name), None)
+
+
+def step_flops(model: torch.nn.Module, step: Any, matmul_params: Optional[int] = None) -> float:
+    """Model FLOPs of this rank's share of the step (forward + backward, PaLM convention):
+    tokens x flops_per_token at the token-weighted mean example length, since attention and the
+    SSD scan never cross examples. `matmul_params`: the full model's, counted before sharding."""
+    lens: List[int] = []
+    for mb in step.micro_batches:
+        cu = mb.get("cu_seq_lens")
+        if cu is not None:
+            bounds = cu.reshape(-1).tolist()
+            lens += [e - s for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+        elif "attention_mask" in mb:
+            lens += [int(n) for n in mb["attention_mask"].sum(dim=1).tolist() if n > 0]
+    if not lens:
+        return 0.0
+    tokens = sum(lens)
+    return tokens * model.flops_per_token(max(1, round(sum(n * n for n in lens) / tokens)), matmul_params)
+
+
+def expert_load(counts_LE: torch.Tensor) -> Dict[str, Any]:
+    """Load balance of the step, worst layer: the busiest expert's tokens over the mean (1.0 is
+    perfect balance) and over the idlest expert's (inf, logged null, when an expert got none),
+    how many (layer, expert) pairs got no token, plus the per-layer counts for plots."""
+    counts_LE = counts_LE.float()
+    max_L = counts_LE.max(dim=1).values
+    imbalance_L = max_L / counts_LE.mean(dim=1).clamp_min(1e-9)
+    min_L = counts_LE.min(dim=1).values
+    max_min = float("inf") if bool((min_L == 0).any()) else float((max_L / min_L).max())
+    return {"expert_imbalance": float(imbalance_L.max()), "expert_max_min": max_min,
+            "experts_idle": int((counts_LE == 0).sum()),
+            "expert_counts": counts_LE.round().long().tolist()}
+
+
+def step_record(step: Any, outcome: Any, *, step_no: int, lr: float, tokens_seen: int, seconds: float,
+                skipped_steps: int, mfu: Optional[float]) -> Dict[str, Any]:
+    """The metrics.jsonl record of one optimizer step (`outcome`: its `train.step.StepOutcome`)."""
+    finite = outcome.finite
+    return {
+        "step": step_no,
+        "epoch": step.epoch,
+        "loss": outcome.loss if finite else None,
+        "lr": lr,
+        "grad_norm": outcome.grad_norm if math.isfinite(outcome.grad_norm) else None,
+        "tokens": step.num_trained_tokens,
+        "input_tokens": step.num_input_tokens,
+        "tokens_seen": tokens_seen,
+        "tokens_per_sec": step.num_input_tokens / seconds,
+        "packing_efficiency": step.num_input_tokens / max(step.num_slots, 1),
+        "micro_batches": len(step.micro_batches),
+        "step_time_s": seconds,
+        **({"mfu": mfu} if mfu is not None else {}),
+        **({"skipped": True} if not finite else {}),
+        "skipped_steps": skipped_steps,
+        **({"aux_loss": outcome.aux_loss} if outcome.aux_loss is not None else {}),
+        **(expert_load(outcome.expert_counts) if outcome.expert_counts is not None else {}),
+    }

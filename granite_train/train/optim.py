@@ -9,7 +9,7 @@ A_log/D/dt_bias by default) and `lr_scale`: 1.0, or 1 / m_width for hidden matri
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Type
 
 import torch
 
@@ -21,17 +21,18 @@ log = logging.getLogger("granite_train.train")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, mup_width: Optional[float] = None,
-                 no_decay_roles: Sequence[str] = DEFAULT_NO_DECAY_ROLES) -> List[dict]:
+                 no_decay_roles: Sequence[str] = DEFAULT_NO_DECAY_ROLES,
+                 expert_groups: Optional[Mapping[int, str]] = None) -> List[dict]:
     """Param groups by role (empty roles left out; every trainable parameter in exactly one group).
     `mup_width`: muP's m_width (None: standard parametrisation, every lr_scale 1.0).
 
-    Expert-parallel weights (tagged `allreduce=False` by train/expert_parallel.py) get groups of
-    their own, marked `moe: True` and named after their group, as DeepSpeed's MoE support wants."""
+    `expert_groups`: id(parameter) -> expert-parallel group name (`ExpertParallelPlan.
+    optimizer_groups`); those weights get groups of their own, marked `moe: True` and named after
+    their group, as DeepSpeed's MoE support wants."""
     by_key: Dict[tuple, List[torch.nn.Parameter]] = {}
     for _, p, role in named_param_roles(model):
         if p.requires_grad:
-            expert_group = getattr(p, "group_name", None) if getattr(p, "allreduce", True) is False else None
-            by_key.setdefault((role, expert_group), []).append(p)
+            by_key.setdefault((role, (expert_groups or {}).get(id(p))), []).append(p)
     groups = []
     # A fixed order (role, then shared before expert-parallel): optimizer state lines up on resume.
     for role, expert_group in sorted(by_key, key=lambda k: (ROLES.index(k[0]), k[1] is not None, k[1] or "")):
@@ -69,8 +70,10 @@ def mup_width_for(model: torch.nn.Module, mup_base_width: Optional[int]) -> floa
     return m
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, model_mup_width(model, cfg), cfg.no_decay_roles)
-    for group in groups:  # the loop sets lr = schedule lr * lr_scale every step; this is step 0's
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, expert_groups: Optional[Mapping[int, str]] = None,
+                    cls: Type[torch.optim.AdamW] = torch.optim.AdamW, **cls_kwargs: Any) -> torch.optim.Optimizer:
+    """AdamW (or the subclass `cls`, given `cls_kwargs`) over `param_groups`."""
+    groups = param_groups(model, cfg.weight_decay, model_mup_width(model, cfg), cfg.no_decay_roles, expert_groups)
+    for group in groups:  # the trainer sets lr = schedule lr * lr_scale every step; this is step 0's
         group["lr"] = cfg.lr * group["lr_scale"]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **cls_kwargs)

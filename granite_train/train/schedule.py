@@ -46,8 +46,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from granite_train.config import SchedulerConfig
-
 # The paper's sequence length: beta (sequences per step) = tokens_per_step / PAPER_SEQ_LEN.
 PAPER_SEQ_LEN = 4096
 TOKEN_SCHEDULES = ("power", "wsd")
@@ -70,7 +68,9 @@ def decay_shape(shape: str, p: float) -> float:
 
 @dataclass
 class Schedule:
-    cfg: SchedulerConfig
+    # The scheduler section (granite_train.config.SchedulerConfig); not imported here, since the
+    # config's validation builds a Schedule (the decay's start lr) and imports this module.
+    cfg: Any
     lr: float  # lr_max: optim.lr
     total_steps: int
     tokens_per_step: Optional[int] = None  # trainer.tokens_per_step (nominal tokens per step)

@@ -12,7 +12,7 @@ import torch
 
 from granite_train.data.collator import collate_packed
 from granite_train.models.compile import compile_model
-from granite_train.train.inputs import MODEL_INPUTS
+from granite_train.data.collator import model_inputs
 
 from .test_grad_order import MICRO_BATCHES, _readiness_order, build_family
 
@@ -25,7 +25,7 @@ ROWS = [  # packed micro-batches of different total lengths (dynamic shapes)
 
 def _loss_and_grads(model, examples):
     mb = collate_packed([{"input_ids": ids} for ids in examples])
-    out = model(**{k: mb.get(k) for k in MODEL_INPUTS}, labels=mb["labels"], return_logits=False)
+    out = model(**model_inputs(mb), labels=mb["labels"], return_logits=False)
     loss = out.loss if out.aux_loss is None else out.loss + 0.01 * out.aux_loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -12,7 +12,7 @@ import torch
 
 from granite_train.data.collator import collate_packed
 from granite_train.models import GraniteConfig, build_model
-from granite_train.train.inputs import MODEL_INPUTS
+from granite_train.data.collator import model_inputs
 
 from .conftest import VOCAB, hf_config_kwargs
 
@@ -40,7 +40,7 @@ def _readiness_order(model, examples):
                for name, p in model.named_parameters()]
     try:
         mb = collate_packed([{"input_ids": ids} for ids in examples])
-        out = model(**{k: mb.get(k) for k in MODEL_INPUTS}, labels=mb["labels"], return_logits=False)
+        out = model(**model_inputs(mb), labels=mb["labels"], return_logits=False)
         loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
         loss.backward()
     finally:

@@ -163,13 +163,13 @@ def test_switch_per_layer_and_z_loss_match_the_formulas(tmp_path, kind, z_coef):
 def test_router_aux_loss_override_reaches_the_model(cli, tmp_path):
     from granite_train.cli import compose_config
     from granite_train.data import load_tokenizer
-    from granite_train.train.env import Env
-    from granite_train.train.loop import _build_model
+    from granite_train.parallel.env import Env
+    from granite_train.train.build import build_run_model
 
     cfg = compose_config(["model=granitemoe-tiny", "model.router_aux_loss=switch_per_layer",
                           "model.router_z_loss_coef=0.25"])
     env = Env(0, 1, 0, torch.device("cpu"), None)
-    model = _build_model(cfg, load_tokenizer(cfg.data.tokenizer, None), env)
+    model = build_run_model(cfg, load_tokenizer(cfg.data.tokenizer, None), env)
     assert (model.router_loss_kind, model.router_z_loss_coef) == ("switch_per_layer", 0.25)
 
     bad = cli("model=granitemoe-tiny", "model.router_aux_loss=switch", f"trainer.output_dir={tmp_path}")

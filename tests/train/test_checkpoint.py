@@ -61,17 +61,16 @@ def test_checkpoints_layout_and_pruning(straight):
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from granite_train.cli import main
-    from granite_train.models import save_model
-    from granite_train.train import checkpoint as ck
+    from granite_train.train.state import ModelState
 
-    def write_then_die(tmp, model, optimizer, state, config_yaml, tokenizer=None):
-        if state.step == 4:  # half a checkpoint on disk, then the power goes
-            save_model(model, tmp / "model")
+    def write_then_die(self, tmp, meta):
+        if tmp.name == ".step_4.tmp":  # half a checkpoint on disk, then the power goes
+            real(self, tmp, meta)
             os.kill(os.getpid(), signal.SIGKILL)
-        return real(tmp, model, optimizer, state, config_yaml, tokenizer)
+        return real(self, tmp, meta)
 
-    real = ck.write_main_state
-    ck.write_main_state = write_then_die
+    real = ModelState.save
+    ModelState.save = write_then_die
     sys.exit(main(sys.argv[1:]))
 """)
 
@@ -177,15 +176,15 @@ def _run_in_process(out, overrides, poison_steps):
     cfg = compose_config([*RUN, "trainer.micro_batch_tokens=4096", f"trainer.output_dir={out}", *overrides])
     mp = pytest.MonkeyPatch()
     mp.setattr(GraniteForCausalLM, "forward", forward)
-    import granite_train.train.loop as loop
+    import granite_train.train.trainer as trainer
 
-    real_step = loop._train_step
+    real_step = trainer.train_step
 
     def counted(*a, **k):
         calls["step"] += 1
         return real_step(*a, **k)
 
-    mp.setattr(loop, "_train_step", counted)
+    mp.setattr(trainer, "train_step", counted)
     try:
         return train(cfg)
     finally:
@@ -214,18 +213,18 @@ def test_too_many_bad_steps_in_a_row_stop_with_the_last_good_checkpoint(tmp_path
 
 def test_mup_run_scales_hidden_lrs(tmp_path):
     """optim.mup=true through the trainer: hidden matrices train at lr / m_width."""
-    import granite_train.train.loop as loop
+    import granite_train.parallel.parallelize as parallelize
 
     seen = {}
-    real = loop.build_optimizer
+    real = parallelize.build_optimizer
 
-    def keep(model, cfg):
-        seen["opt"] = real(model, cfg)
+    def keep(model, cfg, *a, **k):
+        seen["opt"] = real(model, cfg, *a, **k)
         seen["model"] = model
         return seen["opt"]
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(loop, "build_optimizer", keep)
+    mp.setattr(parallelize, "build_optimizer", keep)
     try:
         _run_in_process(tmp_path / "run", ["trainer.max_steps=2", "optim.mup=true",
                                            "model.arch.logits_scaling=4.0"], poison_steps=set())

@@ -13,7 +13,7 @@ import torch
 
 from granite_train.config import DataConfig, TrainerConfig
 from granite_train.data.eval import build_eval_data
-from granite_train.train.env import Env
+from granite_train.parallel.env import Env
 from granite_train.train.evaluate import eval_sums, evaluate
 
 MAX_LEN = 64
@@ -146,7 +146,7 @@ import torch
 import torch.distributed as dist
 sys.path.insert(0, sys.argv[4])
 import test_evaluate as t
-from granite_train.train.env import Env
+from granite_train.parallel.env import Env
 from granite_train.train.evaluate import evaluate
 
 rank, init_file, out_file = int(sys.argv[1]), sys.argv[2], sys.argv[3]

@@ -62,10 +62,10 @@ DRIVER = textwrap.dedent("""
         open(f"{root}/refused.txt", "w").write(str(exc))
 
     # A NaN loss in step 2 (on every micro-batch of rank 0 only): every rank skips that update.
-    import granite_train.train.loop as loop
+    import granite_train.train.trainer as trainer
     from granite_train.models.model import GraniteForCausalLM
     calls = {"step": 0}
-    real_forward, real_step = GraniteForCausalLM.forward, loop._train_step
+    real_forward, real_step = GraniteForCausalLM.forward, trainer.train_step
 
     def forward(self, *a, **k):
         out = real_forward(self, *a, **k)
@@ -77,7 +77,7 @@ DRIVER = textwrap.dedent("""
         calls["step"] += 1
         return real_step(*a, **k)
 
-    GraniteForCausalLM.forward, loop._train_step = forward, counted
+    GraniteForCausalLM.forward, trainer.train_step = forward, counted
     for name in ("zero0", "zero2", "ep_zero2"):
         calls["step"] = 0
         train(compose_config([*settings(name), "trainer.max_steps=3", f"trainer.output_dir={root}/poisoned_{name}"]))
@@ -131,7 +131,7 @@ def test_distributed_run_trains_the_plain_steps(runs, name):
     for (s, lp, gp, tp, _), (sz, lz, gz, tz, _) in zip(plain, dist_run):
         assert (s, tp) == (sz, tz)
         assert lz == pytest.approx(lp, rel=1e-5)
-        # Both sides take the global norm in fp64 (engine.clip_by_global_norm, DeepSpeed's ZeRO
+        # Both sides take the global norm in fp64 (parallel.grad_norm.clip_by_global_norm, DeepSpeed's ZeRO
         # 1-3), each expert counted once under expert parallelism: the norms agree as tightly
         # as the losses.
         assert gz == pytest.approx(gp, rel=1e-5)

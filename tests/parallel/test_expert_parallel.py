@@ -1,4 +1,5 @@
-"""Expert-parallel MoE (models/expert_parallel.py) equals the unsharded layer: 2 gloo processes.
+"""Expert-parallel MoE (parallel/expert_parallel.py: the layer holding its rank's experts, with
+the all-to-all dispatcher) equals the unsharded layer: 2 gloo processes.
 
 Each rank routes its own tokens; with its experts split over the ranks, the layer must give
 the same outputs, router stats and input/router gradients as the full layer on that rank's
@@ -16,9 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from granite_train.errors import UserError
 from granite_train.models import GraniteConfig
-from granite_train.models.expert_parallel import ExpertShard
 from granite_train.models.moe import MoE
+from granite_train.parallel.expert_parallel import AllToAllDispatch, check_expert_parallel
 
 WORLD = 2
 # (experts, top_k, tokens on rank 0, tokens on rank 1, router bias towards rank 0's experts)
@@ -40,9 +42,9 @@ def _layer(experts, top_k, seed=0):
 def _run_case(rank, case, failures):
     experts, top_k, n0, n1, bias = case
     full, sharded = _layer(experts, top_k), _layer(experts, top_k)
-    shard = ExpertShard(group=dist.group.WORLD, rank=rank, size=WORLD)
-    sharded.shard_experts(shard)
-    local = shard.local_range(experts)
+    n_held = experts // WORLD
+    local = range(rank * n_held, (rank + 1) * n_held)
+    sharded.keep_experts(local, AllToAllDispatch(dist.group.WORLD, WORLD))
     assert sharded.input_linear.weight.shape[0] == len(local)
 
     torch.manual_seed(100 + rank)
@@ -97,7 +99,7 @@ def test_sharded_experts_equal_the_full_layer(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # The spawned children unpickle `_worker` by its module name (tests.models....): they import
+    # The spawned children unpickle `_worker` by its module name (tests.parallel....): they import
     # it with the parent's sys.path, which must hold the repository root (plain `pytest` with
     # --import-mode=importlib does not put it there).
     root = str(Path(__file__).resolve().parents[2])
@@ -113,24 +115,29 @@ def test_sharded_experts_equal_the_full_layer(tmp_path):
     assert not failures, failures
 
 
+def _moe_model(experts=4):
+    from granite_train.models import build_model
+
+    cfg = GraniteConfig(model_type="granitemoe", vocab_size=64, hidden_size=24, intermediate_size=20,
+                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                        num_local_experts=experts, num_experts_per_tok=2)
+    return build_model(cfg)
+
+
 def test_experts_must_split_evenly():
-    moe = _layer(4, 2)
-    with pytest.raises(ValueError, match="4 experts do not split over 3 ranks"):
-        moe.shard_experts(ExpertShard(group=None, rank=0, size=3))
+    with pytest.raises(UserError, match="4 experts per layer do not split over distributed.expert_parallel_size=3"):
+        check_expert_parallel(_moe_model(4), 3, 3, "model.arch")
+    with pytest.raises(UserError, match="does not divide the 3 rank"):
+        check_expert_parallel(_moe_model(4), 2, 3, "model.arch")
 
 
 def test_flops_are_counted_on_the_full_model():
     # MFU: after sharding a rank holds half of the experts; the trainer counts the matmul
     # weights before sharding and passes them in.
-    from granite_train.models import build_model
-
-    cfg = GraniteConfig(model_type="granitemoe", vocab_size=64, hidden_size=24, intermediate_size=20,
-                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                        num_local_experts=4, num_experts_per_tok=2)
-    model = build_model(cfg)
+    model = _moe_model()
     full_params, full_flops = model.active_matmul_params(), model.flops_per_token(32)
     for layer in model.modules():
         if isinstance(layer, MoE):
-            layer.shard_experts(ExpertShard(group=None, rank=1, size=2))
+            layer.keep_experts(range(2, 4), AllToAllDispatch(None, 2))
     assert model.active_matmul_params() < full_params
     assert model.flops_per_token(32, full_params) == full_flops

@@ -1,0 +1,136 @@
+"""The adapter: every torch and DeepSpeed name we rely on that is not their public API.
+
+Nothing else in granite_train touches a private (`_name`) attribute of torch or DeepSpeed or
+leans on an undocumented behaviour of theirs; each such dependency is written here once, with
+why no public API does the job. `tests/test_compat.py` exercises every one of them, so an
+upgrade that moves one fails there, loudly and by name, instead of deep inside a run.
+
+torch:
+- `grouped_mm`: `torch.nn.functional.grouped_mm` (public since torch 2.9); older builds that
+  have the kernel only as `torch._grouped_mm` use that.
+- `cpu_has_native_bf16`: whether this CPU has native bf16 matmuls (AVX512-BF16 / AMX). torch
+  exposes it only as `torch.ops.mkldnn._is_mkldnn_bf16_supported`.
+
+DeepSpeed (imported only for `distributed.zero_stage` runs; `DS_ACCELERATOR` must be chosen
+before the first import, which `import_deepspeed` does):
+- Expert parallelism. DeepSpeed reduces expert gradients over the expert-data-parallel group
+  and partitions their ZeRO 1/2 optimizer state over it only when its engine finds one of its
+  own `deepspeed.moe.layer.MoE` modules in the model, and it knows a parameter is an expert's
+  by the attributes `allreduce = False` and `group_name` (`deepspeed.moe.utils.is_moe_param`).
+  `ExpertGroups` builds one real `deepspeed.moe.layer.MoE` through its public constructor, as a
+  marker that never runs (a gate of `num_experts` frozen weights, no experts), and creates the
+  groups with its public `set_deepspeed_parallelism()`; the engine's module carries the marker
+  (`parallel/deepspeed_engine.py`). `tag_expert_params` writes DeepSpeed's two attributes; our
+  own code never reads them back (the expert plan says which parameters are experts').
+- ZeRO-0 clipping and skipping. At ZeRO-0 DeepSpeed hands a client optimizer the full, reduced
+  gradients and afterwards reads the optimizer's `_global_grad_norm` (for
+  `engine.get_global_grad_norm()`) and `overflow` (to skip and count the step). `GuardedAdamW`
+  is an AdamW that sets both: clipping by our fp64 global norm, skipping non-finite steps.
+- Checkpoint files: ZeRO writes one `zero_pp_rank_<r>_mp_rank_00_optim_states.pt` per rank;
+  counting them is how a checkpoint says how many ranks saved it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from granite_train.errors import UserError
+
+# ---------------------------------------------------------------- torch
+
+
+def grouped_mm_kernel() -> Optional[Callable[..., torch.Tensor]]:
+    """`(x [M, C], w [E, C, O], offs [E] int32) -> [M, O]`, or None when this torch has no
+    grouped GEMM."""
+    if hasattr(F, "grouped_mm"):
+        return F.grouped_mm
+    return getattr(torch, "_grouped_mm", None)
+
+
+def cpu_has_native_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+# ---------------------------------------------------------------- DeepSpeed
+
+
+def import_deepspeed(device: torch.device):
+    """DeepSpeed, with its CPU accelerator chosen on CPU runs (it picks one at first import)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed  # optional at run time: only distributed.zero_stage runs need it
+    except ImportError as e:
+        raise UserError(f"distributed.zero_stage needs DeepSpeed ({e}); pip install deepspeed, or set "
+                        f"distributed.zero_stage=null") from None
+    return deepspeed
+
+
+def deepspeed_moe_marker(device: torch.device, num_experts: int, size: int) -> nn.Module:
+    """A `deepspeed.moe.layer.MoE` that never runs: in the module handed to
+    `deepspeed.initialize` it makes the engine treat the model's expert weights as experts (see
+    the module doc). No experts, a gate of `num_experts` frozen weights."""
+    deepspeed = import_deepspeed(device)
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the existing group
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    marker = DeepSpeedMoE(hidden_size=1, expert=nn.Identity(), num_experts=num_experts, ep_size=size, k=1)
+    marker.requires_grad_(False)  # DeepSpeed's gradient reduction skips frozen weights
+    return marker
+
+
+class ExpertGroups:
+    """DeepSpeed's expert-parallel process groups for `size` ranks per group ("ep_size_<size>":
+    ranks [0..size-1], [size..2*size-1], ... split the experts; ranks at the same place in their
+    groups hold the same experts), made by DeepSpeed's own MoE layer. Every rank constructs it
+    (creating groups is a collective); the process group must exist."""
+
+    def __init__(self, device: torch.device, num_experts: int, size: int) -> None:
+        marker = deepspeed_moe_marker(device, num_experts, size)
+        marker.set_deepspeed_parallelism()  # creates the groups unless they exist
+        self.name: str = marker.expert_group_name
+        self.group: Any = marker.deepspeed_moe.ep_group
+        self.rank: int = dist.get_rank(group=self.group)
+        self.size = size
+
+
+def tag_expert_params(params: Iterable[nn.Parameter], group_name: str) -> None:
+    """Mark `params` as DeepSpeed expert weights of group `group_name` (see the module doc)."""
+    for p in params:
+        p.allreduce = False
+        p.group_name = group_name
+
+
+def zero_saved_ranks(state_dir) -> int:
+    """How many ranks wrote ZeRO optimizer shards into DeepSpeed checkpoint folder `state_dir`."""
+    return len(list(state_dir.glob("zero_pp_rank_*_optim_states.pt")))
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW for DeepSpeed ZeRO-0 (full, already reduced gradients): clip by the global fp64
+    norm (like `clip_grad_norm_`), skip a non-finite step, and leave the norm and
+    the skip where DeepSpeed's engine reads them (`_global_grad_norm`, `overflow`).
+    `clip_grads(params)` clips the gradients in place and returns their global norm
+    (`parallel.grad_norm.clip_by_global_norm`, with the expert plan bound)."""
+
+    def __init__(self, params, *, clip_grads: Callable[[Sequence[nn.Parameter]], float],
+                 **adamw_kwargs: Any) -> None:
+        super().__init__(params, **adamw_kwargs)
+        self._clip_grads = clip_grads
+        self.force_skip = False  # set by the engine when the step's loss is not finite
+        self._global_grad_norm = 0.0
+        self.overflow = False
+
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self._global_grad_norm = self._clip_grads(params)
+        self.overflow = self.force_skip or not math.isfinite(self._global_grad_norm)
+        if not self.overflow:
+            super().step(closure)

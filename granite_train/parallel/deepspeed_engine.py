@@ -1,0 +1,275 @@
+"""DeepSpeed ZeRO 0-3 (`distributed.zero_stage`), with expert parallelism at ZeRO 0-2, behind
+the plain engine's interface and math (`engine.py`).
+
+Token-exact: the objective is already divided by the step's global trained-token count and must
+be SUMMED over ranks. DeepSpeed AVERAGES gradients over the data-parallel ranks (it divides the
+reduced gradient by the world size at every stage, and ZeRO-3 refuses
+`gradient_allreduce_op: sum`), so every objective is multiplied by the world size first:
+(sum over ranks of world * g_r) / world = sum of g_r. With a power-of-two world size both
+scalings are exact in floating point.
+
+What DeepSpeed needs that it offers no public API for (the MoE marker, the expert tags, ZeRO-0's
+clipping optimizer) comes from `granite_train/compat.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from granite_train.compat import GuardedAdamW, deepspeed_moe_marker, import_deepspeed, tag_expert_params, zero_saved_ranks
+from granite_train.config import RunConfig
+from granite_train.errors import UserError
+from granite_train.models.mamba import Mamba2Mixer
+from granite_train.models.moe import MoE
+from granite_train.parallel.engine import DS_STATE_DIR, OPTIMIZER_FILE, saved_zero_stage
+from granite_train.parallel.env import Env
+from granite_train.parallel.expert_parallel import gathered_experts
+from granite_train.parallel.plan import ParallelPlan
+from granite_train.data.collator import dummy_micro_batch, model_inputs
+
+log = logging.getLogger("granite_train.parallel")
+
+DS_CONFIG_FILE = "deepspeed_config.json"  # the generated config, in the run's output_dir
+_DS_TAG = "state"
+
+
+def deepspeed_config(cfg: RunConfig, env: Env) -> Dict[str, Any]:
+    """The DeepSpeed config generated from ours (the user's JSON merged on top)."""
+    d = cfg.distributed
+    stage = int(d.zero_stage)
+    zero: Dict[str, Any] = {"stage": stage}
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if d.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    if stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False  # we gather ourselves
+    config: Dict[str, Any] = {
+        # Our micro-batches are token-packed: DeepSpeed's "samples" are meaningless here. The
+        # number of micro-batches differs between steps, so the loop, not a fixed
+        # gradient_accumulation_steps, owns the boundary: with
+        # managed_gradient_accumulation=false every backward only accumulates (ZeRO-2/3 reduce
+        # each one into the shards) and engine.step() is the boundary.
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": cfg.optim.grad_clip if stage > 0 else 0.0,  # ZeRO-0: GuardedAdamW clips
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # a torch AdamW (DeepSpeed's own compile fused ops)
+        "bf16": {"enabled": env.autocast_dtype == torch.bfloat16},
+        "fp16": {"enabled": False},
+        "steps_per_print": 2 ** 62,
+        "wall_clock_breakdown": False,
+    }
+    if d.offload_optimizer:
+        # Our torch AdamW steps the CPU shards (DeepSpeed would insist on its DeepSpeedCPUAdam,
+        # which compiles a C++ op first).
+        config["zero_force_ds_cpu_optimizer"] = False
+    if d.deepspeed_config is not None:
+        try:
+            user = json.loads(Path(d.deepspeed_config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"distributed.deepspeed_config={d.deepspeed_config}: {e}") from None
+        config = _merge(config, user)
+    return config
+
+
+def _merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _prepare_zero3(model: nn.Module, deepspeed) -> None:
+    """ZeRO-3 fetches a module's own weights before its forward. Some of ours use weights held
+    by a child whose forward they never call: fetch those with the parent."""
+    leaf = [cls for cls in (MoE, Mamba2Mixer) if any(isinstance(m, cls) for m in model.modules())]
+    if leaf:
+        deepspeed.utils.set_z3_leaf_modules(model, leaf)
+
+
+class _EngineModule(nn.Module):
+    """What `deepspeed.initialize` gets under expert parallelism: the model, plus DeepSpeed's
+    MoE marker (compat.deepspeed_moe_marker) that switches its expert handling on."""
+
+    def __init__(self, model: nn.Module, marker: nn.Module) -> None:
+        super().__init__()
+        self.model, self.deepspeed_moe_marker = model, marker
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO 0-3 with the plain engine's math (see the module doc). At ZeRO-0 the
+    optimizer must be a `compat.GuardedAdamW` (DeepSpeed neither clips in fp32 nor skips there)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, env: Env, cfg: RunConfig,
+                 plan: ParallelPlan) -> None:
+        deepspeed = import_deepspeed(env.device)
+        self.env, self.plan, self.stage = env, plan, int(cfg.distributed.zero_stage)
+        self.world = env.world_size
+        if (self.stage == 0) != isinstance(optimizer, GuardedAdamW):
+            raise ValueError("DeepSpeed ZeRO-0 (and only ZeRO-0) needs the optimizer to be a GuardedAdamW")
+        self.base_optimizer = optimizer
+        if self.stage == 3:
+            _prepare_zero3(model, deepspeed)
+        config = deepspeed_config(cfg, env)
+        if env.is_main:  # what DeepSpeed was given, for the record and for other launchers
+            out = Path(cfg.trainer.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / DS_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        module: nn.Module = model
+        if plan.expert is not None:
+            tag_expert_params(plan.expert.params, plan.expert.group_name)
+            module = _EngineModule(model, deepspeed_moe_marker(env.device, plan.expert.num_experts, plan.expert.size))
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+        self.model = model  # the same module (ZeRO-3: its weights sharded)
+        self._deepspeed = deepspeed
+        self._dummy: Optional[Dict[str, Any]] = None
+
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:
+        # The torch optimizer's own groups (ZeRO swaps their "params" for flat shards and keeps
+        # every other key): the lr set here is the lr the update uses.
+        return self.base_optimizer.param_groups
+
+    def forward(self, **inputs: Any) -> Any:
+        return self.engine(**inputs)
+
+    def backward(self, objective: torch.Tensor) -> None:
+        # scale_wrt_gas=False: the objective is already weighted by its share of the step.
+        self.engine.backward(objective * self.world, scale_wrt_gas=False)
+
+    def _dummy_backward(self, scale: float) -> None:
+        """A backward through every weight on two dummy tokens, scaled by `scale`."""
+        if self._dummy is None:
+            self._dummy = dummy_micro_batch(self.env.device)
+        mb = self._dummy
+        with torch.autocast(self.env.device.type, dtype=self.env.autocast_dtype,
+                            enabled=self.env.autocast_dtype is not None):
+            out = self.engine(**model_inputs(mb), labels=mb["labels"], return_logits=False)
+        total = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+        self.engine.backward(total * scale, scale_wrt_gas=False)
+
+    def backward_nothing(self) -> None:
+        """ZeRO-2/3 reduce inside every backward, so all ranks must run the same number of
+        them, touching every weight: a backward that adds zero."""
+        self._dummy_backward(0.0)
+
+    def _backward_nan(self) -> None:
+        """NaN into every gradient: DeepSpeed then skips the update (ZeRO 1-3)."""
+        self._dummy_backward(float("nan"))
+
+    def step(self, loss_is_finite: bool) -> Tuple[float, bool]:
+        if not loss_is_finite:
+            # Every rank knows the (all-reduced) loss: make DeepSpeed see a non-finite gradient
+            # so that it skips the update on every rank, as the plain engine does.
+            if self.stage == 0:
+                self.base_optimizer.force_skip = True
+            else:
+                self._backward_nan()
+        skipped_before = self.engine.skipped_steps
+        self.engine.step()
+        if self.stage == 0:
+            self.base_optimizer.force_skip = False
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = float("nan") if norm is None else float(norm)
+        stepped = self.engine.skipped_steps == skipped_before and loss_is_finite and math.isfinite(grad_norm)
+        return grad_norm, stepped
+
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[nn.Module]:
+        """Every rank must enter it (ZeRO-3 and expert parallelism all-gather the weights)."""
+        if self.plan.expert is not None:
+            with gathered_experts(self.model, self.plan.expert) as model:
+                yield model
+        elif self.stage == 3:
+            params = list(self.model.parameters())
+            with self._deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                yield self.model
+        else:
+            yield self.model
+
+    # ---- checkpoint state: every rank writes and reads its own ----
+
+    def save_state(self, directory: Path, is_main: bool) -> None:
+        """Every rank: DeepSpeed's per-rank weights + optimizer shards (resume with the same
+        ranks and stage)."""
+        if self.plan.expert is not None:
+            self._save_expert_parallel_state(directory / DS_STATE_DIR)
+            return
+        self.engine.save_checkpoint(str(directory / DS_STATE_DIR), tag=_DS_TAG, save_latest=False)
+
+    # Expert parallelism: DeepSpeed's own checkpoint code only knows its own MoE layer's
+    # parameter names, so each rank writes its optimizer (ZeRO: its shard, fp32 masters included)
+    # itself; the weights come from the consolidated model/ on resume.
+    def _ep_state_file(self, state_dir: Path, rank: int) -> Path:
+        return state_dir / f"expert_parallel_rank_{rank:05d}.pt"
+
+    def _save_expert_parallel_state(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"optimizer": self.optimizer.state_dict(), "zero_stage": self.stage, "world_size": self.world,
+                    "expert_parallel_size": self.plan.expert.size},
+                   self._ep_state_file(state_dir, self.env.rank))
+
+    def _saved_expert_parallel(self, ckpt: Path) -> Optional[Dict[str, Any]]:
+        path = self._ep_state_file(ckpt / DS_STATE_DIR, self.env.rank)
+        return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+
+    def check_resume(self, ckpt: Path) -> None:
+        state = ckpt / DS_STATE_DIR
+        if self.plan.expert is not None:
+            size = self.plan.expert.size
+            saved = self._saved_expert_parallel(ckpt)
+            found = (saved["zero_stage"], saved["world_size"], saved["expert_parallel_size"]) if saved else None
+            if found != (self.stage, self.world, size):
+                what = (f"zero_stage={found[0]} on {found[1]} ranks with expert_parallel_size={found[2]}" if found
+                        else "without expert parallelism" if (state / _DS_TAG).is_dir() or (ckpt / OPTIMIZER_FILE).is_file()
+                        else "with fewer ranks")
+                raise UserError(f"cannot resume {ckpt}: it was saved {what}; this run has zero_stage={self.stage} on "
+                                f"{self.world} ranks with expert_parallel_size={size}; resume with the "
+                                f"saved settings (or start from its model/ with model.path= and a fresh run)")
+            return
+        ep_files = sorted(state.glob("expert_parallel_rank_*.pt"))
+        if ep_files:
+            saved_ep = torch.load(ep_files[0], map_location="cpu", weights_only=False)["expert_parallel_size"]
+            raise UserError(f"cannot resume {ckpt}: it was saved with distributed.expert_parallel_size={saved_ep} "
+                            f"on {len(ep_files)} ranks; resume it with those settings")
+        if not (state / _DS_TAG).is_dir():
+            raise UserError(f"cannot resume {ckpt} with distributed.zero_stage={self.stage}: it holds no "
+                            f"DeepSpeed state (it was saved without DeepSpeed); resume it with "
+                            f"distributed.zero_stage=null")
+        saved_stage = saved_zero_stage(ckpt)
+        saved_ranks = zero_saved_ranks(state / _DS_TAG)
+        if saved_stage != self.stage or (self.stage > 0 and saved_ranks != self.world):
+            raise UserError(f"cannot resume {ckpt}: it was saved with distributed.zero_stage={saved_stage}"
+                            f"{f' on {saved_ranks} ranks' if saved_ranks else ''}, this run has zero_stage="
+                            f"{self.stage} on {self.world}; DeepSpeed state resumes only with the same stage "
+                            f"and number of ranks")
+
+    def load_state(self, ckpt: Path) -> None:
+        if self.plan.expert is not None:
+            saved = self._saved_expert_parallel(ckpt)
+            if self.stage == 0:
+                self.optimizer.load_state_dict(saved["optimizer"])
+            else:  # a ZeRO optimizer takes every rank's state and picks its own
+                states = [None] * self.world
+                states[self.env.rank] = saved["optimizer"]
+                self.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+            return
+        state = ckpt / DS_STATE_DIR
+        load_path, _ = self.engine.load_checkpoint(str(state), tag=_DS_TAG, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        if load_path is None:
+            raise UserError(f"cannot resume {ckpt}: DeepSpeed could not load {state} (saved with another "
+                            f"number of ranks or ZeRO stage?)")

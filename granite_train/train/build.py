@@ -1,0 +1,70 @@
+"""Build: the whole model a run starts from (random init or a checkpoint, muP applied), on its
+device, before anything cuts it over ranks (`granite_train/parallel/parallelize.py`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+
+from granite_train.config import RunConfig
+from granite_train.errors import UserError
+from granite_train.models import GraniteForCausalLM, build_model, load_model
+from granite_train.parallel.env import Env
+from granite_train.train.optim import mup_width_for
+
+log = logging.getLogger("granite_train.train")
+
+
+def build_run_model(cfg: RunConfig, tokenizer: Any, env: Env) -> GraniteForCausalLM:
+    """The model of `cfg` on `env.device`: `model.path`'s checkpoint, or `model.arch` with the
+    tokenizer's vocabulary and special ids; muP initialised when `optim.mup` (a fresh model
+    only: loaded weights are never re-drawn)."""
+    if cfg.model.path is not None:
+        model = load_model(cfg.model.path, dtype=torch.float32, attn_backend=cfg.model.attn_backend,
+                           mamba_backend=cfg.model.mamba_backend)
+        vocab = model.config.vocab_size
+        if tokenizer.vocab_size > vocab:
+            raise UserError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but {cfg.model.path} has only "
+                f"{vocab} embeddings; use the checkpoint's own tokenizer (data.tokenizer=null)")
+    else:
+        arch = dataclasses.replace(cfg.model.arch)
+        if arch.vocab_size is None:
+            arch.vocab_size = tokenizer.vocab_size
+        elif arch.vocab_size < tokenizer.vocab_size:
+            raise UserError(
+                f"model.arch.vocab_size={arch.vocab_size} is smaller than the tokenizer's "
+                f"{tokenizer.vocab_size} tokens; set model.arch.vocab_size=null to take it from the tokenizer")
+        # Special token ids from the tokenizer, so the exported config.json generates correctly.
+        for key, token_id in (("eos_token_id", tokenizer.eos_token_id), ("pad_token_id", tokenizer.pad_token_id),
+                              ("bos_token_id", tokenizer.token_to_id(tokenizer.bos_token or tokenizer.eos_token))):
+            if getattr(arch, key) is None:
+                setattr(arch, key, token_id)
+        model = build_model(arch, attn_backend=cfg.model.attn_backend, mamba_backend=cfg.model.mamba_backend)
+    model.set_router_aux_loss(cfg.model.router_aux_loss, cfg.model.router_z_loss_coef)
+    if cfg.optim.mup:
+        model.apply_mup(mup_width_for(model, cfg.model.mup_base_width), reinit=cfg.model.path is None)
+    return model.to(env.device)
+
+
+def describe(cfg: RunConfig, model: GraniteForCausalLM, tokenizer: Any, env: Env) -> None:
+    """What a person needs to see at the start of a run (rank 0 logs it)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    c = model.config
+    source = cfg.model.path or "random init (model.arch)"
+    log.info("recipe: %s | output: %s", cfg.recipe_name or "(none)", cfg.trainer.output_dir)
+    log.info("model: %s from %s | %.2fM parameters | %d layers, hidden %d, heads %d/%d kv, vocab %d",
+             c.model_type, source, n_params / 1e6, c.num_hidden_layers, c.hidden_size,
+             c.num_attention_heads, c.num_key_value_heads, c.vocab_size)
+    log.info("data: %s (format %s, packing %s, max_length %d) | tokenizer: %s (%d tokens)",
+             cfg.data.path, cfg.data.format, cfg.data.packing, cfg.data.max_length,
+             cfg.data.tokenizer or cfg.model.path or "gpt2-bundled", tokenizer.vocab_size)
+    log.info("batch: %d tokens/step over %d rank(s), micro-batches of <= %d tokens | device %s, %s",
+             cfg.trainer.tokens_per_step, env.world_size, cfg.trainer.micro_batch_tokens,
+             env.device, "bf16 autocast" if env.autocast_dtype else "fp32")
+    if cfg.model.path is None:
+        log.info("to fine-tune a real checkpoint: add model.path=/path/to/granite-checkpoint "
+                 "(HF layout: config.json + safetensors; its tokenizer is used automatically)")

@@ -1,0 +1,290 @@
+"""What a checkpoint holds, as parts that each save, check and load their own state.
+
+A `Checkpointer` saves a run as its named parts into one atomic checkpoint (`checkpoint.py`)
+and restores chosen parts from one. Every part checks, before anything is loaded, that the
+checkpoint can resume into this run, and says in one line what differs:
+
+| part       | files                        | refuses to resume when                               |
+|------------|------------------------------|------------------------------------------------------|
+| `config`   | config.yaml                  | a setting that fixes the model or data order changed |
+| `model`    | model/ (HF layout, tokenizer)| the architecture or a parameter shape differs        |
+| `engine`   | optimizer.pt or deepspeed/   | ZeRO stage, ranks or expert parallelism differ       |
+| `data`     | trainer_state.json "data"    | the data, its order or the step planner changed      |
+| `counters` | trainer_state.json           | (never: step, tokens seen, bad steps, W&B run id)    |
+| `rng`      | rng/rank_<r>.pt              | (never: a rank without a saved state keeps its seed) |
+
+trainer_state.json is written last, by rank 0: a checkpoint without it is incomplete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from granite_train.errors import UserError
+from granite_train.models import load_model, save_model
+from granite_train.parallel.engine import Engine
+from granite_train.parallel.env import Env, agree, barrier
+from granite_train.train import checkpoint as files
+from granite_train.train.rng import rng_state, set_rng_state
+
+log = logging.getLogger("granite_train.train")
+
+
+class Stateful(Protocol):
+    def save(self, tmp: Path, meta: Dict[str, Any]) -> None:
+        """Write this rank's share into the checkpoint being built in `tmp` (every rank calls
+        it); JSON-sized state goes into `meta` (trainer_state.json, written by rank 0)."""
+
+    def check(self, ckpt: Path, meta: Dict[str, Any]) -> None:
+        """One UserError line when `ckpt` cannot resume into this run."""
+
+    def load(self, ckpt: Path, meta: Dict[str, Any]) -> None: ...
+
+
+# ---------------------------------------------------------------- parts
+
+# Keys that fix the model or the data order: a resume that changes one of them would not be the
+# same run. Everything else (lr, schedule, max_steps, logging, micro_batch_tokens, ranks) may change.
+CRITICAL_KEYS = ("model.arch", "model.path", "data.path", "data.format", "data.split", "data.streaming",
+                 "data.messages_field", "data.text_field", "data.columns", "data.tokenizer",
+                 "data.chat_template", "data.train_on", "data.max_length", "data.overlong",
+                 "data.packing", "data.max_examples", "trainer.tokens_per_step", "trainer.seed",
+                 "trainer.epochs")
+
+
+def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _allowed(key: str, allow: List[str]) -> bool:
+    return any(key == a or key.startswith(a + ".") for a in allow)
+
+
+def config_changes(saved: Dict[str, Any], now: Dict[str, Any], allow: List[str]) -> List[str]:
+    """`key old -> new` for every critical key that differs and is not allowed to (a key is
+    allowed when it equals or lies under an entry of `allow`)."""
+    old, new = _flatten(saved), _flatten(now)
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if _allowed(key, list(CRITICAL_KEYS)) and not _allowed(key, allow) and old.get(key) != new.get(key):
+            changed.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}")
+    return changed
+
+
+class RunConfigState:
+    """config.yaml: the resolved config that wrote the checkpoint."""
+
+    def __init__(self, config_yaml: str, resolved: Dict[str, Any], allow: List[str], env: Env) -> None:
+        self.config_yaml, self.resolved, self.allow, self.env = config_yaml, resolved, allow, env
+
+    def save(self, tmp: Path, meta: Dict[str, Any]) -> None:
+        if self.env.is_main:
+            (tmp / "config.yaml").write_text(self.config_yaml)
+
+    def check(self, ckpt: Path, meta: Dict[str, Any]) -> None:
+        saved = OmegaConf.to_container(OmegaConf.load(ckpt / "config.yaml"), resolve=True)
+        changed = config_changes(saved, self.resolved, self.allow)
+        if changed:
+            raise UserError(
+                f"cannot resume {ckpt}: {'; '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} "
+                f"changed since it was saved; restore them, or allow them with "
+                f"trainer.resume_allow_changes=[{','.join(c.split()[0] for c in changed[:6])}], or start "
+                f"a fresh run (trainer.resume=false with a new trainer.output_dir)")
+
+    def load(self, ckpt: Path, meta: Dict[str, Any]) -> None:
+        pass  # the run's own config wins; `check` made sure nothing that matters changed
+
+
+class ModelState:
+    """model/: the consolidated weights in HF layout (+ the tokenizer), loadable by transformers.
+
+    It loads into the whole model, before `parallelize` cuts it; it saves through
+    `full_weights` (the engine's, once there is one: ZeRO-3 and expert parallelism gather)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, allow: List[str], env: Env) -> None:
+        self.model, self.tokenizer, self.allow, self.env = model, tokenizer, allow, env
+        self.full_weights: Callable[[], ContextManager[nn.Module]] = lambda: contextlib.nullcontext(self.model)
+        self._read: Optional[tuple] = None  # (checkpoint, its model): check and load read it once
+
+    def save(self, tmp: Path, meta: Dict[str, Any]) -> None:
+        with self.full_weights() as model:  # every rank takes part in the gather
+            if self.env.is_main:
+                save_model(model, tmp / "model")
+                if self.tokenizer is not None:
+                    self.tokenizer.save(tmp / "model")
+
+    def _saved(self, ckpt: Path) -> nn.Module:
+        if self._read is None or self._read[0] != ckpt:
+            self._read = (ckpt, load_model(ckpt / "model"))
+        return self._read[1]
+
+    def check(self, ckpt: Path, meta: Dict[str, Any]) -> None:
+        saved = self._saved(ckpt)
+        now_cfg, saved_cfg = self.model.config.to_hf_dict(), saved.config.to_hf_dict()
+        diff = sorted(k for k in set(now_cfg) | set(saved_cfg) if now_cfg.get(k) != saved_cfg.get(k))
+        if diff and not any(a in ("model", "model.arch", "model.path") for a in self.allow):
+            raise UserError(
+                f"cannot resume {ckpt}: the model differs from the checkpoint's in {', '.join(diff[:8])}; "
+                f"use the same model settings (or trainer.resume_allow_changes=[model.arch] for changes "
+                f"that keep every shape)")
+        shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        wrong = [k for k, v in saved.state_dict().items() if shapes.get(k) != tuple(v.shape)]
+        if wrong:
+            raise UserError(f"cannot resume {ckpt}: parameter shapes differ ({', '.join(wrong[:4])}); "
+                            f"the model must keep the checkpoint's shapes")
+
+    def load(self, ckpt: Path, meta: Dict[str, Any]) -> None:
+        saved = self._saved(ckpt).state_dict()
+        with torch.no_grad():
+            for name, p in self.model.state_dict().items():
+                p.copy_(saved[name])
+        self._read = None
+
+
+class EngineState:
+    """The optimizer: optimizer.pt (plain engine), or every rank's DeepSpeed state in deepspeed/."""
+
+    def __init__(self, engine: Engine, env: Env) -> None:
+        self.engine, self.env = engine, env
+
+    def save(self, tmp: Path, meta: Dict[str, Any]) -> None:
+        self.engine.save_state(tmp, self.env.is_main)
+
+    def check(self, ckpt: Path, meta: Dict[str, Any]) -> None:
+        self.engine.check_resume(ckpt)
+
+    def load(self, ckpt: Path, meta: Dict[str, Any]) -> None:
+        self.engine.load_state(ckpt)
+
+
+class DataState:
+    """The data position (epoch, step in epoch) and what fixes the data order."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def save(self, tmp: Path, meta: Dict[str, Any]) -> None:
+        meta["data"] = self.data.state_dict()
+
+    def check(self, ckpt: Path, meta: Dict[str, Any]) -> None:
+        self.data.check_state_dict(meta.get("data", {}))
+
+    def load(self, ckpt: Path, meta: Dict[str, Any]) -> None:
+        self.data.load_state_dict(meta["data"])
+
+
+@dataclass
+class Counters:
+    """The trainer's counters: what it needs besides weights, optimizer and data to continue."""
+
+    step: int = 0  # optimizer steps completed (including skipped ones)
+    tokens_seen: int = 0  # input tokens of the completed steps (what the lr schedule counts)
+    skipped_steps: int = 0  # non-finite steps skipped so far
+    bad_steps_in_a_row: int = 0
+    wandb_run_id: Optional[str] = None
+
+    def save(self, tmp: Path, meta: Dict[str, Any]) -> None:
+        meta.update(step=self.step, tokens_seen=self.tokens_seen, skipped_steps=self.skipped_steps,
+                    bad_steps_in_a_row=self.bad_steps_in_a_row, wandb_run_id=self.wandb_run_id)
+
+    def check(self, ckpt: Path, meta: Dict[str, Any]) -> None:
+        pass
+
+    def load(self, ckpt: Path, meta: Dict[str, Any]) -> None:
+        self.step, self.tokens_seen = int(meta["step"]), int(meta.get("tokens_seen", 0))
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
+        self.bad_steps_in_a_row = int(meta.get("bad_steps_in_a_row", 0))
+        self.wandb_run_id = meta.get("wandb_run_id")
+
+
+class RngState:
+    """rng/rank_<r>.pt: python, numpy and torch (CPU + CUDA) generators of every rank."""
+
+    def __init__(self, env: Env) -> None:
+        self.env = env
+
+    def _file(self, ckpt: Path) -> Path:
+        return ckpt / "rng" / f"rank_{self.env.rank}.pt"
+
+    def save(self, tmp: Path, meta: Dict[str, Any]) -> None:
+        # Every rank: ranks may draw differently (e.g. dropout on other data).
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), self._file(tmp))
+
+    def check(self, ckpt: Path, meta: Dict[str, Any]) -> None:
+        pass
+
+    def load(self, ckpt: Path, meta: Dict[str, Any]) -> None:
+        f = self._file(ckpt)
+        if f.is_file():
+            set_rng_state(torch.load(f, weights_only=False))
+        else:  # resumed on more ranks than saved: the newcomers keep their seeded state
+            log.warning("%s has no RNG state for rank %d; it keeps the seeded state", ckpt, self.env.rank)
+
+
+# ---------------------------------------------------------------- the checkpointer
+
+
+class Checkpointer:
+    """Saves a run's parts into `<output_dir>/checkpoints/step_<N>` and restores them."""
+
+    def __init__(self, output_dir: Path, env: Env, keep: int) -> None:
+        self.root = files.checkpoints_dir(output_dir)
+        self.env, self.keep = env, keep
+        self.parts: Dict[str, Stateful] = {}
+
+    def add(self, name: str, part: Stateful) -> None:
+        self.parts[name] = part
+
+    def find(self, resume: Optional[str], output_dir: Path) -> Optional[Path]:
+        """The checkpoint `trainer.resume` names (rank 0 decides, every rank gets its answer)."""
+        found = failure = None
+        if self.env.is_main:
+            try:
+                found = files.resolve_resume(resume, output_dir)
+            except UserError as exc:
+                failure = str(exc)
+        found, failure = agree(self.env, (found, failure))
+        if failure:
+            raise UserError(failure)
+        return found
+
+    def restore(self, ckpt: Optional[Path], *names: str) -> None:
+        """Check the named parts against `ckpt`, then load them (nothing when ckpt is None)."""
+        if ckpt is None:
+            return
+        meta = files.read_state(ckpt)
+        for name in names:
+            self.parts[name].check(ckpt, meta)
+        for name in names:
+            self.parts[name].load(ckpt, meta)
+
+    def latest(self) -> Optional[Path]:
+        return files.latest_checkpoint(self.root)
+
+    def save(self, step: int) -> Path:
+        """Every rank calls it; the checkpoint exists completely, or not at all, when it returns."""
+        tmp = files.begin_save(self.root, step) if self.env.is_main else files.tmp_dir_for(self.root, step)
+        barrier(self.env)  # the directory exists before other ranks write into it
+        meta: Dict[str, Any] = {}
+        for part in self.parts.values():
+            part.save(tmp, meta)
+        barrier(self.env)  # every rank's files are in
+        if self.env.is_main:
+            files.write_state(tmp, meta)
+            log.info("checkpoint: %s", files.publish(tmp, step, self.keep))
+        barrier(self.env)  # nobody moves on (or exits) before the checkpoint is complete
+        return self.root / f"step_{step}"

@@ -1,0 +1,250 @@
+"""The trainer: build -> parallelize -> fit.
+
+`Trainer(cfg)` builds everything a run needs, in the order the data flows: the run directory
+(locked for this run), the checkpoint to resume, the whole model (`build.py`), the model cut over
+the ranks (`parallel.parallelize`), the data, the schedule and the metrics sink. `fit()` trains
+to `trainer.max_steps` / `trainer.max_tokens` / the end of the data, evaluating and
+checkpointing on the way, and exports the final weights in HF layout. One optimizer step is
+`train.step.train_step`.
+
+A step whose loss or gradient norm is not finite is skipped (no optimizer update, counted in
+metrics.jsonl); `trainer.max_bad_steps` of them in a row stop the run. Checkpoints (`state.py`)
+hold everything a resumed run needs to continue exactly where the saved one was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from granite_train.config import RunConfig
+from granite_train.data import build_eval_data, build_train_data, load_tokenizer
+from granite_train.errors import UserError
+from granite_train.models import save_model
+from granite_train.parallel.env import agree, init_env, main_rank_first
+from granite_train.parallel.parallelize import parallelize
+from granite_train.train.build import build_run_model, describe
+from granite_train.train.evaluate import evaluate
+from granite_train.train.metrics import MetricsSink, peak_tflops, step_flops, step_record, truncate_metrics
+from granite_train.train.rng import seed_everything
+from granite_train.train.run_lock import RunLock
+from granite_train.train.schedule import Schedule
+from granite_train.train.state import (Checkpointer, Counters, DataState, EngineState, ModelState, RngState,
+                                       RunConfigState)
+from granite_train.train.step import StepOutcome, StepSettings, set_lr, train_step
+
+log = logging.getLogger("granite_train.train")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    tokens_seen: int
+    final_loss: float
+    output_dir: Path
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg, self.env = cfg, init_env(cfg.trainer, cfg.distributed)
+        self.out = Path(cfg.trainer.output_dir)
+        self.sink: Optional[MetricsSink] = None
+        self._lock = self._lock_output_dir()
+        try:
+            self._build()
+        except BaseException:
+            self._close()
+            raise
+
+    # ---------------------------------------------------------------- build
+
+    def _lock_output_dir(self) -> Optional[RunLock]:
+        """Rank 0 holds the run directory; every rank learns whether it could."""
+        lock, failure = (RunLock(self.out) if self.env.is_main else None), None
+        if lock is not None:
+            try:
+                lock.acquire()
+            except UserError as exc:
+                lock, failure = None, str(exc)
+        failure = agree(self.env, failure)
+        if failure:
+            raise UserError(failure)
+        return lock
+
+    def _build(self) -> None:
+        cfg, env = self.cfg, self.env
+        node = OmegaConf.structured(cfg)
+        resolved: Dict[str, Any] = OmegaConf.to_container(node, resolve=True)
+        config_yaml, allow = OmegaConf.to_yaml(node), list(cfg.trainer.resume_allow_changes)
+        self.checkpointer = ck = Checkpointer(self.out, env, cfg.trainer.keep_checkpoints)
+        self.resume = resume = ck.find(cfg.trainer.resume, self.out)
+        self.counters = Counters()
+        ck.add("config", RunConfigState(config_yaml, resolved, allow, env))
+        ck.add("counters", self.counters)
+        ck.restore(resume, "config", "counters")
+        if env.is_main:
+            self._prepare_output_dir(config_yaml)
+        seed_everything(cfg.trainer.seed)
+
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.path)
+        model = build_run_model(cfg, self.tokenizer, env)
+        model_state = ModelState(model, self.tokenizer, allow, env)
+        ck.add("model", model_state)
+        ck.restore(resume, "model")  # into the whole model, before it is cut over ranks
+        if env.is_main:
+            describe(cfg, model, self.tokenizer, env)
+        self.engine = parallelize(model, cfg, env)
+        model_state.full_weights = self.engine.full_weights
+        with main_rank_first(env):  # tokenize once; the other ranks read the datasets cache
+            self.data = build_train_data(cfg.data, cfg.trainer, self.tokenizer, env.rank, env.world_size)
+            self.eval_data = build_eval_data(cfg.data, cfg.trainer, self.tokenizer, env.rank, env.world_size,
+                                             train_data=self.data)
+        ck.add("engine", EngineState(self.engine, env))
+        ck.add("data", DataState(self.data))
+        ck.add("rng", RngState(env))
+        ck.restore(resume, "engine", "data", "rng")
+        if resume is not None and env.is_main:
+            log.info("resuming from %s: step %d, %d tokens seen", resume, self.counters.step, self.counters.tokens_seen)
+
+        self.schedule = Schedule.from_config(cfg)
+        self.sink = MetricsSink(self.out, cfg.tracking.wandb, resolved, cfg.trainer.max_steps, enabled=env.is_main,
+                                progress=cfg.trainer.progress, initial_step=self.counters.step,
+                                wandb_run_id=self.counters.wandb_run_id)
+        self.counters.wandb_run_id = self.sink.wandb_run_id or self.counters.wandb_run_id
+        self.step_settings = StepSettings.of(model, env, cfg.model.loss_chunk_tokens)
+        self.peak_tflops = peak_tflops(cfg.trainer.peak_tflops, env.device)
+        self.last_loss = float("nan")
+        self._last_eval = -1
+
+    def _prepare_output_dir(self, config_yaml: str) -> None:
+        """Rank 0: the resumed run's metrics cut back to its checkpoint, a fresh run's old ones
+        moved aside (a fresh run must not append to an old run's curve), the config."""
+        metrics = self.out / "metrics.jsonl"
+        if self.resume is not None:
+            dropped = truncate_metrics(metrics, self.counters.step)
+            if dropped:
+                log.info("metrics.jsonl: dropped %d records written after %s", dropped, self.resume.name)
+        elif metrics.exists():
+            metrics.rename(self.out / f"metrics.{int(time.time())}.jsonl.old")
+        (self.out / "config.yaml").write_text(config_yaml)
+
+    # ---------------------------------------------------------------- fit
+
+    def fit(self) -> TrainResult:
+        """Train, evaluate and checkpoint to the end of the run, then export `final/`."""
+        try:
+            c, tr = self.counters, self.cfg.trainer
+            start_step = c.step
+            self._saved_at = c.step if self.resume is not None else -1
+            self.engine.model.train()
+            # islice, not a break: drawing one step too many would move the data position past it.
+            remaining = 0 if self._out_of_tokens() else max(0, tr.max_steps - c.step)
+            for step in itertools.islice(self.data.steps(), remaining):
+                self._train_one(step)
+                self._stop_after_bad_steps()
+                if tr.eval_every and c.step % tr.eval_every == 0:
+                    self._evaluate()
+                if tr.save_every and c.step % tr.save_every == 0 and c.bad_steps_in_a_row == 0:
+                    self._save()
+                if self._out_of_tokens():
+                    break  # trainer.max_tokens reached
+            self._report_end(start_step)
+            self._evaluate()
+            if self._saved_at != c.step and c.bad_steps_in_a_row == 0:
+                self._save()
+            self.sink.summary({"final_loss": self.last_loss, "tokens_seen": c.tokens_seen,
+                               "skipped_steps": c.skipped_steps})
+            self.sink.close()
+            self._export_final()
+        finally:
+            self._close()
+        if self.env.distributed:
+            dist.barrier()
+            dist.destroy_process_group()
+        return TrainResult(self.counters.step, self.counters.tokens_seen, self.last_loss, self.out)
+
+    def _train_one(self, step: Any) -> StepOutcome:
+        c, tr = self.counters, self.cfg.trainer
+        t0 = time.perf_counter()
+        lr = self.schedule.lr_at(c.step, c.tokens_seen)  # tokens trained before this step
+        set_lr(self.engine, lr)
+        outcome = train_step(self.engine, step, self.step_settings)
+        seconds = time.perf_counter() - t0
+        # MFU of this rank (ranks run equal shares); absent where no peak is known (CPU).
+        mfu = (step_flops(self.engine.model, step, self.engine.plan.matmul_params) / seconds
+               / (self.peak_tflops * 1e12) if self.peak_tflops else None)
+        c.step += 1
+        c.tokens_seen += step.num_input_tokens
+        if outcome.finite:
+            c.bad_steps_in_a_row = 0
+            self.last_loss = outcome.loss
+        else:
+            c.skipped_steps += 1
+            c.bad_steps_in_a_row += 1
+        if not outcome.finite or c.step % tr.log_every == 0 or c.step == tr.max_steps or self._out_of_tokens():
+            self.sink.log(step_record(step, outcome, step_no=c.step, lr=lr, tokens_seen=c.tokens_seen,
+                                      seconds=seconds, skipped_steps=c.skipped_steps, mfu=mfu))
+        return outcome
+
+    def _out_of_tokens(self) -> bool:
+        max_tokens = self.cfg.trainer.max_tokens
+        return max_tokens is not None and self.counters.tokens_seen >= max_tokens
+
+    def _stop_after_bad_steps(self) -> None:
+        c, limit = self.counters, self.cfg.trainer.max_bad_steps
+        if c.bad_steps_in_a_row >= max(1, limit):
+            raise UserError(
+                f"{c.bad_steps_in_a_row} steps in a row had a non-finite loss or grad norm (up to step "
+                f"{c.step}; trainer.max_bad_steps={limit}); last good checkpoint: "
+                f"{self.checkpointer.latest() or 'none'}; lower optim.lr, lower optim.grad_clip or use "
+                f"trainer.dtype=fp32, then resume")
+
+    def _report_end(self, start_step: int) -> None:
+        c = self.counters
+        if c.step == 0:
+            raise UserError("the data produced no optimizer step; add data or lower trainer.tokens_per_step")
+        if c.step == start_step and self.resume is not None:
+            log.info("the checkpoint %s already reached the end of this run (step %d); nothing to train",
+                     self.resume, c.step)
+        elif c.step < self.cfg.trainer.max_steps and not self._out_of_tokens():
+            log.info("data exhausted after %d steps (trainer.epochs=%s)", c.step, self.cfg.trainer.epochs)
+
+    def _evaluate(self) -> None:
+        """Every rank calls it (the sums are all-reduced); once per step at most."""
+        if self.eval_data is None or self._last_eval == self.counters.step:
+            return
+        result = evaluate(self.engine.model, self.eval_data, self.env, loss_chunk_tokens=self.cfg.model.loss_chunk_tokens,
+                          lockstep=self.engine.plan.lockstep_forwards)
+        self.sink.log({"step": self.counters.step, "split": "eval", **result})
+        self._last_eval = self.counters.step
+
+    def _save(self) -> None:
+        self.checkpointer.save(self.counters.step)
+        self._saved_at = self.counters.step
+
+    def _export_final(self) -> None:
+        with self.engine.full_weights() as full:  # ZeRO-3 / expert parallel: every rank takes part
+            if self.env.is_main:
+                final = self.out / "final"
+                save_model(full, final)
+                self.tokenizer.save(final)
+                log.info("done: %d steps, %d tokens, final loss %.4f | HF checkpoint: %s",
+                         self.counters.step, self.counters.tokens_seen, self.last_loss, final)
+
+    def _close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    return Trainer(cfg).fit()
