@@ -13,7 +13,7 @@ replace both with one custom shape. For each shape and expert count (8, 32, 64; 
 top-2 for <= 8 experts, as the scaled preset, and top-6 above, as H-Tiny's 64):
 
 * grouped: `granite_train.models.moe.MoE` itself: (token, slot) rows sorted by expert, one matmul
-  per expert on its contiguous slice (`grouped_expert_matmul`: `torch._grouped_mm` on Hopper+
+  per expert on its contiguous slice (`grouped_expert_matmul`: grouped GEMM, `compat.grouped_mm_kernel`, on Hopper+
   CUDA bf16, else per-expert `F.linear` on a split), results gathered back and combined. It also
   computes its [4, E] router statistics (two [N, E] passes, negligible next to the experts).
 * loop: the same routing, then the per-expert loop of transformers 5's eager experts

@@ -208,11 +208,9 @@ class StepSettings:
 def _engine(model) -> Any:
     """The trainer's plain engine around `model` (one process). Its optimizer never steps here:
     the benchmark times forward + backward on unchanged weights."""
-    from granite_train.parallel import Env, ParallelPlan
     from granite_train.parallel.engine import PlainEngine
 
-    plan = ParallelPlan(world_size=1, zero_stage=None, expert=None, matmul_params=model.active_matmul_params())
-    return PlainEngine(model, torch.optim.SGD(model.parameters(), lr=0.0), Env.single(), 0.0, plan)
+    return PlainEngine.one_process(model, torch.optim.SGD(model.parameters(), lr=0.0))
 
 
 def run_workload(model, w: Workload, s: StepSettings) -> List[Dict[str, float]]:

@@ -57,11 +57,9 @@ def run_step(engine, mbs: List[Dict[str, Any]], n_global: int, n_real: int, s: S
 def plain_engine(model: torch.nn.Module, grad_clip: float):
     """The trainer's one-process plain engine with an AdamW at lr 0: the two copies' weights stay
     equal across rounds; the update's cost is measured, its effect is not needed."""
-    from granite_train.parallel import Env, ParallelPlan
     from granite_train.parallel.engine import PlainEngine
 
-    plan = ParallelPlan(world_size=1, zero_stage=None, expert=None, matmul_params=model.active_matmul_params())
-    return PlainEngine(model, torch.optim.AdamW(model.parameters(), lr=0.0), Env.single(), grad_clip, plan)
+    return PlainEngine.one_process(model, torch.optim.AdamW(model.parameters(), lr=0.0), grad_clip)
 
 
 def grads_rel_err(a: torch.nn.Module, b: torch.nn.Module) -> float:

@@ -37,7 +37,6 @@ from granite_train.cli import compose_config
 from granite_train.data import TrainStep
 from granite_train.errors import UserError
 from granite_train.models import build_model
-from granite_train.parallel import Env, ParallelPlan
 from granite_train.parallel.engine import PlainEngine
 from granite_train.train.optim import build_optimizer, mup_width_for
 from granite_train.train.step import StepSettings, set_lr, train_step
@@ -114,13 +113,11 @@ def train_width(cfg, base_arch, w: int, mup: bool, steps: int, seed: int) -> Lis
     optim_cfg = dataclasses.replace(cfg.optim, mup=mup)
     if mup:
         model.apply_mup(mup_width_for(model, base_arch.hidden_size))  # re-draws the muP init
-    env = Env.single()
-    plan = ParallelPlan(world_size=1, zero_stage=None, expert=None, matmul_params=model.active_matmul_params())
-    engine = PlainEngine(model, build_optimizer(model, optim_cfg), env, optim_cfg.grad_clip, plan)
+    engine = PlainEngine.one_process(model, build_optimizer(model, optim_cfg), optim_cfg.grad_clip)
     batch = fixed_batch(arch.vocab_size, seed)
     step = TrainStep(0, 0, 0, [batch], num_trained_tokens=int((batch["labels"] != -100).sum()),
                      num_input_tokens=batch["input_ids"].numel(), num_slots=batch["input_ids"].numel())
-    settings = StepSettings.of(model, env)
+    settings = StepSettings.of(model, engine.env)
     acts, handles = _record(model)
     history = []
     model.train()

@@ -94,6 +94,13 @@ class PlainEngine:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.clip = grad_clip
 
+    @classmethod
+    def one_process(cls, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float = 0.0) -> "PlainEngine":
+        """The engine of a single process on the CPU, nothing cut (tools and benchmarks that run
+        the trainer's step outside a run)."""
+        plan = ParallelPlan(world_size=1, zero_stage=None, expert=None, matmul_params=model.active_matmul_params())
+        return cls(model, optimizer, Env.single(), grad_clip, plan)
+
     @property
     def param_groups(self) -> List[Dict[str, Any]]:
         return self.optimizer.param_groups
