@@ -195,7 +195,7 @@ def build_our_model(cfg, tok, seed: int = 0):
 # ---------------------------------------------------------------- the step
 
 @dataclasses.dataclass(frozen=True)
-class StepSettings:
+class ModelSettings:
     """The trainer settings the forward depends on (also handed to the memory child)."""
 
     aux_coef: float
@@ -213,15 +213,15 @@ def _engine(model) -> Any:
     return PlainEngine.one_process(model, torch.optim.SGD(model.parameters(), lr=0.0))
 
 
-def run_workload(model, w: Workload, s: StepSettings) -> List[Dict[str, float]]:
+def run_workload(model, w: Workload, s: ModelSettings) -> List[Dict[str, float]]:
     """Forward + backward of every optimizer step of `w` by the trainer's own
     `granite_train.train.step.forward_backward` (no optimizer update). Returns per step the
     token-exact LM loss and the aux loss."""
     from granite_train.data import TrainStep
-    from granite_train.train.step import StepSettings as TrainerStepSettings
+    from granite_train.train.step import StepSettings
     from granite_train.train.step import forward_backward
 
-    settings = TrainerStepSettings(torch.device("cpu"), aux_coef=s.aux_coef, loss_chunk_tokens=s.loss_chunk_tokens)
+    settings = StepSettings(torch.device("cpu"), aux_coef=s.aux_coef, loss_chunk_tokens=s.loss_chunk_tokens)
     out: List[Dict[str, float]] = []
     for mbs, n_global, n_real in zip(w.steps, w.trained_tokens, w.real_tokens):
         model.zero_grad(set_to_none=True)
@@ -231,7 +231,7 @@ def run_workload(model, w: Workload, s: StepSettings) -> List[Dict[str, float]]:
     return out
 
 
-def check_losses(model, packed: Workload, padded: Workload, s: StepSettings, tol: float) -> Dict[str, Any]:
+def check_losses(model, packed: Workload, padded: Workload, s: ModelSettings, tol: float) -> Dict[str, Any]:
     """Token-exact LM loss per step, packed vs padded; exits when they disagree. A full training
     round of each (forward + backward), so it is also the first warm-up round."""
     a = run_workload(model, packed, s)
@@ -268,7 +268,7 @@ def memory_child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     payload = torch.load(args.batch_file, weights_only=False)
-    w, s = payload["workload"], StepSettings(**payload["settings"])
+    w, s = payload["workload"], ModelSettings(**payload["settings"])
     model = load_model(Path(args.ckpt), dtype=torch.float32).train()
     model.set_router_aux_loss(s.router_aux_loss, s.router_z_loss_coef)
     gc.collect()
@@ -277,7 +277,7 @@ def memory_child(args: argparse.Namespace) -> None:
     print(json.dumps({"setup_rss": setup_rss, "setup_peak_rss": setup_hwm, "peak_rss": hwm_bytes()}))
 
 
-def measure_memory(w: Workload, s: StepSettings, ckpt: Path, threads: int, tmp: Path) -> Dict[str, int]:
+def measure_memory(w: Workload, s: ModelSettings, ckpt: Path, threads: int, tmp: Path) -> Dict[str, int]:
     batch_file = tmp / f"{ckpt.name}-{w.config}.pt"
     torch.save({"workload": w, "settings": dataclasses.asdict(s)}, batch_file)
     cmd = [sys.executable, __file__, "--_memory-child", "--ckpt", str(ckpt), "--batch-file", str(batch_file),
@@ -303,7 +303,7 @@ def run_pair(model_kind: str, data_kind: str, args: argparse.Namespace, data_cac
         data_cache[data_kind] = (tok, *build_workloads(cfg, tok, args.data_steps))
     tok, packed, padded, info = data_cache[data_kind]
     model = build_our_model(cfg, tok)
-    settings = StepSettings(float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0),
+    settings = ModelSettings(float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0),
                             cfg.model.loss_chunk_tokens, cfg.model.router_aux_loss, cfg.model.router_z_loss_coef)
     real = sum(packed.real_tokens)
     print(f"\n== {model_kind} ({PRESETS[model_kind]}, {model.num_parameters() / 1e6:.1f}M parameters) on "

@@ -40,17 +40,17 @@ from typing import Any, Dict, List
 import torch
 
 from common import git_commit, machine_info
-from padding_free import PRESETS, StepSettings, Workload, build_our_model, build_workloads, compose, run_workload
+from padding_free import PRESETS, ModelSettings, Workload, build_our_model, build_workloads, compose, run_workload
 
 
-def run_step(engine, mbs: List[Dict[str, Any]], n_global: int, n_real: int, s: StepSettings) -> float:
+def run_step(engine, mbs: List[Dict[str, Any]], n_global: int, n_real: int, s: ModelSettings) -> float:
     """The trainer's own optimizer step (`granite_train.train.step.train_step`): forward and
     backward of every micro-batch with the trainer's weighting, global-norm clipping, the update."""
     from granite_train.data import TrainStep
-    from granite_train.train.step import StepSettings as TrainerStepSettings
+    from granite_train.train.step import StepSettings
     from granite_train.train.step import train_step
 
-    settings = TrainerStepSettings(torch.device("cpu"), aux_coef=s.aux_coef, loss_chunk_tokens=s.loss_chunk_tokens)
+    settings = StepSettings(torch.device("cpu"), aux_coef=s.aux_coef, loss_chunk_tokens=s.loss_chunk_tokens)
     return train_step(engine, TrainStep(0, 0, 0, mbs, n_global, n_real, 0), settings).loss
 
 
@@ -71,7 +71,7 @@ def grads_rel_err(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return worst
 
 
-def profile_table(engine, mbs, n_global, n_real, s: StepSettings, top: int) -> List[Dict[str, Any]]:
+def profile_table(engine, mbs, n_global, n_real, s: ModelSettings, top: int) -> List[Dict[str, Any]]:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -90,7 +90,7 @@ def bench_model(model_kind: str, args: argparse.Namespace) -> Dict[str, Any]:
     packed, _, info = build_workloads(cfg, tok, 1)
     mbs, n_global, n_real = packed.steps[0], packed.trained_tokens[0], packed.real_tokens[0]
     eager = build_our_model(cfg, tok)
-    s = StepSettings(float(getattr(eager.config, "router_aux_loss_coef", 0.0) or 0.0), cfg.model.loss_chunk_tokens,
+    s = ModelSettings(float(getattr(eager.config, "router_aux_loss_coef", 0.0) or 0.0), cfg.model.loss_chunk_tokens,
                      cfg.model.router_aux_loss, cfg.model.router_z_loss_coef)
     row: Dict[str, Any] = dict(model=model_kind, preset=PRESETS[model_kind], data=args.data, shapes=packed.shapes,
                                real_tokens=n_real, trained_tokens=n_global, examples=info["examples"])
@@ -112,10 +112,10 @@ def bench_model(model_kind: str, args: argparse.Namespace) -> Dict[str, Any]:
     row["first_step_s"] = first
     if "compiled" in models:
         row["max_grad_rel_err"] = grads_rel_err(eager, models["compiled"])
-    for m in models.values():
-        m.zero_grad(set_to_none=True)
         print(f"   first step (compiled: includes compilation) {first['compiled']:.1f} s vs eager {first['eager']:.1f} s; "
               f"loss {row['loss_compiled']:.7f} vs {row['loss_eager']:.7f}, max grad rel err {row['max_grad_rel_err']:.1e}")
+    for m in models.values():
+        m.zero_grad(set_to_none=True)
     for _ in range(args.warmup):
         for k, m in models.items():
             run_step(engines[k], mbs, n_global, n_real, s)

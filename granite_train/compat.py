@@ -98,7 +98,6 @@ class ExpertGroups:
         self.name: str = marker.expert_group_name
         self.group: Any = marker.deepspeed_moe.ep_group
         self.rank: int = dist.get_rank(group=self.group)
-        self.size = size
 
 
 def tag_expert_params(params: Iterable[nn.Parameter], group_name: str) -> None:

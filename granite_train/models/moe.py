@@ -119,9 +119,9 @@ class MoE(nn.Module):
     def keep_experts(self, experts: range, dispatch: ExpertDispatcher) -> None:
         """Hold only `experts` (their weights sliced out of the full stacks) and route every row
         through `dispatch`."""
-        if experts.step != 1 or not 0 <= experts.start < experts.stop <= self.num_experts:
-            raise ValueError(f"experts {experts} are not a contiguous range of the layer's {self.num_experts}")
         held = self.held_experts
+        if experts.step != 1 or not held.start <= experts.start < experts.stop <= held.stop:
+            raise ValueError(f"experts {experts} are not a contiguous range of the experts held here ({held})")
         for w in (self.input_linear, self.output_linear):
             old = w.weight
             # (the muP role is kept by the module, so it survives the new Parameter)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -34,8 +33,6 @@ from granite_train.parallel.env import Env
 from granite_train.parallel.expert_parallel import gathered_experts
 from granite_train.parallel.plan import ParallelPlan
 from granite_train.data.collator import dummy_micro_batch, model_inputs
-
-log = logging.getLogger("granite_train.parallel")
 
 DS_CONFIG_FILE = "deepspeed_config.json"  # the generated config, in the run's output_dir
 _DS_TAG = "state"
@@ -136,6 +133,7 @@ class DeepSpeedEngine:
         self.model = model  # the same module (ZeRO-3: its weights sharded)
         self._deepspeed = deepspeed
         self._dummy: Optional[Dict[str, Any]] = None
+        self._ep_read: Optional[tuple] = None
 
     @property
     def param_groups(self) -> List[Dict[str, Any]]:
@@ -162,8 +160,9 @@ class DeepSpeedEngine:
         self.engine.backward(total * scale, scale_wrt_gas=False)
 
     def backward_nothing(self) -> None:
-        """ZeRO-2/3 reduce inside every backward, so all ranks must run the same number of
-        them, touching every weight: a backward that adds zero."""
+        """A backward that adds zero, through every weight: ZeRO-2/3 reduce inside every
+        backward and expert parallelism exchanges tokens in it, so all ranks run the same number
+        of them (at ZeRO 0/1 without experts it costs a tiny forward and is kept for uniformity)."""
         self._dummy_backward(0.0)
 
     def _backward_nan(self) -> None:
@@ -223,8 +222,11 @@ class DeepSpeedEngine:
                    self._ep_state_file(state_dir, self.env.rank))
 
     def _saved_expert_parallel(self, ckpt: Path) -> Optional[Dict[str, Any]]:
-        path = self._ep_state_file(ckpt / DS_STATE_DIR, self.env.rank)
-        return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+        """This rank's expert-parallel state in `ckpt` (read once for check and load)."""
+        if self._ep_read is None or self._ep_read[0] != ckpt:
+            path = self._ep_state_file(ckpt / DS_STATE_DIR, self.env.rank)
+            self._ep_read = (ckpt, torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None)
+        return self._ep_read[1]
 
     def check_resume(self, ckpt: Path) -> None:
         state = ckpt / DS_STATE_DIR
@@ -260,6 +262,7 @@ class DeepSpeedEngine:
     def load_state(self, ckpt: Path) -> None:
         if self.plan.expert is not None:
             saved = self._saved_expert_parallel(ckpt)
+            self._ep_read = None
             if self.stage == 0:
                 self.optimizer.load_state_dict(saved["optimizer"])
             else:  # a ZeRO optimizer takes every rank's state and picks its own

@@ -16,7 +16,6 @@ when not finite:
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
@@ -30,8 +29,6 @@ from granite_train.errors import UserError
 from granite_train.parallel.env import Env
 from granite_train.parallel.grad_norm import clip_by_global_norm
 from granite_train.parallel.plan import ParallelPlan
-
-log = logging.getLogger("granite_train.parallel")
 
 OPTIMIZER_FILE = "optimizer.pt"  # plain engine: the optimizer's state_dict, inside a checkpoint
 DS_STATE_DIR = "deepspeed"  # DeepSpeed engine: every rank's state, inside a checkpoint

@@ -25,6 +25,7 @@ import os
 import shutil
 from typing import Dict
 
+import torch
 from torch import nn
 
 from granite_train.compat import GuardedAdamW
@@ -54,8 +55,19 @@ def _compile(model: nn.Module, env: Env) -> Dict[str, int]:
     return counts
 
 
+def _check(cfg: RunConfig, env: Env) -> None:
+    """What only the resolved precision can tell (the config checks the rest)."""
+    d = cfg.distributed
+    if d.expert_parallel_size > 1 and d.zero_stage == 0 and env.autocast_dtype == torch.bfloat16:
+        raise UserError(f"distributed.expert_parallel_size={d.expert_parallel_size} with distributed.zero_stage=0 "
+                        f"does not train in bf16: DeepSpeed's ZeRO-0 bf16 optimizer hands ours fp32 copies of the "
+                        f"weights, so the expert gradient norm could not be summed over the expert-parallel group "
+                        f"and ranks would clip differently; use distributed.zero_stage=1 or 2, or trainer.dtype=fp32")
+
+
 def parallelize(model: nn.Module, cfg: RunConfig, env: Env) -> Engine:
     """Cut `model` over this job's ranks (see the module doc); every rank calls it."""
+    _check(cfg, env)
     # 1. FLOPs of the full model.
     matmul_params = model.active_matmul_params()
     # 2. Expert parallelism.

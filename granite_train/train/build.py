@@ -45,9 +45,10 @@ def build_run_model(cfg: RunConfig, tokenizer: Any, env: Env) -> GraniteForCausa
                 setattr(arch, key, token_id)
         model = build_model(arch, attn_backend=cfg.model.attn_backend, mamba_backend=cfg.model.mamba_backend)
     model.set_router_aux_loss(cfg.model.router_aux_loss, cfg.model.router_z_loss_coef)
-    if cfg.optim.mup:
+    model = model.to(env.device)
+    if cfg.optim.mup:  # re-drawn on the device: the same init as the run's device always drew
         model.apply_mup(mup_width_for(model, cfg.model.mup_base_width), reinit=cfg.model.path is None)
-    return model.to(env.device)
+    return model
 
 
 def describe(cfg: RunConfig, model: GraniteForCausalLM, tokenizer: Any, env: Env) -> None:

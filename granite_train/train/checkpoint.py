@@ -21,7 +21,6 @@ This module is the file layer (where checkpoints live, atomic publish, which to 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -29,8 +28,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from granite_train.errors import UserError
-
-log = logging.getLogger("granite_train.train")
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"

@@ -5,7 +5,8 @@ while the first run was still alive died with FileNotFoundError deep in a save).
 `<output_dir>/.lock` for its whole life: an exclusive `flock` (released by the kernel when the
 process ends, however it ends) on a file that says who holds it. A second run is refused in one
 line naming the holder; a lock file left by a run whose process is gone is free to take, and
-the new run says whose it was.
+the new run says whose it was. (A flock is shared with forked children: if the run is killed
+while `data.num_proc > 1` workers still tokenize, the directory stays held until they exit.)
 """
 
 from __future__ import annotations
@@ -47,8 +48,12 @@ class RunLock:
         self._fd: Optional[int] = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot create the run directory lock {self.path} ({e.strerror}); "
+                            f"check trainer.output_dir is a writable directory") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -56,6 +61,10 @@ class RunLock:
             os.close(fd)
             raise UserError(f"{self.path.parent} is in use by another run ({_holder_text(holder)}); "
                             f"wait for it to finish or stop it, or choose another trainer.output_dir") from None
+        except OSError as e:  # a file system without flock support
+            os.close(fd)
+            raise UserError(f"cannot lock {self.path} ({e.strerror}): the file system of trainer.output_dir "
+                            f"does not support flock; put the run directory on one that does") from None
         left = _read(fd)
         if left.get("pid"):  # the lock file of a run that ended without removing it
             log.info("taking over %s left by a run that is gone (%s)", self.path, _holder_text(left))

@@ -1,8 +1,10 @@
 """What a checkpoint holds, as parts that each save, check and load their own state.
 
 A `Checkpointer` saves a run as its named parts into one atomic checkpoint (`checkpoint.py`)
-and restores chosen parts from one. Every part checks, before anything is loaded, that the
-checkpoint can resume into this run, and says in one line what differs:
+and restores chosen parts from one, as the trainer builds them: config and counters first, the
+model (into the whole model, before it is cut over ranks), then engine, data and RNG. Each
+`restore` checks all the parts it names before it loads any of them; a part that cannot resume
+into this run says in one line what differs:
 
 | part       | files                        | refuses to resume when                               |
 |------------|------------------------------|------------------------------------------------------|
@@ -180,7 +182,10 @@ class DataState:
         meta["data"] = self.data.state_dict()
 
     def check(self, ckpt: Path, meta: Dict[str, Any]) -> None:
-        self.data.check_state_dict(meta.get("data", {}))
+        if not isinstance(meta.get("data"), dict):
+            raise UserError(f"cannot resume {ckpt}: its trainer_state.json holds no data position; it is "
+                            f"damaged or not a granite-train checkpoint (start a fresh run from its model/)")
+        self.data.check_state_dict(meta["data"])
 
     def load(self, ckpt: Path, meta: Dict[str, Any]) -> None:
         self.data.load_state_dict(meta["data"])
@@ -242,19 +247,19 @@ class Checkpointer:
     """Saves a run's parts into `<output_dir>/checkpoints/step_<N>` and restores them."""
 
     def __init__(self, output_dir: Path, env: Env, keep: int) -> None:
-        self.root = files.checkpoints_dir(output_dir)
+        self.output_dir, self.root = Path(output_dir), files.checkpoints_dir(output_dir)
         self.env, self.keep = env, keep
         self.parts: Dict[str, Stateful] = {}
 
     def add(self, name: str, part: Stateful) -> None:
         self.parts[name] = part
 
-    def find(self, resume: Optional[str], output_dir: Path) -> Optional[Path]:
+    def find(self, resume: Optional[str]) -> Optional[Path]:
         """The checkpoint `trainer.resume` names (rank 0 decides, every rank gets its answer)."""
         found = failure = None
         if self.env.is_main:
             try:
-                found = files.resolve_resume(resume, output_dir)
+                found = files.resolve_resume(resume, self.output_dir)
             except UserError as exc:
                 failure = str(exc)
         found, failure = agree(self.env, (found, failure))

@@ -51,7 +51,6 @@ class StepOutcome:
     grad_norm: float
     aux_loss: Optional[float]  # router loss (MoE), weighted like the objective
     expert_counts: Optional[torch.Tensor]  # [layers, experts] top-k assignments (all ranks)
-    applied: bool = True  # whether the optimizer update happened
 
     @property
     def finite(self) -> bool:
@@ -126,7 +125,7 @@ def train_step(engine: Engine, step: Any, s: StepSettings) -> StepOutcome:
             dist.all_reduce(sums.expert_counts)
     loss = float(sums.loss_sum) / max(step.num_trained_tokens, 1)
     # Every rank sees the same reduced values, so all skip together.
-    grad_norm, applied = engine.step(math.isfinite(loss))
+    grad_norm, _ = engine.step(math.isfinite(loss))
     if s.device.type == "cuda":
         torch.cuda.synchronize()  # the step's time is the device's
-    return StepOutcome(loss, grad_norm, float(sums.aux_sum) if sums.saw_aux else None, sums.expert_counts, applied)
+    return StepOutcome(loss, grad_norm, float(sums.aux_sum) if sums.saw_aux else None, sums.expert_counts)

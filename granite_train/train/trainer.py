@@ -84,7 +84,7 @@ class Trainer:
         resolved: Dict[str, Any] = OmegaConf.to_container(node, resolve=True)
         config_yaml, allow = OmegaConf.to_yaml(node), list(cfg.trainer.resume_allow_changes)
         self.checkpointer = ck = Checkpointer(self.out, env, cfg.trainer.keep_checkpoints)
-        self.resume = resume = ck.find(cfg.trainer.resume, self.out)
+        self.resume = resume = ck.find(cfg.trainer.resume)
         self.counters = Counters()
         ck.add("config", RunConfigState(config_yaml, resolved, allow, env))
         ck.add("counters", self.counters)
@@ -155,7 +155,7 @@ class Trainer:
                     self._save()
                 if self._out_of_tokens():
                     break  # trainer.max_tokens reached
-            self._report_end(start_step)
+            self._end_of_data(start_step)
             self._evaluate()
             if self._saved_at != c.step and c.bad_steps_in_a_row == 0:
                 self._save()
@@ -206,7 +206,8 @@ class Trainer:
                 f"{self.checkpointer.latest() or 'none'}; lower optim.lr, lower optim.grad_clip or use "
                 f"trainer.dtype=fp32, then resume")
 
-    def _report_end(self, start_step: int) -> None:
+    def _end_of_data(self, start_step: int) -> None:
+        """Why the loop ended (logged), or a UserError when it trained nothing at all."""
         c = self.counters
         if c.step == 0:
             raise UserError("the data produced no optimizer step; add data or lower trainer.tokens_per_step")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from granite_train.cli import compose_config
+from granite_train.errors import UserError
 from granite_train.models import GraniteConfig, build_model
 from granite_train.parallel import Env
 from granite_train.parallel.engine import PlainEngine
@@ -33,3 +34,11 @@ def test_plain_run_gets_the_plain_engine_and_its_plan(checkpointing):
     assert type(engine.optimizer) is torch.optim.AdamW
     in_groups = {id(p) for g in engine.param_groups for p in g["params"]}
     assert in_groups == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_expert_parallel_zero0_in_bf16_is_refused_before_any_collective():
+    # DeepSpeed's ZeRO-0 bf16 optimizer would hand ours fp32 copies: no expert could be told apart.
+    cfg = compose_config(["model=granitemoe-tiny", "distributed.zero_stage=0", "distributed.expert_parallel_size=2"])
+    two_ranks_bf16 = Env(0, 2, 0, torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(UserError, match="zero_stage=1 or 2, or trainer.dtype=fp32"):
+        parallelize(_model(), cfg, two_ranks_bf16)
