@@ -267,8 +267,8 @@ def memory_child(args: argparse.Namespace) -> None:
     from granite_train.models import load_model
 
     torch.set_num_threads(args.threads)
-    payload = torch.load(args.batch_file, weights_only=False)
-    w, s = payload["workload"], ModelSettings(**payload["settings"])
+    payload = torch.load(args.batch_file, weights_only=True)  # tensors and plain data only
+    w, s = Workload(**payload["workload"]), ModelSettings(**payload["settings"])
     model = load_model(Path(args.ckpt), dtype=torch.float32).train()
     model.set_router_aux_loss(s.router_aux_loss, s.router_z_loss_coef)
     gc.collect()
@@ -279,7 +279,7 @@ def memory_child(args: argparse.Namespace) -> None:
 
 def measure_memory(w: Workload, s: ModelSettings, ckpt: Path, threads: int, tmp: Path) -> Dict[str, int]:
     batch_file = tmp / f"{ckpt.name}-{w.config}.pt"
-    torch.save({"workload": w, "settings": dataclasses.asdict(s)}, batch_file)
+    torch.save({"workload": dataclasses.asdict(w), "settings": dataclasses.asdict(s)}, batch_file)
     cmd = [sys.executable, __file__, "--_memory-child", "--ckpt", str(ckpt), "--batch-file", str(batch_file),
            "--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,

@@ -221,7 +221,7 @@ def agreement(kind: str, ours, ours_batch, theirs, hf_batches: Dict[str, Dict[st
 def memory_child(args) -> None:
     """Fresh process: load one model and one batch, two steps, report RSS."""
     torch.set_num_threads(args.threads)
-    batch = torch.load(args.batch_file, weights_only=False)
+    batch = torch.load(args.batch_file, weights_only=True)  # tensors and plain data only
     if args.side == "ours":
         model = load_ours(Path(args.ckpt))
     else:

@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 import granite_train.configs
 import granite_train.recipes
 from granite_train.config import RunConfig, validate
-from granite_train.errors import UserError
+from granite_train.errors import Preempted, UserError
 
 log = logging.getLogger("granite_train")
 
@@ -155,6 +155,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("granite-train: interrupted", file=sys.stderr)
         return 130
+    except Preempted as exc:
+        print(f"granite-train: preempted: {exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

@@ -28,12 +28,20 @@ before the first import, which `import_deepspeed` does):
   is an AdamW that sets both: clipping by our fp64 global norm, skipping non-finite steps.
 - Checkpoint files: ZeRO writes one `zero_pp_rank_<r>_mp_rank_00_optim_states.pt` per rank;
   counting them is how a checkpoint says how many ranks saved it.
+- Safe loading of DeepSpeed's checkpoint files: its loader unpickles them with
+  `weights_only=False` (`TorchCheckpointEngine.load`), i.e. runs whatever code a file names.
+  `use_safe_checkpoint_loads(engine)` swaps the engine's public `checkpoint_engine` for one
+  whose `load` is `serialization.safe_load`, and `deepspeed_checkpoint_classes()` names the
+  three plain-data DeepSpeed classes its ZeRO optimizer files hold (`ZeroStageEnum`,
+  `LossScaler`, `fragment_address`: no `__reduce__`/`__setstate__`, so unpickling them sets
+  attributes and runs nothing), which the safe loader allows.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -133,3 +141,35 @@ class GuardedAdamW(torch.optim.AdamW):
         self.overflow = self.force_skip or not math.isfinite(self._global_grad_norm)
         if not self.overflow:
             super().step(closure)
+
+
+def deepspeed_checkpoint_classes() -> list:
+    """The DeepSpeed classes its ZeRO optimizer checkpoints hold (see the module doc); empty
+    unless DeepSpeed is loaded (only DeepSpeed runs read DeepSpeed's files)."""
+    if "deepspeed" not in sys.modules:
+        return []
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+def use_safe_checkpoint_loads(engine: Any, safe_load: Callable[..., Any]) -> None:
+    """Make DeepSpeed engine `engine` read its checkpoint files with `safe_load(path,
+    map_location=...)` instead of an unrestricted `torch.load`."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return safe_load(path, map_location=map_location)
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise UserError(f"DeepSpeed uses the {type(engine.checkpoint_engine).__name__} checkpoint engine, which "
+                        f"granite-train cannot make load safely; remove checkpoint engine settings from "
+                        f"distributed.deepspeed_config")
+    safe = SafeTorchCheckpointEngine.__new__(SafeTorchCheckpointEngine)
+    safe.__dict__.update(engine.checkpoint_engine.__dict__)  # same settings, safe load
+    engine.checkpoint_engine = safe

@@ -7,6 +7,7 @@ silently ignored setting. Field names are a public contract (CLI overrides): ext
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -153,6 +154,10 @@ class TrainerConfig:
     # With data.eval_path or data.eval_fraction: eval loss/perplexity every eval_every steps
     # (0: only at the end) and at the end, as "split": "eval" records in metrics.jsonl.
     eval_every: int = 0
+    # Signals that stop the run at the next step boundary with a checkpoint, exit status 75
+    # (granite_train/train/preemption.py): what SLURM and Kubernetes send before they kill.
+    # [] : none (the signals' default actions apply).
+    preemption_signals: List[str] = field(default_factory=lambda: ["SIGTERM"])
     # torch.compile the norms and MLPs (granite_train/models/compile.py: dynamic shapes, exact
     # to 1e-5; attention, MoE dispatch and the Mamba scan stay eager). Compiles at the first
     # step (seconds to a minute); on CPU it needs a C++ compiler.
@@ -255,6 +260,11 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"trainer.epochs={cfg.trainer.epochs} must be >= 1 (or null: as many as max_steps needs)")
     _validate_mup(cfg)
     _validate_distributed(cfg)
+    uncatchable = [n for n in cfg.trainer.preemption_signals
+                   if n not in signal.Signals.__members__ or n in ("SIGKILL", "SIGSTOP")]
+    if uncatchable:
+        raise UserError(f"trainer.preemption_signals={list(cfg.trainer.preemption_signals)}: {uncatchable[0]} is not "
+                        f"a signal a process can catch; use names like SIGTERM, SIGUSR1 (or [] for none)")
     if len(cfg.optim.betas) != 2:
         raise UserError(f"optim.betas={list(cfg.optim.betas)} must be two numbers, e.g. [0.9,0.95]")
     # Learning-rate schedule (granite_train/train/schedule.py) and the token budget.

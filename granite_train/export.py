@@ -17,7 +17,7 @@ from typing import List, Optional
 
 from granite_train.errors import UserError
 from granite_train.models import load_model, save_model
-from granite_train.train.checkpoint import STATE_FILE, checkpoints_dir, latest_checkpoint
+from granite_train.train.checkpoint import STATE_FILE, checkpoints_dir, latest_checkpoint, verified
 
 
 def export(checkpoint: Path, out: Path, max_shard_size: str = "5GB") -> Path:
@@ -27,6 +27,7 @@ def export(checkpoint: Path, out: Path, max_shard_size: str = "5GB") -> Path:
         if ckpt is None:
             raise UserError(f"{checkpoint} is not a checkpoint and holds none; pass "
                             f"<output_dir>/checkpoints/step_<N> (or the run's output_dir)")
+    verified(ckpt)  # a damaged checkpoint fails here, naming the file
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose a new output directory")
     model = load_model(ckpt / "model")

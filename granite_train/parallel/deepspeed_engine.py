@@ -23,8 +23,10 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from granite_train.compat import GuardedAdamW, deepspeed_moe_marker, import_deepspeed, tag_expert_params, zero_saved_ranks
+from granite_train.compat import (GuardedAdamW, deepspeed_moe_marker, import_deepspeed, tag_expert_params,
+                                  use_safe_checkpoint_loads, zero_saved_ranks)
 from granite_train.config import RunConfig
+from granite_train.data.collator import dummy_micro_batch, model_inputs
 from granite_train.errors import UserError
 from granite_train.models.mamba import Mamba2Mixer
 from granite_train.models.moe import MoE
@@ -32,7 +34,7 @@ from granite_train.parallel.engine import DS_STATE_DIR, OPTIMIZER_FILE, saved_ze
 from granite_train.parallel.env import Env
 from granite_train.parallel.expert_parallel import gathered_experts
 from granite_train.parallel.plan import ParallelPlan
-from granite_train.data.collator import dummy_micro_batch, model_inputs
+from granite_train.serialization import safe_load
 
 DS_CONFIG_FILE = "deepspeed_config.json"  # the generated config, in the run's output_dir
 _DS_TAG = "state"
@@ -130,6 +132,7 @@ class DeepSpeedEngine:
             tag_expert_params(plan.expert.params, plan.expert.group_name)
             module = _EngineModule(model, deepspeed_moe_marker(env.device, plan.expert.num_experts, plan.expert.size))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
+        use_safe_checkpoint_loads(self.engine, safe_load)  # DeepSpeed's own loader would unpickle anything
         self.model = model  # the same module (ZeRO-3: its weights sharded)
         self._deepspeed = deepspeed
         self._dummy: Optional[Dict[str, Any]] = None
@@ -225,7 +228,7 @@ class DeepSpeedEngine:
         """This rank's expert-parallel state in `ckpt` (read once for check and load)."""
         if self._ep_read is None or self._ep_read[0] != ckpt:
             path = self._ep_state_file(ckpt / DS_STATE_DIR, self.env.rank)
-            self._ep_read = (ckpt, torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None)
+            self._ep_read = (ckpt, safe_load(path) if path.is_file() else None)
         return self._ep_read[1]
 
     def check_resume(self, ckpt: Path) -> None:
@@ -244,7 +247,7 @@ class DeepSpeedEngine:
             return
         ep_files = sorted(state.glob("expert_parallel_rank_*.pt"))
         if ep_files:
-            saved_ep = torch.load(ep_files[0], map_location="cpu", weights_only=False)["expert_parallel_size"]
+            saved_ep = safe_load(ep_files[0])["expert_parallel_size"]
             raise UserError(f"cannot resume {ckpt}: it was saved with distributed.expert_parallel_size={saved_ep} "
                             f"on {len(ep_files)} ranks; resume it with those settings")
         if not (state / _DS_TAG).is_dir():

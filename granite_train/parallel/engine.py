@@ -29,6 +29,7 @@ from granite_train.errors import UserError
 from granite_train.parallel.env import Env
 from granite_train.parallel.grad_norm import clip_by_global_norm
 from granite_train.parallel.plan import ParallelPlan
+from granite_train.serialization import safe_load
 
 OPTIMIZER_FILE = "optimizer.pt"  # plain engine: the optimizer's state_dict, inside a checkpoint
 DS_STATE_DIR = "deepspeed"  # DeepSpeed engine: every rank's state, inside a checkpoint
@@ -139,4 +140,4 @@ class PlainEngine:
                             f"resume it with that distributed.zero_stage and the same number of ranks")
 
     def load_state(self, ckpt: Path) -> None:
-        self.optimizer.load_state_dict(torch.load(ckpt / OPTIMIZER_FILE, map_location="cpu", weights_only=False))
+        self.optimizer.load_state_dict(safe_load(ckpt / OPTIMIZER_FILE))

@@ -8,6 +8,14 @@ Layout of `<output_dir>/checkpoints/step_<N>/` (each part written by its `state.
 - `rng/rank_<r>.pt`     python, numpy and torch (CPU + CUDA) RNG states of every rank
 - `trainer_state.json`  step, tokens seen, data-iterator position, bad-step counters, W&B run id
 - `config.yaml`         the resolved run config that wrote it
+- `manifest.json`       written last: every other file with its size and xxh3-64 hash
+
+Verification (`verify`): before a checkpoint is resumed or exported, every file of its manifest
+must be there with its size and hash, and nothing else may be. `trainer.resume=auto` takes the
+newest checkpoint that verifies and says which newer ones it skipped and why. The manifest
+proves the files are the ones that were written (integrity), not who wrote them: loading stays
+restricted to tensors and plain data whatever the manifest says (`serialization.safe_load`).
+Checkpoints written before manifests existed resume with a warning that they were not verified.
 
 Atomicity: everything goes into `checkpoints/.step_<N>.tmp` first, is fsynced, and becomes
 `step_<N>` with one rename (then the parent directory is fsynced). A process killed while saving
@@ -21,17 +29,24 @@ This module is the file layer (where checkpoints live, atomic publish, which to 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
+
+import xxhash
 
 from granite_train.errors import UserError
 
+log = logging.getLogger("granite_train.train")
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
+_CHUNK = 8 << 20
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -123,8 +138,72 @@ def write_state(tmp: Path, state: Dict[str, Any]) -> None:
     (tmp / STATE_FILE).write_text(json.dumps({**state, "format_version": FORMAT_VERSION}, indent=1) + "\n")
 
 
+def _files(ckpt: Path) -> List[str]:
+    return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def file_hash(path: Path) -> str:
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(tmp: Path) -> None:
+    """Rank 0, after every other file: what the checkpoint holds, to verify it by."""
+    files = {name: {"size": (tmp / name).stat().st_size, "xxh3_64": file_hash(tmp / name)} for name in _files(tmp)}
+    (tmp / MANIFEST_FILE).write_text(json.dumps({"format": 1, "files": files}, indent=1) + "\n")
+
+
+def verify(ckpt: Path) -> Optional[str]:
+    """None when `ckpt` holds exactly its manifest's files with their sizes and hashes; else what
+    is wrong, naming the file ("no manifest" for checkpoints written before manifests)."""
+    try:
+        files = json.loads((ckpt / MANIFEST_FILE).read_text())["files"]
+    except FileNotFoundError:
+        return "no manifest"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST_FILE} is unreadable ({type(e).__name__})"
+    for name, want in sorted(files.items()):
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{name} has {size} bytes, the manifest says {want['size']} ({'truncated' if size < want['size'] else 'grown'})"
+        if file_hash(path) != want["xxh3_64"]:
+            return f"{name} differs from what was written (hash mismatch: altered or damaged)"
+    extra = sorted(set(_files(ckpt)) - set(files))
+    if extra:
+        return f"{extra[0]} is not in the manifest (added after the checkpoint was written)"
+    return None
+
+
+def verified(ckpt: Path) -> Path:
+    """`ckpt` if it verifies (a checkpoint without a manifest with a warning); else one UserError."""
+    problem = verify(ckpt)
+    if problem == "no manifest":
+        log.warning("%s has no manifest (written before checkpoints had one): its files are not verified", ckpt)
+    elif problem is not None:
+        raise UserError(f"checkpoint {ckpt} does not verify: {problem}; use another checkpoint")
+    return ckpt
+
+
+def newest_verified(root: Path) -> Tuple[Optional[Path], List[str]]:
+    """The newest checkpoint under `root` that verifies, and a line for each newer one skipped."""
+    skipped = []
+    for ckpt in reversed(list_checkpoints(root)):
+        problem = verify(ckpt)
+        if problem is None or problem == "no manifest":
+            return verified(ckpt), skipped
+        skipped.append(f"{ckpt.name}: {problem}")
+    return None, skipped
+
+
 def resolve_resume(resume: Optional[str], output_dir: Path) -> Optional[Path]:
-    """`trainer.resume`: auto (the latest checkpoint of output_dir, if any) | false | a path."""
+    """`trainer.resume`: auto (the newest checkpoint of output_dir that verifies, if any) |
+    false | a path (which must verify)."""
     root = checkpoints_dir(output_dir)
     if resume is None or str(resume).lower() in ("false", "none", "no", "off", "0"):
         existing = list_checkpoints(root)
@@ -135,12 +214,20 @@ def resolve_resume(resume: Optional[str], output_dir: Path) -> Optional[Path]:
                 f"run, or choose another trainer.output_dir")
         return None
     if str(resume).lower() == "auto":
-        return latest_checkpoint(root)
+        found, skipped = newest_verified(root)
+        for line in skipped:
+            log.warning("skipping checkpoint %s", line)
+        if found is None and skipped:
+            raise UserError(f"no checkpoint under {root} verifies ({'; '.join(skipped[:3])}); restore them, or "
+                            f"start a fresh run (trainer.resume=false with a new trainer.output_dir)")
+        if found is not None and skipped:
+            log.warning("resuming from %s, the newest checkpoint that verifies", found.name)
+        return found
     path = Path(resume)
     if (path / STATE_FILE).is_file():
-        return path
+        return verified(path)
     latest = latest_checkpoint(path) or latest_checkpoint(checkpoints_dir(path))
     if latest is None:
         raise UserError(f"trainer.resume={resume} is not a checkpoint (no {STATE_FILE}) nor a run/checkpoints "
                         f"directory holding one; point it at <output_dir>/checkpoints/step_<N>")
-    return latest
+    return verified(latest)

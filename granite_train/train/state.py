@@ -15,7 +15,8 @@ into this run says in one line what differs:
 | `counters` | trainer_state.json           | (never: step, tokens seen, bad steps, W&B run id)    |
 | `rng`      | rng/rank_<r>.pt              | (never: a rank without a saved state keeps its seed) |
 
-trainer_state.json is written last, by rank 0: a checkpoint without it is incomplete.
+trainer_state.json and then manifest.json are written last, by rank 0; `checkpoint.verify`
+checks every file against the manifest before a checkpoint is resumed.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from granite_train.errors import UserError
 from granite_train.models import load_model, save_model
 from granite_train.parallel.engine import Engine
 from granite_train.parallel.env import Env, agree, barrier
+from granite_train.serialization import safe_load
 from granite_train.train import checkpoint as files
 from granite_train.train.rng import rng_state, set_rng_state
 
@@ -235,7 +237,7 @@ class RngState:
     def load(self, ckpt: Path, meta: Dict[str, Any]) -> None:
         f = self._file(ckpt)
         if f.is_file():
-            set_rng_state(torch.load(f, weights_only=False))
+            set_rng_state(safe_load(f))
         else:  # resumed on more ranks than saved: the newcomers keep their seeded state
             log.warning("%s has no RNG state for rank %d; it keeps the seeded state", ckpt, self.env.rank)
 
@@ -290,6 +292,7 @@ class Checkpointer:
         barrier(self.env)  # every rank's files are in
         if self.env.is_main:
             files.write_state(tmp, meta)
+            files.write_manifest(tmp)  # last: it covers every other file
             log.info("checkpoint: %s", files.publish(tmp, step, self.keep))
         barrier(self.env)  # nobody moves on (or exits) before the checkpoint is complete
         return self.root / f"step_{step}"

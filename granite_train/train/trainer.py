@@ -26,13 +26,14 @@ from omegaconf import OmegaConf
 
 from granite_train.config import RunConfig
 from granite_train.data import build_eval_data, build_train_data, load_tokenizer
-from granite_train.errors import UserError
+from granite_train.errors import Preempted, UserError
 from granite_train.models import save_model
 from granite_train.parallel.env import agree, init_env, main_rank_first
 from granite_train.parallel.parallelize import parallelize
 from granite_train.train.build import build_run_model, describe
 from granite_train.train.evaluate import evaluate
 from granite_train.train.metrics import MetricsSink, peak_tflops, step_flops, step_record, truncate_metrics
+from granite_train.train.preemption import PreemptionWatch
 from granite_train.train.rng import seed_everything
 from granite_train.train.run_lock import RunLock
 from granite_train.train.schedule import Schedule
@@ -56,6 +57,7 @@ class Trainer:
         self.cfg, self.env = cfg, init_env(cfg.trainer, cfg.distributed)
         self.out = Path(cfg.trainer.output_dir)
         self.sink: Optional[MetricsSink] = None
+        self.preemption: Optional[PreemptionWatch] = None
         self._lock = self._lock_output_dir()
         try:
             self._build()
@@ -80,6 +82,7 @@ class Trainer:
 
     def _build(self) -> None:
         cfg, env = self.cfg, self.env
+        self.preemption = PreemptionWatch(cfg.trainer.preemption_signals)  # a signal during the build waits for step 1
         node = OmegaConf.structured(cfg)
         resolved: Dict[str, Any] = OmegaConf.to_container(node, resolve=True)
         config_yaml, allow = OmegaConf.to_yaml(node), list(cfg.trainer.resume_allow_changes)
@@ -153,6 +156,9 @@ class Trainer:
                     self._evaluate()
                 if tr.save_every and c.step % tr.save_every == 0 and c.bad_steps_in_a_row == 0:
                     self._save()
+                signal_name = self.preemption.requested(self.env)  # every rank: they stop together
+                if signal_name is not None:
+                    self._stop_for(signal_name)
                 if self._out_of_tokens():
                     break  # trainer.max_tokens reached
             self._end_of_data(start_step)
@@ -226,6 +232,18 @@ class Trainer:
         self.sink.log({"step": self.counters.step, "split": "eval", **result})
         self._last_eval = self.counters.step
 
+    def _stop_for(self, signal_name: str) -> None:
+        """Preempted: a checkpoint of this step (weights are never changed by a skipped step, so
+        it resumes exactly even after one), then `Preempted` (exit status 75 from the CLI)."""
+        c = self.counters
+        if self._saved_at != c.step:
+            self._save()
+        ckpt = self.checkpointer.root / f"step_{c.step}"
+        if self.env.is_main:
+            log.warning("preempted by %s after step %d: checkpoint %s; the same command resumes from it",
+                        signal_name, c.step, ckpt)
+        raise Preempted(signal_name, c.step, ckpt)
+
     def _save(self) -> None:
         self.checkpointer.save(self.counters.step)
         self._saved_at = self.counters.step
@@ -240,6 +258,8 @@ class Trainer:
                          self.counters.step, self.counters.tokens_seen, self.last_loss, final)
 
     def _close(self) -> None:
+        if self.preemption is not None:
+            self.preemption.close()
         if self.sink is not None:
             self.sink.close()
         if self._lock is not None:

@@ -50,7 +50,7 @@ def test_checkpoints_layout_and_pruning(straight):
     assert ckpts == ["step_6", "step_8"]  # keep_checkpoints=2, no temporary leftovers
     step8 = out / "checkpoints" / "step_8"
     for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "optimizer.pt",
-                 "rng/rank_0.pt", "trainer_state.json", "config.yaml"):
+                 "rng/rank_0.pt", "trainer_state.json", "config.yaml", "manifest.json"):
         assert (step8 / name).is_file(), name
     state = json.loads((step8 / "trainer_state.json").read_text())
     _, rows = _losses(out)
@@ -236,3 +236,76 @@ def test_mup_run_scales_hidden_lrs(tmp_path):
     assert scales["hidden"] == 0.25 and scales["embedding"] == 1.0
     for g in seen["opt"].param_groups:
         assert g["lr"] == pytest.approx(lr * g["lr_scale"], rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints you can trust: verified before use, never unpickled into code.
+# ---------------------------------------------------------------------------------------------
+
+
+def _copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(straight, tmp_path, cli_at):
+    from granite_train.train.checkpoint import verify
+
+    _, ref_out = straight
+    out = _copy_run(ref_out, tmp_path / "run")
+    step8 = out / "checkpoints" / "step_8"
+    weights = step8 / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in the middle of the weights
+    weights.write_bytes(bytes(data))
+    assert "model/model.safetensors differs" in verify(step8)
+
+    resumed = cli_at(tmp_path, *RUN, "trainer.save_every=2", f"trainer.output_dir={out}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "skipping checkpoint step_8: model/model.safetensors differs" in resumed.stderr
+    assert "resuming from" in resumed.stderr and "step_6" in resumed.stderr
+    ours, _ = _losses(out)
+    _assert_same_curve(ours, _losses(ref_out)[0])  # steps 7-8 trained again, the same way
+    assert verify(step8) is None  # rewritten by the resumed run
+
+
+def test_truncated_or_added_files_are_named_and_export_refuses(straight, tmp_path):
+    from granite_train.train.checkpoint import verify
+
+    _, ref_out = straight
+    ckpt = _copy_run(ref_out / "checkpoints" / "step_8", tmp_path / "step_8")
+    assert verify(ckpt) is None
+    opt = ckpt / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:1000])
+    assert verify(ckpt).startswith("optimizer.pt has 1000 bytes") and "truncated" in verify(ckpt)
+    proc = subprocess.run([sys.executable, "-m", "granite_train.export", str(ckpt), str(tmp_path / "hf")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "optimizer.pt has 1000 bytes" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+    other = _copy_run(ref_out / "checkpoints" / "step_8", tmp_path / "step_8b")
+    (other / "rng" / "rank_1.pt").write_bytes(b"planted")
+    assert verify(other) == "rng/rank_1.pt is not in the manifest (added after the checkpoint was written)"
+
+
+@pytest.mark.parametrize("victim", ["optimizer.pt", "rng/rank_0.pt"])
+def test_a_planted_pickle_is_refused_even_with_a_matching_manifest(straight, tmp_path, cli_at, victim):
+    # The manifest proves integrity, not authorship: whoever can write the file can rewrite it.
+    from granite_train.train.checkpoint import write_manifest
+
+    from ..test_serialization import plant
+
+    _, ref_out = straight
+    out = _copy_run(ref_out, tmp_path / "run")
+    step8 = out / "checkpoints" / "step_8"
+    marker = tmp_path / "pwned"
+    plant(step8 / victim, marker)
+    write_manifest(step8)
+    resumed = cli_at(tmp_path, *[a for a in RUN if not a.startswith("trainer.max_steps")], "trainer.max_steps=9",
+                     f"trainer.output_dir={out}")
+    assert resumed.returncode == 2, resumed.stderr[-3000:]
+    line = resumed.stderr.strip().splitlines()[-1]
+    assert f"refusing to load {step8 / victim}: it names posix.mkdir" in line
+    assert not marker.exists()
