@@ -47,6 +47,8 @@ def test_contract_overrides_exist():
     (["recipe=sft_tiny", "optim.betas=[0.9]"], "must be two numbers"),
     (["recipe=sft_tiny", "scheduler.warmup_steps=-1"], "must be >= 0"),
     (["recipe=sft_tiny", "trainer.tokens_per_step=1024"], "a step must hold the longest example"),
+    (["recipe=sft_tiny", "trainer.preemption_signals=[SIGKILL]"], "SIGKILL is not a signal a process can catch"),
+    (["recipe=sft_tiny", "trainer.preemption_signals=[TERM]"], "TERM is not a signal a process can catch"),
 ])
 def test_bad_config_is_user_error(overrides, needle):
     with pytest.raises(UserError, match=None) as err:

@@ -28,6 +28,7 @@ This module is the file layer (where checkpoints live, atomic publish, which to 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -117,6 +118,56 @@ def publish(tmp: Path, step: int, keep: int) -> Path:
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# ---------------------------------------------------------------- disk full
+
+_LOW_SPACE = 64 << 20  # free bytes below which a failed write is taken for a full disk
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def check_room(root: Path, previous: Path) -> None:
+    """Rank 0 before a save: refuse to start one that cannot fit (a checkpoint is about the size
+    of the previous one, which stays until the new one is complete)."""
+    need, free = dir_size(previous), shutil.disk_usage(root).free
+    if need > free:
+        raise UserError(f"no room for the next checkpoint in {root}: one needs about {_gb(need)} (as {previous.name}), "
+                        f"{_gb(free)} are free; free space or lower trainer.keep_checkpoints, then resume from "
+                        f"{previous.name} (intact)")
+
+
+def disk_full(exc: BaseException, tmp: Path) -> bool:
+    """Whether a failed save failed for want of space: ENOSPC anywhere in the exception chain or
+    its text (torch's and safetensors' writers wrap it), or (torch's writer does not always say)
+    hardly any space left once it failed."""
+    seen = exc
+    while seen is not None:
+        if getattr(seen, "errno", None) == errno.ENOSPC or "No space left" in str(seen) or "os error 28" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(tmp.parent).free < _LOW_SPACE
+    except OSError:
+        return False
+
+
+def disk_full_error(exc: BaseException, tmp: Path, previous: Optional[Path]) -> UserError:
+    """Remove the partial checkpoint `tmp`; the one line to stop the run with."""
+    written = dir_size(tmp) if tmp.exists() else 0
+    shutil.rmtree(tmp, ignore_errors=True)
+    where = getattr(exc, "filename", None) or tmp
+    need = f"; a checkpoint needs about {_gb(dir_size(previous))} (as {previous.name})" if previous else ""
+    keep = f", {previous.name} is intact" if previous else ""
+    return UserError(f"no space left on the device while writing {where}: it filled up after {_gb(written)} of this "
+                     f"checkpoint{need}; the partial checkpoint was removed ({_gb(shutil.disk_usage(tmp.parent).free)} "
+                     f"free now){keep}; free space or move trainer.output_dir, then resume")
 
 
 def read_state(ckpt: Path) -> Dict[str, Any]:

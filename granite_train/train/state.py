@@ -283,16 +283,28 @@ class Checkpointer:
         return files.latest_checkpoint(self.root)
 
     def save(self, step: int) -> Path:
-        """Every rank calls it; the checkpoint exists completely, or not at all, when it returns."""
+        """Every rank calls it; the checkpoint exists completely, or not at all, when it returns.
+
+        Disk full: the partial directory is removed and the run stops with one UserError line
+        (where, how much a checkpoint needs, what is free); the previous checkpoints are untouched.
+        (With several ranks, the rank that hit it stops and torchrun stops the others.)"""
+        previous = self.latest()
+        if self.env.is_main and previous is not None:
+            files.check_room(self.root, previous)  # before writing anything
         tmp = files.begin_save(self.root, step) if self.env.is_main else files.tmp_dir_for(self.root, step)
         barrier(self.env)  # the directory exists before other ranks write into it
         meta: Dict[str, Any] = {}
-        for part in self.parts.values():
-            part.save(tmp, meta)
-        barrier(self.env)  # every rank's files are in
-        if self.env.is_main:
-            files.write_state(tmp, meta)
-            files.write_manifest(tmp)  # last: it covers every other file
-            log.info("checkpoint: %s", files.publish(tmp, step, self.keep))
+        try:
+            for part in self.parts.values():
+                part.save(tmp, meta)
+            barrier(self.env)  # every rank's files are in
+            if self.env.is_main:
+                files.write_state(tmp, meta)
+                files.write_manifest(tmp)  # last: it covers every other file
+                log.info("checkpoint: %s", files.publish(tmp, step, self.keep))
+        except Exception as exc:
+            if not files.disk_full(exc, tmp):
+                raise
+            raise files.disk_full_error(exc, tmp, previous) from None
         barrier(self.env)  # nobody moves on (or exits) before the checkpoint is complete
         return self.root / f"step_{step}"

@@ -309,3 +309,43 @@ def test_a_planted_pickle_is_refused_even_with_a_matching_manifest(straight, tmp
     line = resumed.stderr.strip().splitlines()[-1]
     assert f"refusing to load {step8 / victim}: it names posix.mkdir" in line
     assert not marker.exists()
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, cli_at):
+    import errno
+
+    from granite_train.cli import compose_config
+    from granite_train.errors import UserError
+    from granite_train.train.checkpoint import verify
+    from granite_train.train.state import ModelState
+    from granite_train.train.trainer import train
+
+    out = tmp_path / "run"
+    args = [*RUN, "trainer.save_every=2", "trainer.eval_every=0", f"trainer.output_dir={out}"]
+    real = ModelState.save
+
+    def disk_fills_up(self, tmp, meta):
+        if tmp.name == ".step_4.tmp":  # some bytes land, then the device is full
+            (tmp / "model").mkdir()
+            (tmp / "model" / "model.safetensors").write_bytes(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "model" / "model.safetensors"))
+        return real(self, tmp, meta)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ModelState, "save", disk_fills_up)
+    try:
+        with pytest.raises(UserError) as err:
+            train(compose_config([*args, "trainer.max_steps=6"]))
+    finally:
+        mp.undo()
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert f"no space left on the device while writing {out / 'checkpoints' / '.step_4.tmp' / 'model'}" in msg
+    assert "a checkpoint needs about" in msg and "(as step_2)" in msg and "step_2 is intact" in msg
+    assert "it filled up after 0.0 MB of this checkpoint" in msg  # the 4 kB that landed
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2"]  # the partial one is gone
+    assert verify(out / "checkpoints" / "step_2") is None
+
+    resumed = cli_at(tmp_path, *args, "trainer.max_steps=6")  # the lock was released, step_2 resumes
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and "step_2" in resumed.stderr
