@@ -1,5 +1,6 @@
 """granite_train/compat.py: every non-public torch and DeepSpeed behaviour we rely on, exercised
-directly, so an upgrade that moves one fails here by name rather than inside a run."""
+directly, so an upgrade that moves one fails here by name rather than inside a run (and that
+DeepSpeed's own checkpoint loader cannot be made to run a planted pickle)."""
 
 import os
 import subprocess
@@ -85,6 +86,26 @@ DEEPSPEED_CONTRACTS = textwrap.dedent("""
     out = pathlib.Path(sys.argv[1])
     engine1.save_checkpoint(str(out), tag="t", save_latest=False)
     assert compat.zero_saved_ranks(out / "t") == 1, sorted(p.name for p in (out / "t").iterdir())
+
+    # 5. DeepSpeed's loader reads its files through ours: its ZeRO shards load, a planted one is refused.
+    from granite_train.errors import UserError
+    from granite_train.serialization import safe_load
+    compat.use_safe_checkpoint_loads(engine1, safe_load)
+    assert engine1.load_checkpoint(str(out), tag="t")[0] is not None
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(out / "pwned"),))
+
+    shard = next((out / "t").glob("zero_pp_rank_*_optim_states.pt"))
+    torch.save({"optimizer_state_dict": Payload()}, shard)
+    try:
+        engine1.load_checkpoint(str(out), tag="t")
+        raise AssertionError("a planted DeepSpeed shard was loaded")
+    except UserError as exc:
+        assert "refusing to load" in str(exc), exc
+    assert not (out / "pwned").exists()
     print("contracts hold")
 """)
 
