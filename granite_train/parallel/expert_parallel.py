@@ -121,14 +121,16 @@ def apply_expert_parallel(model: nn.Module, size: int, env: Env, source: str) ->
     if size == 1:
         return None
     layers = check_expert_parallel(model, size, env.world_size, source)
-    groups = ExpertGroups(env.device, layers[0].num_experts, size)
-    plan = ExpertParallelPlan(size=size, rank=groups.rank, group=groups.group, group_name=groups.name,
-                              num_experts=layers[0].num_experts)
+    num_experts = layers[0].num_experts
+    groups = ExpertGroups(env.device, num_experts, size)
+    n = num_experts // size
     dispatch = AllToAllDispatch(groups.group, size)
     for layer in layers:
-        layer.keep_experts(plan.local_experts, dispatch)
-    plan = plan.with_params(tuple(p for layer in layers for p in (layer.input_linear.weight,
-                                                                   layer.output_linear.weight)))
+        layer.keep_experts(range(groups.rank * n, (groups.rank + 1) * n), dispatch)
+    plan = ExpertParallelPlan(size=size, rank=groups.rank, group=groups.group, group_name=groups.name,
+                              num_experts=num_experts,
+                              params=tuple(p for layer in layers for p in (layer.input_linear.weight,
+                                                                           layer.output_linear.weight)))
     if env.is_main:
         local = plan.local_experts
         log.info("expert parallel: %d experts per MoE layer over %d ranks (%d each; this rank: experts "

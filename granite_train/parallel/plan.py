@@ -28,7 +28,9 @@ class ExpertParallelPlan:
     group_name: str  # DeepSpeed's name for it ("ep_size_<size>")
     num_experts: int  # per MoE layer, all ranks together
     params: Tuple[nn.Parameter, ...] = ()
-    _ids: frozenset = field(default=frozenset(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_ids", frozenset(id(p) for p in self.params))
 
     @property
     def experts_per_rank(self) -> int:
@@ -38,10 +40,6 @@ class ExpertParallelPlan:
     def local_experts(self) -> range:
         n = self.experts_per_rank
         return range(self.rank * n, (self.rank + 1) * n)
-
-    def with_params(self, params: Tuple[nn.Parameter, ...]) -> "ExpertParallelPlan":
-        return ExpertParallelPlan(self.size, self.rank, self.group, self.group_name, self.num_experts,
-                                  tuple(params), frozenset(id(p) for p in params))
 
     def holds(self, p: nn.Parameter) -> bool:
         """Whether `p` is an expert weight (held by only some ranks)."""

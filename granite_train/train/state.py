@@ -289,8 +289,15 @@ class Checkpointer:
         (where, how much a checkpoint needs, what is free); the previous checkpoints are untouched.
         (With several ranks, the rank that hit it stops and torchrun stops the others.)"""
         previous = self.latest()
+        no_room = None
         if self.env.is_main and previous is not None:
-            files.check_room(self.root, previous)  # before writing anything
+            try:
+                files.check_room(self.root, previous)  # before writing anything
+            except UserError as exc:
+                no_room = str(exc)
+        no_room = agree(self.env, no_room)  # every rank stops, none waits in a barrier below
+        if no_room:
+            raise UserError(no_room)
         tmp = files.begin_save(self.root, step) if self.env.is_main else files.tmp_dir_for(self.root, step)
         barrier(self.env)  # the directory exists before other ranks write into it
         meta: Dict[str, Any] = {}
