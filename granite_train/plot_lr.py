@@ -1,4 +1,4 @@
-"""`python -m granite_train.plot_lr [overrides] [--out lr.png] [--csv lr.csv] [--every K]`.
+"""usage: python -m granite_train.plot_lr [overrides] [--out PNG] [--csv CSV] [--every K]
 
 Evaluates the configured learning-rate schedule over the whole run with the trainer's own
 object (`Schedule.from_config`, the same `lr_at(step, tokens_seen)` the loop calls) and writes
@@ -6,6 +6,9 @@ object (`Schedule.from_config`, the same `lr_at(step, tokens_seen)` the loop cal
 * a CSV with one row per optimizer step: `step` (1-based, as in metrics.jsonl), `tokens` (input
   tokens trained before that step: the n the lr is evaluated at) and `lr` (the lr of that step);
 * a PNG (matplotlib): lr against tokens, with optimizer steps on the top axis.
+
+`--csv` alone writes only the CSV (no matplotlib needed); `--out` writes the PNG; with neither,
+the PNG goes to lr.png. It prints the files it wrote.
 
 The run is taken as every step training exactly `trainer.tokens_per_step` input tokens (real
 steps hold up to that many; metrics.jsonl has the exact tokens_seen) for `trainer.max_steps`
@@ -32,25 +35,29 @@ from granite_train.train.schedule import TOKEN_SCHEDULES, Schedule
 
 MAX_ROWS = 100_000
 PLOT_EXTRA = "pip install 'granite-train[plot]'"
+DEFAULT_PNG = "lr.png"  # written when neither --out nor --csv is given
 
 
 def _parse(args: Sequence[str]) -> Tuple[List[str], dict]:
-    opts = {"out": "lr.png", "csv": None, "every": None}
+    opts = {"out": None, "csv": None, "every": None}
     overrides: List[str] = []
     it = iter(args)
     for arg in it:
-        if not arg.startswith("--"):
+        if not arg.startswith("-"):
             overrides.append(arg)
             continue
         name, eq, value = arg[2:].partition("=")
-        if name not in opts:
+        if not arg.startswith("--") or name not in opts:
             raise UserError(f"unknown option {arg!r}; plot_lr takes --out PNG, --csv CSV, --every K "
-                            f"and config overrides")
+                            f"and config overrides (see --help)")
         if not eq:
             value = next(it, None)
-            if value is None:
-                raise UserError(f"--{name} needs a value")
+            if value is None or value.startswith("--"):  # `--steps --out x`: the value is missing
+                raise UserError(f"--{name} needs a value (see --help)")
         opts[name] = value
+    for name in ("out", "csv"):
+        if opts[name] == "":
+            raise UserError(f"--{name} needs a file name (see --help)")
     if opts["every"] is not None:
         try:
             opts["every"] = int(opts["every"])
@@ -117,19 +124,24 @@ def _plot(rows, cfg, path: Path) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
+        print(__doc__.strip())
         return 0
     try:
         overrides, opts = _parse(args)
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UserError(f"plot_lr draws with matplotlib, which is not installed: {PLOT_EXTRA}") from None
+        # The PNG when asked for (--out), or by default when no CSV was asked for either.
+        png = Path(opts["out"]) if opts["out"] else None if opts["csv"] else Path(DEFAULT_PNG)
+        if png is not None:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise UserError(f"plot_lr draws with matplotlib, which is not installed: {PLOT_EXTRA} "
+                                f"(or write only the CSV with --csv FILE)") from None
         cfg = compose_config(overrides)
         rows = lr_table(cfg, opts["every"])
     except UserError as exc:
         print(f"granite-train: error: {exc}", file=sys.stderr)
         return 2
+    written = []
     if opts["csv"]:
         csv_path = Path(opts["csv"])
         csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,10 +149,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             w = csv.writer(f)
             w.writerow(["step", "tokens", "lr"])
             w.writerows((step, tokens, repr(lr)) for step, tokens, lr in rows)
-    _plot(rows, cfg, Path(opts["out"]))
+        written.append(str(csv_path))
+    if png is not None:
+        _plot(rows, cfg, png)
+        written.append(str(png))
     peak = max(rows, key=lambda r: r[2])
     print(f"{rows[-1][0]} steps ({len(rows)} rows), peak lr {peak[2]:.4g} at step {peak[0]}, "
-          f"last lr {rows[-1][2]:.4g} | wrote {opts['out']}" + (f" and {opts['csv']}" if opts["csv"] else ""))
+          f"last lr {rows[-1][2]:.4g} | wrote {' and '.join(written)}")
     return 0
 
 

@@ -47,6 +47,10 @@ def test_contract_overrides_exist():
     (["recipe=sft_tiny", "optim.betas=[0.9]"], "must be two numbers"),
     (["recipe=sft_tiny", "scheduler.warmup_steps=-1"], "must be >= 0"),
     (["recipe=sft_tiny", "trainer.tokens_per_step=1024"], "a step must hold the longest example"),
+    (["recipe=sft"], "recipe=sft needs model.path: add model.path=/path/to/granite-checkpoint"),
+    (["recipe=sft_tiny", "scheduler.warmup_fraction=1.5"], "scheduler.warmup_fraction=1.5 must be in [0, 1)"),
+    (["recipe=sft_tiny", "trainer.tokens_per_step=4096", "trainer.micro_batch_tokens=8192"],
+     "trainer.micro_batch_tokens=8192 is more than trainer.tokens_per_step=4096"),
     (["recipe=sft_tiny", "trainer.preemption_signals=[SIGKILL]"], "SIGKILL is not a signal a process can catch"),
     (["recipe=sft_tiny", "trainer.preemption_signals=[TERM]"], "TERM is not a signal a process can catch"),
 ])
@@ -82,3 +86,41 @@ def test_cli_data_errors_are_one_line(cli, tmp_path):
     assert_one_line_error(cli(*common, f"data.path={tmp_path / 'missing.jsonl'}"), "does not exist")
     assert_one_line_error(cli(*common, "data.max_length=8", "trainer.micro_batch_tokens=8",
                               "trainer.tokens_per_step=8"), "chat template overhead")
+
+
+def presets(group):
+    from granite_train.cli import config_dir
+
+    return ", ".join(sorted(p.stem for p in (config_dir() / group).glob("*.yaml")))
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["model=granite-foo"],
+     f"unknown model preset 'granite-foo'; available: {presets('model')} (choose with model=NAME)"),
+    (["scheduler=cosin"], f"unknown scheduler preset 'cosin'; available: {presets('scheduler')} "
+                          f"(choose with scheduler=NAME); did you mean scheduler=cosine?"),
+    (["recipe=sft_tiny", "model=granite-4.0-h-mcro"],
+     f"unknown model preset 'granite-4.0-h-mcro'; available: {presets('model')} (choose with model=NAME); "
+     f"did you mean model=granite-4.0-h-micro?"),
+    (["optim=adam"], "unknown optim preset 'adam'; available: adamw (choose with optim=NAME); "
+                     "did you mean optim=adamw?"),
+    (["recipe=sft_tny"], "unknown recipe 'sft_tny'; available: pretrain_power, sft, sft_tiny (choose with "
+                         "recipe=NAME); did you mean recipe=sft_tiny?"),
+    (["model="], f"model= needs a model preset name; available: {presets('model')} (choose with model=NAME)"),
+])
+def test_unknown_preset_lists_the_group(overrides, expected):
+    with pytest.raises(UserError) as err:
+        compose_config(overrides)
+    assert str(err.value) == expected
+
+
+def test_preset_list_is_the_configs_yaml_files():
+    assert presets("model").startswith("granite-3.3-2b, granite-4.0-h-micro, ")
+    assert presets("scheduler") == "constant, cosine, linear, power, wsd"
+
+
+def test_cli_unknown_preset_is_one_line(cli):
+    proc = cli("model=granite-foo")
+    assert_one_line_error(proc, "unknown model preset 'granite-foo'; available: granite-3.3-2b, "
+                                "granite-4.0-h-micro, ", "(choose with model=NAME)")
+    assert "did you mean" not in proc.stderr  # nothing is close to 'granite-foo'

@@ -106,6 +106,19 @@ DEEPSPEED_CONTRACTS = textwrap.dedent("""
     except UserError as exc:
         assert "refusing to load" in str(exc), exc
     assert not (out / "pwned").exists()
+
+    # 6. The effective bucket sizes: DeepSpeed's defaults, and a user's value where one is set.
+    sizes = compat.zero_settings({"stage": 2, "reduce_bucket_size": 1000})
+    assert sizes["reduce_bucket_size"] == 1000 and sizes["allgather_bucket_size"] > 0, sizes
+    assert set(sizes) == {"reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size"}
+
+    # 7. The deprecated collective DeepSpeed calls does not warn (once per rank otherwise).
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        compat.import_deepspeed(torch.device("cpu"))  # filters are re-applied on top of "default"
+        dist.all_gather_into_tensor(torch.zeros(2), torch.ones(2))
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
     print("contracts hold")
 """)
 

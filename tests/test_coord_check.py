@@ -1,6 +1,9 @@
 """muP's coordinate check: activations flat over width with muP, growing without it."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -46,3 +49,29 @@ def test_cli_writes_json(tmp_path, capsys):
 def test_cli_refuses_mup_override(capsys):
     assert coord_check.main(["optim.mup=true"]) == 2
     assert "runs muP on and off itself" in capsys.readouterr().err
+
+
+def test_help_exits_0_without_training(tmp_path):
+    for flag in ("--help", "-h"):
+        proc = subprocess.run([sys.executable, "-m", "granite_train.coord_check", "model=granite-tiny", flag],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("usage: python -m granite_train.coord_check")
+        assert "--widths" in proc.stdout and proc.stderr == ""
+    assert not (tmp_path / "coord_check").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--bogus"], "unknown option '--bogus'; coord_check takes --widths, --steps, --out and config overrides "
+                  "(see --help)"),
+    (["-x", "--steps", "1"], "unknown option '-x'"),
+    (["--widths", "1,2", "--steps"], "--steps needs a value (see --help)"),
+    (["--widths=1,a"], "--widths wants integers"),
+    (["scheduler=cosin"], "unknown scheduler preset 'cosin'; available: constant, cosine, linear, power, wsd"),
+])
+def test_bad_options_are_one_line(tmp_path, capsys, args, needle):
+    assert coord_check.main([*args, "--out", str(tmp_path / "cc")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("granite-train: error: ") and "\n" not in err and needle in err, err
+    assert not (tmp_path / "cc").exists()

@@ -108,3 +108,63 @@ def test_missing_matplotlib_names_the_extra(tmp_path):
     assert proc.returncode == 2
     assert "pip install 'granite-train[plot]'" in one_error_line(proc.stderr)
     assert not (tmp_path / "lr.png").exists()
+
+
+SHORT = ["scheduler=cosine", "trainer.tokens_per_step=4096", "trainer.max_steps=20"]
+
+
+def test_csv_alone_writes_only_the_csv(tmp_path):
+    (tmp_path / "lr.png").write_bytes(b"keep me")  # a PNG from an earlier run is left alone
+    proc = run_plot_lr(*SHORT, "--csv", "x.csv", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(read_csv(tmp_path / "x.csv")) == 20
+    assert (tmp_path / "lr.png").read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lr.png", "x.csv"]
+    assert proc.stdout.rstrip().endswith("| wrote x.csv") and "lr.png" not in proc.stdout
+
+
+def test_png_is_the_default_and_out_alone_writes_no_csv(tmp_path):
+    proc = run_plot_lr(*SHORT, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "lr.png").read_bytes().startswith(PNG_MAGIC)
+    assert proc.stdout.rstrip().endswith("| wrote lr.png")
+    assert main([*SHORT, f"--out={tmp_path / 'p' / 'a.png'}"]) == 0
+    assert (tmp_path / "p" / "a.png").read_bytes().startswith(PNG_MAGIC)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lr.png", "p"]
+
+
+def test_both_print_both(tmp_path, capsys):
+    assert main([*SHORT, f"--csv={tmp_path / 'a.csv'}", "--out", str(tmp_path / "a.png")]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"| wrote {tmp_path / 'a.csv'} and {tmp_path / 'a.png'}")
+    assert (tmp_path / "a.png").read_bytes().startswith(PNG_MAGIC) and read_csv(tmp_path / "a.csv")
+
+
+def test_csv_alone_needs_no_matplotlib(tmp_path):
+    code = ("import sys; sys.modules['matplotlib'] = None; from granite_train.plot_lr import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    proc = run_plot_lr(*SHORT, "--csv=x.csv", cwd=tmp_path, code=code)
+    assert proc.returncode == 0, proc.stderr
+    assert len(read_csv(tmp_path / "x.csv")) == 20 and not (tmp_path / "lr.png").exists()
+
+
+def test_help_from_the_command_line(tmp_path):
+    for flag in ("--help", "-h"):
+        proc = run_plot_lr("scheduler=power", flag, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("usage: python -m granite_train.plot_lr") and "--csv" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["-x"], "unknown option '-x'; plot_lr takes --out PNG, --csv CSV, --every K and config overrides (see --help)"),
+    (["--csv"], "--csv needs a value (see --help)"),
+    (["--csv="], "--csv needs a file name"),
+    (["--csv", "--out", "a.png"], "--csv needs a value"),
+    (["scheduler=cosin"], "unknown scheduler preset 'cosin'; available: constant, cosine, linear, power, wsd "
+                          "(choose with scheduler=NAME); did you mean scheduler=cosine?"),
+])
+def test_bad_options_point_to_help(tmp_path, monkeypatch, capsys, args, needle):
+    monkeypatch.chdir(tmp_path)  # a default lr.png would land here
+    assert main(args) == 2
+    assert needle in one_error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []

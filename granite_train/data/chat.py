@@ -1,7 +1,8 @@
 """Chat rendering: messages -> text + the character spans to train on -> tokens + mask.
 
 Both renderers return the text and the character spans of what the model should learn to say
-(assistant content plus its closing end-of-turn token). Mapping spans to tokens through the
+(assistant content plus its closing end-of-turn token; or, given `trained`, that of the messages
+it marks, e.g. a prompt-completion row's completion turns). Mapping spans to tokens through the
 tokenizer's character offsets works for any template and any tokenizer, so the built-in Granite
 format and a checkpoint's own jinja template share one tokenization path.
 """
@@ -27,8 +28,18 @@ IGNORE = -100
 
 
 class Renderer(Protocol):
-    def render(self, messages: Sequence[Message], want_spans: bool = True) -> Tuple[str, List[Span]]:
-        """The conversation's text and the assistant spans (empty when not wanted)."""
+    def render(self, messages: Sequence[Message], want_spans: bool = True,
+               trained: Optional[Sequence[bool]] = None) -> Tuple[str, List[Span]]:
+        """The conversation's text and the spans of its targets (empty when not wanted):
+        the messages `trained` marks (one flag per message), or by default the assistant turns."""
+
+
+def _targets(messages: Sequence[Message], trained: Optional[Sequence[bool]]) -> List[bool]:
+    if trained is None:
+        return [m["role"] == "assistant" for m in messages]
+    if len(trained) != len(messages):
+        raise ValueError(f"trained has {len(trained)} flags for {len(messages)} messages")
+    return [bool(t) for t in trained]
 
 
 class GraniteRenderer:
@@ -38,15 +49,16 @@ class GraniteRenderer:
     def __init__(self, eos_token: str) -> None:
         self.eos_token = eos_token
 
-    def render(self, messages: Sequence[Message], want_spans: bool = True) -> Tuple[str, List[Span]]:
+    def render(self, messages: Sequence[Message], want_spans: bool = True,
+               trained: Optional[Sequence[bool]] = None) -> Tuple[str, List[Span]]:
         parts: List[str] = []
         spans: List[Span] = []
         pos = 0
-        for m in messages:
+        for m, target in zip(messages, _targets(messages, trained)):
             head = f"{START_OF_ROLE}{m['role']}{END_OF_ROLE}"
             body = m["content"] + self.eos_token
             pos += len(head)
-            if m["role"] == "assistant":
+            if target and want_spans:
                 spans.append((pos, pos + len(body)))
             parts += (head, body, "\n")
             pos += len(body) + 1
@@ -103,16 +115,16 @@ class JinjaRenderer:
                 return ""
             raise BadRow(f"could not be rendered by the chat template ({type(e).__name__}: {e})") from None
 
-    def render(self, messages: Sequence[Message], want_spans: bool = True) -> Tuple[str, List[Span]]:
+    def render(self, messages: Sequence[Message], want_spans: bool = True,
+               trained: Optional[Sequence[bool]] = None) -> Tuple[str, List[Span]]:
         full = self._render(messages, False)
         if not want_spans:
             return full, []
         spans: List[Span] = []
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
+        for i, (m, target) in enumerate(zip(messages, _targets(messages, trained))):
+            if not target:
                 continue
             before = self._render(messages[:i], False)
-            header = self._render(messages[:i], True)
             upto = full if i == len(messages) - 1 else self._render(messages[: i + 1], False)
             if not (full.startswith(upto) and upto.startswith(before)):
                 raise UserError(
@@ -120,10 +132,15 @@ class JinjaRenderer:
                     f"the whole conversation, so assistant tokens cannot be located; set "
                     f"data.chat_template=granite or data.train_on=all")
             # The role header is what the generation prompt shares with the rendered turn (a
-            # prompt may add more than the turn has, e.g. an empty "<think>" block).
-            start = max(len(before), len(os.path.commonprefix([header, upto])))
+            # prompt may add more than the turn has, e.g. an empty "<think>" block). The prompt
+            # opens an assistant turn: other trained roles find their content below.
+            start = len(before)
+            if m["role"] == "assistant":
+                header = self._render(messages[:i], True)
+                start = max(start, len(os.path.commonprefix([header, upto])))
             if start == len(before) and m["content"].strip():
-                # The template ignores add_generation_prompt: skip its header by finding the content.
+                # No header found (the template ignores add_generation_prompt, or the turn is not
+                # an assistant's): skip it by finding the content.
                 found = upto.find(m["content"].strip(), start)
                 start = found if found >= 0 else start
             end = len(upto.rstrip())
@@ -205,6 +222,18 @@ def encode_texts(tokenizer: Tokenizer, texts: Sequence[str]) -> List[Tuple[np.nd
         ids = np.append(np.asarray(enc.ids, dtype=np.int32), np.int32(tokenizer.eos_token_id))
         out.append((ids, ids.copy()))
     return out
+
+
+def encode_prompt_completions(tokenizer: Tokenizer, pairs: Sequence[Tuple[str, str]],
+                              train_on: str) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Prompt-completion strings without a chat template (TRL's standard prompt-completion):
+    the tokens of prompt + completion, + EOS. With train_on=assistant only the completion and
+    the EOS are trained; a token straddling the boundary belongs to the prompt."""
+    rendered = [(prompt + completion, [(len(prompt), len(prompt) + len(completion))] if completion else [])
+                for prompt, completion in pairs]
+    eos = np.int32(tokenizer.eos_token_id)
+    return [(np.append(ids, eos), np.append(labels, eos))
+            for ids, labels in tokenize_rendered(tokenizer, rendered, train_on)]
 
 
 def chat_overhead(tokenizer: Tokenizer, renderer: Renderer) -> int:

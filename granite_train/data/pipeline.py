@@ -20,7 +20,7 @@ from granite_train.data.collator import MicroBatch, collate_packed, collate_padd
 from granite_train.data.plan import (PLANNER_VERSION, SELECTION_SINCE, StepPlan, packing_efficiency, plan_epoch,
                                      plan_step)
 from granite_train.data.prep import FEATURES, Encoder
-from granite_train.data.rows import resolve_row_format
+from granite_train.data.rows import COMPLETION, PROMPT, resolve_row_format
 from granite_train.data.sources import load_source
 from granite_train.data.stats import PrepStats, Status
 from granite_train.data.tokenizer import Tokenizer
@@ -311,22 +311,41 @@ class HeldOut:
     malformed_lines: int = 0  # JSON lines skipped by data.skip_bad_rows (data.eval_path only)
 
 
+def _first_row(ds: Union[datasets.Dataset, datasets.IterableDataset]) -> Optional[Dict[str, Any]]:
+    if isinstance(ds, datasets.Dataset):
+        return ds[0] if len(ds) else None
+    return next(iter(ds), None)
+
+
+def _chat_renderer(data_cfg: DataConfig, tokenizer: Tokenizer):
+    renderer = make_renderer(data_cfg.chat_template, tokenizer)
+    overhead = chat_overhead(tokenizer, renderer)
+    if data_cfg.max_length <= overhead:
+        raise UserError(
+            f"data.max_length={data_cfg.max_length} is smaller than the chat template overhead "
+            f"({overhead} tokens for an empty one-turn conversation) plus one content token; "
+            f"raise data.max_length")
+    return renderer
+
+
 def _open(data_cfg: DataConfig, tokenizer: Tokenizer):
     """(source, stats, raw dataset, encoder) for data_cfg.path: the one preparation path shared
     by training and evaluation data."""
-    renderer = None
-    if data_cfg.format == "chat":
-        renderer = make_renderer(data_cfg.chat_template, tokenizer)
-        overhead = chat_overhead(tokenizer, renderer)
-        if data_cfg.max_length <= overhead:
-            raise UserError(
-                f"data.max_length={data_cfg.max_length} is smaller than the chat template overhead "
-                f"({overhead} tokens for an empty one-turn conversation) plus one content token; "
-                f"raise data.max_length")
+    # data.format=chat checks its template before loading anything; other formats learn
+    # whether they need one from the data.
+    renderer = _chat_renderer(data_cfg, tokenizer) if data_cfg.format == "chat" else None
     source = load_source(data_cfg)
     stats = PrepStats(source=source.name, malformed_lines=source.malformed_lines)
     ds = source.dataset
-    row_format = resolve_row_format(data_cfg, _column_names(ds, source.name), source.name)
+    columns = _column_names(ds, source.name)
+    # Prompt/completion columns hold strings or lists of messages: the first row tells (TRL's rule).
+    first = _first_row(ds) if {PROMPT, COMPLETION} <= set(columns) else None
+    row_format = resolve_row_format(data_cfg, columns, source.name, first, source.plain_text)
+    stats.format = row_format.name
+    if data_cfg.format == "auto":
+        log.info("data.format=auto: %s reads as %s", source.name, row_format.description)
+    if row_format.templated and renderer is None:
+        renderer = _chat_renderer(data_cfg, tokenizer)
     encoder = Encoder.from_config(data_cfg, tokenizer, renderer, row_format, source.name)
     return source, stats, ds, encoder
 
@@ -385,4 +404,13 @@ def build_train_data(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer
     stats.packing_efficiency = packing_efficiency(data.plan(0))
     stats.seconds = time.perf_counter() - t0
     log.info(stats.report())
+    _warn_if_smaller_than_a_step(stats, trainer_cfg)
     return data
+
+
+def _warn_if_smaller_than_a_step(stats: PrepStats, trainer_cfg: TrainerConfig) -> None:
+    # Each step then holds the whole data set: every optimizer step is one more epoch of it.
+    if stats.tokens < trainer_cfg.tokens_per_step:
+        log.warning("data %s has %d tokens, fewer than one optimizer step takes (trainer.tokens_per_step=%d): "
+                    "every step will repeat the whole data set; lower trainer.tokens_per_step or add data",
+                    stats.source, stats.tokens, trainer_cfg.tokens_per_step)

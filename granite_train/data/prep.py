@@ -14,8 +14,8 @@ import datasets
 import numpy as np
 
 from granite_train.config import DataConfig
-from granite_train.data.chat import Renderer, encode_texts, tokenize_rendered
-from granite_train.data.rows import BadRow, RowFormat, row_messages, row_text
+from granite_train.data.chat import Renderer, encode_prompt_completions, encode_texts, tokenize_rendered
+from granite_train.data.rows import BadRow, PromptCompletion, RowFormat, row_chat, row_prompt_completion, row_text
 from granite_train.data.stats import Status
 from granite_train.data.tokenizer import Tokenizer
 from granite_train.errors import UserError
@@ -23,7 +23,8 @@ from granite_train.errors import UserError
 IGNORE = -100
 # Part of the map's cache key (datasets fingerprints the Encoder's fields, not this module's
 # code): bump it when tokenization output changes, so no stale cached result is reused.
-PREP_VERSION = 1
+# 2: drops without labels carry their reason (Status.NO_ASSISTANT/NO_COMPLETION/NO_TARGET).
+PREP_VERSION = 2
 
 _List = getattr(datasets, "List", datasets.Sequence)  # datasets >= 4 renamed Sequence to List
 FEATURES = datasets.Features({
@@ -63,8 +64,11 @@ class Encoder:
 
     def _bad(self, index: int, err: BadRow) -> None:
         if not self.skip_bad_rows:
-            raise UserError(f"row {index} of {self.source} {err}"
-                            + ("" if "; set " in str(err) else "; fix the row or set data.skip_bad_rows=true"))
+            text = str(err)
+            if "; set " not in text:  # the fix is named unless the message already names a setting
+                text += ", or set data.skip_bad_rows=true" if "fix the row" in text \
+                    else "; fix the row or set data.skip_bad_rows=true"
+            raise UserError(f"row {index} of {self.source} {text}")
 
     def _finish(self, ids: np.ndarray, labels: np.ndarray) -> Encoded:
         status = Status.OK
@@ -74,32 +78,55 @@ class Encoder:
             ids, labels, status = ids[: self.max_length], labels[: self.max_length], Status.TRUNCATED
         n_trained = int(np.count_nonzero(labels[1:] != IGNORE))
         if n_trained == 0:
-            return _dropped(Status.NO_LABELS)
+            return _dropped(Status.NO_LABELS if status == Status.TRUNCATED else Status.NO_TARGET)
         return Encoded(status, ids, labels, n_trained)
+
+    def _parse(self, row: Mapping[str, Any]) -> Any:
+        """A row as text, PromptCompletion or Chat (raises BadRow)."""
+        kind = self.row_format.kind
+        if kind == "text":
+            return row_text(row, self.row_format)
+        if kind == "prompt_completion":
+            return row_prompt_completion(row)
+        return row_chat(row, self.row_format)
+
+    def _no_target(self, item: Any) -> Optional[Status]:
+        """Why a parsed row has nothing to learn under data.train_on=assistant (None: it has)."""
+        if self.train_on != "assistant" or isinstance(item, str):
+            return None
+        if isinstance(item, PromptCompletion):
+            return Status.NO_COMPLETION if item.completion == "" else None
+        if item.trained is not None:  # conversational prompt-completion
+            return None if any(item.trained) else Status.NO_COMPLETION
+        if self.row_format.kind == "prompt_completion_chat":
+            return Status.NO_COMPLETION if item.messages[-1]["content"] == "" else None
+        return None if any(m["role"] == "assistant" for m in item.messages) else Status.NO_ASSISTANT
 
     def encode_rows(self, rows: Sequence[Mapping[str, Any]], indices: Sequence[int]) -> List[Encoded]:
         """One Encoded per row; bad rows raise UserError unless data.skip_bad_rows."""
-        parsed: List[Tuple[int, Any]] = []  # (position in batch, messages or text)
+        parsed: List[Tuple[int, Any]] = []  # (position in batch, text, PromptCompletion or Chat)
         out: List[Encoded] = [_dropped(Status.BAD_ROW)] * len(rows)
         for pos, (row, index) in enumerate(zip(rows, indices)):
             try:
-                item = row_text(row, self.row_format) if self.row_format.kind == "text" \
-                    else row_messages(row, self.row_format)
+                item = self._parse(row)
             except BadRow as e:
                 self._bad(index, e)
                 continue
-            if self.train_on == "assistant" and self.row_format.kind != "text" \
-                    and not any(m["role"] == "assistant" for m in item):
-                out[pos] = _dropped(Status.NO_LABELS)  # nothing to learn: skip tokenizing it
+            why = self._no_target(item)
+            if why is not None:
+                out[pos] = _dropped(why)  # nothing to learn: skip tokenizing it
             else:
                 parsed.append((pos, item))
         if self.row_format.kind == "text":
             encoded: List[Any] = encode_texts(self.tokenizer, [item for _, item in parsed])
+        elif self.row_format.kind == "prompt_completion":
+            encoded = encode_prompt_completions(self.tokenizer, [(it.prompt, it.completion) for _, it in parsed],
+                                                self.train_on)
         else:
             rendered, ok = [], []
             for pos, item in parsed:  # render per row so that a template error names its row
                 try:
-                    rendered.append(self.renderer.render(item, self.train_on == "assistant"))
+                    rendered.append(self.renderer.render(item.messages, self.train_on == "assistant", item.trained))
                     ok.append(pos)
                 except BadRow as e:
                     self._bad(indices[pos], e)

@@ -2,7 +2,8 @@
 
 Accepted: local .jsonl/.json/.parquet/.csv files, a directory or glob of them, a directory
 written by `Dataset.save_to_disk`, a hub dataset name (needs network), or a demo data set
-(`demo:chitchat`, `demo:shakespeare`; granite_train/data/demo.py).
+(`demo:chitchat`, `demo:shakespeare`; granite_train/data/demo.py). Plain .txt files are text
+(data.format=text or auto), one example per file or per paragraph (data.txt_sample_by).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from granite_train.data.jsonlines import good_rows, raise_on_bad_lines, scan_jso
 from granite_train.errors import UserError
 
 AnyDataset = Union[datasets.Dataset, datasets.IterableDataset]
-BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+KINDS = ".jsonl/.json/.parquet/.csv/.txt"
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
@@ -29,6 +31,7 @@ class Source:
     dataset: AnyDataset
     name: str  # how errors name it: the path or hub id the user wrote
     malformed_lines: int = 0  # skipped JSON lines (data.skip_bad_rows)
+    plain_text: bool = False  # .txt files: one 'text' column, read as data.format=text
 
 
 def _looks_local(path: str) -> bool:
@@ -47,19 +50,19 @@ def _data_files(path: str) -> Optional[Union[List[Path], Path]]:
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in BUILDERS
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
         if not files:
-            raise UserError(f"data.path={path} contains no .jsonl/.json/.parquet/.csv files "
+            raise UserError(f"data.path={path} contains no {KINDS} files "
                             f"(nor a save_to_disk dataset); point it at your data")
         return files
     if p.is_file():
         if p.suffix not in BUILDERS:
             raise UserError(f"data.path={path}: unsupported file type {p.suffix!r}; use .jsonl, .json, "
-                            f".parquet or .csv")
+                            f".parquet, .csv or .txt")
         return [p]
     if any(c in path for c in "*?["):
         files = sorted(Path(f) for f in glob.glob(str(p), recursive=True)
                        if Path(f).is_file() and Path(f).suffix in BUILDERS)
         if not files:
-            raise UserError(f"data.path={path} matches no .jsonl/.json/.parquet/.csv files; fix the pattern")
+            raise UserError(f"data.path={path} matches no {KINDS} files; fix the pattern")
         return files
     if _looks_local(path):
         raise UserError(f"data.path={path} does not exist; fix the path (local files, a directory, "
@@ -72,12 +75,23 @@ def _short(e: Exception) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
+def _check_readable(files: List[Path]) -> None:
+    for f in files:
+        try:
+            with f.open("rb"):
+                pass
+        except OSError as e:
+            raise UserError(f"cannot read {f}: {e.strerror}; check the path and its permissions") from None
+
+
 def _load_files(files: List[Path], cfg: DataConfig, name: str) -> Source:
     kinds = {BUILDERS[f.suffix] for f in files}
     if len(kinds) > 1:
         raise UserError(f"data.path={name} mixes file types ({', '.join(sorted(kinds))}); "
-                        f"point it at one kind of file")
+                        f"point it at one kind of file (e.g. a glob such as <dir>/*.jsonl)")
     builder = kinds.pop()
+    if builder == "text":
+        return _load_txt(files, cfg, name)
     malformed = 0
     if builder == "json":
         scan = scan_json_files(files)
@@ -95,12 +109,7 @@ def _load_files(files: List[Path], cfg: DataConfig, name: str) -> Source:
                 raise UserError(f"could not load data.path={name}: {_short(e)}; the rows' fields must "
                                 f"have one type across the file") from None
             return Source(ds, name, malformed)
-    for f in files:
-        try:
-            with f.open("rb"):
-                pass
-        except OSError as e:
-            raise UserError(f"cannot read {f}: {e.strerror}; check the path and its permissions") from None
+    _check_readable(files)
     try:
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                    streaming=cfg.streaming)
@@ -110,6 +119,25 @@ def _load_files(files: List[Path], cfg: DataConfig, name: str) -> Source:
         raise UserError(f"could not read data.path={name} as {builder}: {_short(e)}; check the files "
                         f"(all rows need the same fields and types)") from None
     return Source(ds, name, malformed)
+
+
+def _load_txt(files: List[Path], cfg: DataConfig, name: str) -> Source:
+    """.txt files through datasets' text builder: one row per file or per blank-line-separated
+    paragraph (its `sample_by`); a 'text' column."""
+    if cfg.format not in ("text", "auto"):
+        raise UserError(f"data.path={name} is plain text (.txt), which data.format={cfg.format} cannot read "
+                        f"(it needs rows with fields); set data.format=text (or auto), or convert the data "
+                        f"to .jsonl rows")
+    _check_readable(files)
+    try:
+        ds = datasets.load_dataset("text", data_files=[str(f) for f in files], split="train",
+                                   sample_by=cfg.txt_sample_by, streaming=cfg.streaming)
+    except Exception as e:
+        if "corresponds to no data" in str(e):
+            raise UserError(f"data.path={name} has no rows; point it at a non-empty dataset") from None
+        raise UserError(f"could not read data.path={name} as text: {_short(e)}; check the files "
+                        f"(UTF-8 text)") from None
+    return Source(ds, name, plain_text=True)
 
 
 def _load_saved(directory: Path, cfg: DataConfig, name: str) -> Source:

@@ -16,23 +16,34 @@ class Status(IntEnum):
     TRUNCATED = 1
     BAD_ROW = 2
     OVERLONG = 3  # dropped: longer than max_length with data.overlong=drop
-    NO_LABELS = 4  # dropped: nothing left to train on (after truncation)
+    # Dropped without labels (nothing to train on), by reason:
+    NO_LABELS = 4  # truncation at data.max_length cut every trained token
+    NO_ASSISTANT = 5  # a conversation without an assistant turn
+    NO_COMPLETION = 6  # an empty completion
+    NO_TARGET = 7  # no trained token even untruncated (e.g. an empty document)
 
     @staticmethod
     def kept(status: np.ndarray) -> np.ndarray:
         return status <= Status.TRUNCATED
 
 
+# Why rows were dropped without labels, as the report says it.
+NO_LABEL_REASONS = {Status.NO_ASSISTANT: "no assistant turn", Status.NO_COMPLETION: "no completion",
+                    Status.NO_LABELS: "nothing left after truncation", Status.NO_TARGET: "nothing to train on"}
+
+
 @dataclass
 class PrepStats:
     source: str = ""
+    format: str = ""  # the row format used (detected with data.format=auto), as the report names it
     rows_read: int = 0
     examples: int = 0
     tokens: int = 0
     trained_tokens: int = 0
     truncated: int = 0
     dropped_overlong: int = 0
-    dropped_no_labels: int = 0
+    dropped_no_labels: int = 0  # all reasons; by reason (NO_LABEL_REASONS' words) in no_labels
+    no_labels: Dict[str, int] = field(default_factory=dict)
     bad_rows: int = 0  # rows with missing/invalid fields, skipped by data.skip_bad_rows
     malformed_lines: int = 0  # JSON lines that did not parse, skipped by data.skip_bad_rows
     length_percentiles: Dict[str, int] = field(default_factory=dict)
@@ -51,7 +62,22 @@ class PrepStats:
         self.truncated += int((status == Status.TRUNCATED).sum())
         self.bad_rows += int((status == Status.BAD_ROW).sum())
         self.dropped_overlong += int((status == Status.OVERLONG).sum())
-        self.dropped_no_labels += int((status == Status.NO_LABELS).sum())
+        for code, reason in NO_LABEL_REASONS.items():
+            n = int((status == code).sum())
+            if n:
+                self.no_labels[reason] = self.no_labels.get(reason, 0) + n
+                self.dropped_no_labels += n
+
+    def _no_labels_text(self) -> str:
+        """"3 without labels (no assistant turn)", or "(2 no completion, 1 nothing left after
+        truncation)" when there are several reasons."""
+        text = f"{self.dropped_no_labels} without labels"
+        reasons = [(r, n) for r, n in self.no_labels.items() if n]
+        if len(reasons) == 1:
+            return f"{text} ({reasons[0][0]})"
+        if reasons:
+            return f"{text} ({', '.join(f'{n} {r}' for r, n in reasons)})"
+        return text
 
     def set_lengths(self, lengths: np.ndarray) -> None:
         if len(lengths):
@@ -60,10 +86,11 @@ class PrepStats:
                                        "max": int(np.max(lengths))}
 
     def report(self) -> str:
-        parts = [f"data {self.source}: {self.rows_read} rows read -> {self.examples} examples, "
+        fmt = f" (format {self.format})" if self.format else ""
+        parts = [f"data {self.source}{fmt}: {self.rows_read} rows read -> {self.examples} examples, "
                  f"{self.tokens} tokens ({self.trained_tokens} trained)"]
         parts.append(f"truncated {self.truncated}; dropped {self.dropped_overlong} over-long, "
-                     f"{self.dropped_no_labels} without labels, {self.bad_rows} bad rows, "
+                     f"{self._no_labels_text()}, {self.bad_rows} bad rows, "
                      f"{self.malformed_lines} malformed lines")
         if self.length_percentiles:
             p = self.length_percentiles

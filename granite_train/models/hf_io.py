@@ -139,6 +139,13 @@ def load_model(path: Union[str, Path], dtype: torch.dtype = torch.float32, attn_
     return model
 
 
+def _new_file_mode() -> int:
+    """The mode `open()` gives a new file here (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def parse_size(size: Union[int, str]) -> int:
     """Bytes in 5GB / 500MB / 2GiB / 1000 (decimal units like transformers)."""
     if isinstance(size, int):
@@ -196,7 +203,9 @@ def save_model(model: torch.nn.Module, path: Union[str, Path], max_shard_size: U
         # Stale weights from an earlier save would make the directory ambiguous.
         for old in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
             old.unlink(missing_ok=True)
+        mode = _new_file_mode()
         for new in tmp.iterdir():
+            os.chmod(new, mode)  # safetensors writes 0600: unreadable to a serving account
             os.replace(new, path / new.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from granite_train.compat import (GuardedAdamW, deepspeed_moe_marker, import_deepspeed, tag_expert_params,
-                                  use_safe_checkpoint_loads, zero_saved_ranks)
+                                  use_safe_checkpoint_loads, zero_saved_ranks, zero_settings)
 from granite_train.config import RunConfig
 from granite_train.data.collator import dummy_micro_batch, model_inputs
 from granite_train.errors import UserError
@@ -36,6 +37,7 @@ from granite_train.parallel.expert_parallel import gathered_experts
 from granite_train.parallel.plan import ParallelPlan
 from granite_train.serialization import safe_load
 
+log = logging.getLogger("granite_train.parallel")
 DS_CONFIG_FILE = "deepspeed_config.json"  # the generated config, in the run's output_dir
 _DS_TAG = "state"
 
@@ -79,6 +81,19 @@ def deepspeed_config(cfg: RunConfig, env: Env) -> Dict[str, Any]:
             raise UserError(f"distributed.deepspeed_config={d.deepspeed_config}: {e}") from None
         config = _merge(config, user)
     return config
+
+
+def _announce(config: Dict[str, Any], env: Env) -> None:
+    """One line before `deepspeed.initialize`, which can be silent for a while."""
+    zero = config["zero_optimization"]
+    offload = [name for key, name in (("offload_optimizer", "optimizer"), ("offload_param", "params"))
+               if zero.get(key, {}).get("device", "none") != "none"]
+    buckets = ", ".join(f"{k.replace('_bucket_size', '')} bucket {v / 1e6:g}M" for k, v in zero_settings(zero).items())
+    first_run = (" (on CPU a first run on this machine compiles DeepSpeed's shared-memory communication op "
+                 "first, about 40 s; later runs load it from ~/.cache/torch_extensions)" if env.device.type == "cpu"
+                 else "")
+    log.info("DeepSpeed ZeRO-%d over %d rank(s) | offload: %s | %s elements | config: %s%s", zero["stage"],
+             env.world_size, ", ".join(offload) or "none", buckets, DS_CONFIG_FILE, first_run)
 
 
 def _merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
@@ -127,6 +142,7 @@ class DeepSpeedEngine:
             out = Path(cfg.trainer.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / DS_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            _announce(config, env)
         module: nn.Module = model
         if plan.expert is not None:
             tag_expert_params(plan.expert.params, plan.expert.group_name)

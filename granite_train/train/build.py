@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
@@ -51,11 +52,18 @@ def build_run_model(cfg: RunConfig, tokenizer: Any, env: Env) -> GraniteForCausa
     return model
 
 
-def describe(cfg: RunConfig, model: GraniteForCausalLM, tokenizer: Any, env: Env) -> None:
+# Above this a pretrained checkpoint is being trained at a from-scratch learning rate: full
+# fine-tuning of Granite-sized models uses 1e-5 to 2e-5 (recipes/sft.yaml says where from).
+FINE_TUNE_MAX_LR = 1e-4
+
+
+def describe(cfg: RunConfig, model: GraniteForCausalLM, tokenizer: Any, env: Env,
+             resumed_from: Optional[Path] = None) -> None:
     """What a person needs to see at the start of a run (rank 0 logs it)."""
     n_params = sum(p.numel() for p in model.parameters())
     c = model.config
-    source = cfg.model.path or "random init (model.arch)"
+    source = (f"checkpoint {resumed_from}" if resumed_from is not None
+              else cfg.model.path or "random init (model.arch)")
     log.info("recipe: %s | output: %s", cfg.recipe_name or "(none)", cfg.trainer.output_dir)
     log.info("model: %s from %s | %.2fM parameters | %d layers, hidden %d, heads %d/%d kv, vocab %d",
              c.model_type, source, n_params / 1e6, c.num_hidden_layers, c.hidden_size,
@@ -66,6 +74,10 @@ def describe(cfg: RunConfig, model: GraniteForCausalLM, tokenizer: Any, env: Env
     log.info("batch: %d tokens/step over %d rank(s), micro-batches of <= %d tokens | device %s, %s",
              cfg.trainer.tokens_per_step, env.world_size, cfg.trainer.micro_batch_tokens,
              env.device, "bf16 autocast" if env.autocast_dtype else "fp32")
-    if cfg.model.path is None:
+    if cfg.model.path is not None and cfg.optim.lr > FINE_TUNE_MAX_LR:
+        log.warning("optim.lr=%g is a from-scratch learning rate: training a pretrained checkpoint "
+                    "(model.path) above %g usually wrecks what it learned; use recipe=sft (lr 1e-5) or set "
+                    "optim.lr=1e-5", cfg.optim.lr, FINE_TUNE_MAX_LR)
+    if cfg.model.path is None and resumed_from is None:
         log.info("to fine-tune a real checkpoint: add model.path=/path/to/granite-checkpoint "
                  "(HF layout: config.json + safetensors; its tokenizer is used automatically)")

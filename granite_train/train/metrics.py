@@ -3,23 +3,33 @@ Biases, the rank-0 progress bar)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from granite_train.config import WandbConfig
 from granite_train.errors import UserError
+from granite_train.train.run_log import FILE_ONLY
 
 log = logging.getLogger("granite_train.train")
 
 
 class MetricsSink:
-    """Rank 0 writes; other ranks hold a sink that does nothing (so call sites stay simple)."""
+    """Rank 0 writes; other ranks hold a sink that does nothing (so call sites stay simple).
+
+    The progress bar (rank 0, `trainer.progress`, only on a terminal) appears with the first step
+    record and shows the step it just finished; log lines are written above it, and `end_progress`
+    closes it after the last step, so the end of the run does not redraw it. Without a bar (not a
+    terminal: SLURM logs, pipes) step 1, every 10th and the last step are log lines instead;
+    train.log gets those lines either way."""
 
     def __init__(self, output_dir: Path, wandb_cfg: WandbConfig, run_config: Dict[str, Any],
                  total_steps: int, enabled: bool, progress: bool, initial_step: int = 0,
@@ -30,15 +40,15 @@ class MetricsSink:
         self._file = None
         self._wandb = None
         self._bar = None
+        self._redirect = contextlib.ExitStack()
+        self._total, self._initial = total_steps, initial_step
+        self._want_bar = progress and enabled and sys.stderr.isatty()
         if not enabled:
             return
         self._file = open(output_dir / "metrics.jsonl", "a", buffering=1)
         if wandb_cfg.mode != "disabled":
             self._wandb = _init_wandb(wandb_cfg, run_config, output_dir, wandb_run_id)
             self.wandb_run_id = self._wandb.id
-        if progress:
-            self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
-                             dynamic_ncols=True)
 
     def log(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
@@ -52,19 +62,38 @@ class MetricsSink:
             self._wandb.log(scalars, step=record["step"])
         if record.get("split") == "eval":
             log.info("eval at step %d: loss %s, perplexity %s (%d tokens)", record["step"],
-                     record["eval_loss"], record["eval_ppl"], record["eval_tokens"])
+                     _fmt(record["eval_loss"], ".4f"), _fmt(record["eval_ppl"], ".4g"), record["eval_tokens"])
             return
         if record.get("skipped"):
             log.warning("step %d skipped: non-finite loss or grad norm (%d skipped so far)",
                         record["step"], record["skipped_steps"])
+            return
+        step = record["step"]
+        if step % 10 == 0 or step == 1 or step == self._total:
+            # With a bar on the console, the line goes to train.log only.
+            (FILE_ONLY if self._start_bar() else log).info(
+                "step %d/%d loss %.4f lr %.2e tokens/s %.0f", step, self._total, record["loss"], record["lr"],
+                record["tokens_per_sec"])
+        if self._start_bar():
+            # Postfix first, then the move: the redraw shows this step's numbers.
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                  tok_s=f"{record['tokens_per_sec']:.0f}", refresh=False)
+            self._bar.update(step - self._bar.n)
+
+    def _start_bar(self) -> bool:
+        if self._bar is None and self._want_bar:
+            self._bar = tqdm(total=self._total, initial=self._initial, desc="train", unit="step",
+                             dynamic_ncols=True)
+            self._redirect.enter_context(logging_redirect_tqdm())  # log lines above the bar, not glued to it
+        return self._bar is not None
+
+    def end_progress(self) -> None:
+        """After the last step: the bar's final state stays on screen, once."""
+        self._want_bar = False
         if self._bar is not None:
-            self._bar.update(record["step"] - self._bar.n)
-            if not record.get("skipped"):
-                self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                      tok_s=f"{record['tokens_per_sec']:.0f}", refresh=False)
-        elif not record.get("skipped") and (record["step"] % 10 == 0 or record["step"] == 1):
-            log.info("step %d loss %.4f lr %.2e tokens/s %.0f", record["step"], record["loss"],
-                     record["lr"], record["tokens_per_sec"])
+            self._bar.close()
+            self._bar = None
+        self._redirect.close()
 
     def summary(self, values: Dict[str, Any]) -> None:
         if self._wandb is not None:
@@ -73,9 +102,7 @@ class MetricsSink:
 
     def close(self) -> None:
         """Idempotent: the trainer closes the sink before its export and again on any error."""
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        self.end_progress()
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -83,6 +110,10 @@ class MetricsSink:
             self._wandb.finish()
             self._wandb = None
         self.enabled = False
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "nan" if value is None else format(value, spec)
 
 
 def _init_wandb(cfg: WandbConfig, run_config: Dict[str, Any], output_dir: Path, run_id: Optional[str]):

@@ -46,6 +46,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+def run_steps(trainer: Any, steps_per_epoch: Optional[int]) -> int:
+    """The optimizer steps a run takes: max_steps, or fewer when trainer.epochs ends it first."""
+    if trainer.epochs is not None and steps_per_epoch:
+        return max(1, min(trainer.max_steps, trainer.epochs * steps_per_epoch))
+    return trainer.max_steps
+
+
 # The paper's sequence length: beta (sequences per step) = tokens_per_step / PAPER_SEQ_LEN.
 PAPER_SEQ_LEN = 4096
 TOKEN_SCHEDULES = ("power", "wsd")
@@ -85,14 +92,19 @@ class Schedule:
 
     def __post_init__(self) -> None:
         c, tps = self.cfg, self.tokens_per_step
-        if c.warmup_tokens is not None and tps:
-            self.warmup_steps = math.ceil(c.warmup_tokens / tps)
-        else:
-            self.warmup_steps = c.warmup_steps
+        fraction = getattr(c, "warmup_fraction", None)
         if self.total_tokens is None and tps:
             self.total_tokens = self.total_steps * tps
+        if c.warmup_tokens is not None and tps:
+            self.warmup_steps = math.ceil(c.warmup_tokens / tps)
+        elif fraction is not None:
+            self.warmup_steps = math.ceil(fraction * self.total_steps)
+        else:
+            self.warmup_steps = c.warmup_steps
         if c.warmup_tokens is not None:
             self.warmup_tokens = c.warmup_tokens
+        elif fraction is not None and self.total_tokens is not None:
+            self.warmup_tokens = math.ceil(fraction * self.total_tokens)
         else:
             self.warmup_tokens = c.warmup_steps * (tps or 0)
         self.decay_tokens = c.decay_tokens or 0
@@ -107,10 +119,12 @@ class Schedule:
             raise ValueError("a token schedule with warmup_steps needs tokens_per_step (or set warmup_tokens)")
 
     @classmethod
-    def from_config(cls, run_cfg: Any) -> "Schedule":
-        """The schedule of a run (RunConfig): the one object the trainer and plot_lr both use."""
+    def from_config(cls, run_cfg: Any, steps_per_epoch: Optional[int] = None) -> "Schedule":
+        """The schedule of a run (RunConfig): the one object the trainer and plot_lr both use.
+        `steps_per_epoch` (known once the data is planned): with trainer.epochs, a run shorter
+        than max_steps ends, and its step schedule decays, at epochs x steps_per_epoch."""
         t = run_cfg.trainer
-        total_steps = t.max_steps
+        total_steps = run_steps(t, steps_per_epoch)
         if t.max_tokens is not None and run_cfg.scheduler.name not in TOKEN_SCHEDULES:
             # Step schedules end at the nominal step count of max_tokens (then hold the end value).
             total_steps = max(1, min(t.max_steps, math.ceil(t.max_tokens / t.tokens_per_step)))

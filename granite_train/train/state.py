@@ -88,11 +88,27 @@ def config_changes(saved: Dict[str, Any], now: Dict[str, Any], allow: List[str])
     return changed
 
 
+# Keys whose change means another data set or data order: allowing one resumes the weights,
+# optimizer and counters but restarts the data from its first step (`DataState`).
+DATA_KEYS = tuple(k for k in CRITICAL_KEYS if k.startswith("data.")) + ("trainer.tokens_per_step", "trainer.seed")
+
+
+def free_output_dir(output_dir: Path) -> Path:
+    """`<output_dir>-2`, `-3`, ...: the first that does not exist or is empty."""
+    n = 2
+    while True:
+        candidate = output_dir.with_name(f"{output_dir.name}-{n}")
+        if not candidate.exists() or (candidate.is_dir() and not any(candidate.iterdir())):
+            return candidate
+        n += 1
+
+
 class RunConfigState:
     """config.yaml: the resolved config that wrote the checkpoint."""
 
     def __init__(self, config_yaml: str, resolved: Dict[str, Any], allow: List[str], env: Env) -> None:
         self.config_yaml, self.resolved, self.allow, self.env = config_yaml, resolved, allow, env
+        self.allowed_data_changes: List[str] = []  # set by `check`: what DataState restarts for
 
     def save(self, tmp: Path, meta: Dict[str, Any]) -> None:
         if self.env.is_main:
@@ -100,13 +116,29 @@ class RunConfigState:
 
     def check(self, ckpt: Path, meta: Dict[str, Any]) -> None:
         saved = OmegaConf.to_container(OmegaConf.load(ckpt / "config.yaml"), resolve=True)
+        self.allowed_data_changes = [c.split()[0] for c in config_changes(saved, self.resolved, [])
+                                     if _allowed(c.split()[0], list(DATA_KEYS)) and _allowed(c.split()[0], self.allow)]
         changed = config_changes(saved, self.resolved, self.allow)
         if changed:
-            raise UserError(
-                f"cannot resume {ckpt}: {'; '.join(changed[:6])}{' ...' if len(changed) > 6 else ''} "
-                f"changed since it was saved; restore them, or allow them with "
-                f"trainer.resume_allow_changes=[{','.join(c.split()[0] for c in changed[:6])}], or start "
-                f"a fresh run (trainer.resume=false with a new trainer.output_dir)")
+            raise UserError(self._refusal(ckpt, changed))
+
+    def _refusal(self, ckpt: Path, changed: List[str]) -> str:
+        """The first fix a person most likely wants: a different model or data is a new run, in
+        a new directory; allowing the change is offered only where resuming can work."""
+        keys = [c.split()[0] for c in changed]
+        what = f"{'; '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}"
+        out = Path(self.resolved["trainer"]["output_dir"])
+        new_dir = f"trainer.output_dir={free_output_dir(out)} (free)"
+        if any(_allowed(k, ["model"]) for k in keys):
+            return (f"{out} holds checkpoints of another run ({ckpt.name}: {what}): start this run in a new "
+                    f"directory with {new_dir}, or restore those settings to continue {ckpt.name}")
+        allow = f"trainer.resume_allow_changes=[{','.join(keys[:6])}]"
+        if all(_allowed(k, list(DATA_KEYS)) for k in keys):
+            return (f"cannot resume {ckpt}: {what} changed since it was saved: start a new run with {new_dir}, "
+                    f"restore them, or continue its weights, optimizer and schedule on the changed data (from "
+                    f"the data's first step) with {allow}")
+        return (f"cannot resume {ckpt}: {what} changed since it was saved: restore them, allow them with "
+                f"{allow}, or start a new run with {new_dir}")
 
     def load(self, ckpt: Path, meta: Dict[str, Any]) -> None:
         pass  # the run's own config wins; `check` made sure nothing that matters changed
@@ -175,10 +207,14 @@ class EngineState:
 
 
 class DataState:
-    """The data position (epoch, step in epoch) and what fixes the data order."""
+    """The data position (epoch, step in epoch) and what fixes the data order.
 
-    def __init__(self, data: Any) -> None:
-        self.data = data
+    `restart_for`: data settings the run was allowed to change (trainer.resume_allow_changes);
+    when the saved position does not fit the changed data, the data starts from its first step."""
+
+    def __init__(self, data: Any, restart_for: Callable[[], List[str]] = list) -> None:
+        self.data, self.restart_for = data, restart_for
+        self._restart = False
 
     def save(self, tmp: Path, meta: Dict[str, Any]) -> None:
         meta["data"] = self.data.state_dict()
@@ -187,9 +223,21 @@ class DataState:
         if not isinstance(meta.get("data"), dict):
             raise UserError(f"cannot resume {ckpt}: its trainer_state.json holds no data position; it is "
                             f"damaged or not a granite-train checkpoint (start a fresh run from its model/)")
-        self.data.check_state_dict(meta["data"])
+        self._restart = False
+        try:
+            self.data.check_state_dict(meta["data"])
+        except UserError:
+            if not self.restart_for():
+                raise
+            self._restart = True
 
     def load(self, ckpt: Path, meta: Dict[str, Any]) -> None:
+        if self._restart:
+            if getattr(self.data, "rank", 0) == 0:
+                log.warning("the data changed since %s (%s, allowed by trainer.resume_allow_changes): the weights, "
+                            "optimizer and schedule continue from step %s, the data from its first step",
+                            ckpt.name, ", ".join(self.restart_for()), meta.get("step"))
+            return
         self.data.load_state_dict(meta["data"])
 
 
@@ -202,10 +250,12 @@ class Counters:
     skipped_steps: int = 0  # non-finite steps skipped so far
     bad_steps_in_a_row: int = 0
     wandb_run_id: Optional[str] = None
+    last_loss: Optional[float] = None  # the last finite step loss (what "final loss" reports)
 
     def save(self, tmp: Path, meta: Dict[str, Any]) -> None:
         meta.update(step=self.step, tokens_seen=self.tokens_seen, skipped_steps=self.skipped_steps,
-                    bad_steps_in_a_row=self.bad_steps_in_a_row, wandb_run_id=self.wandb_run_id)
+                    bad_steps_in_a_row=self.bad_steps_in_a_row, wandb_run_id=self.wandb_run_id,
+                    last_loss=self.last_loss)
 
     def check(self, ckpt: Path, meta: Dict[str, Any]) -> None:
         pass
@@ -215,6 +265,7 @@ class Counters:
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         self.bad_steps_in_a_row = int(meta.get("bad_steps_in_a_row", 0))
         self.wandb_run_id = meta.get("wandb_run_id")
+        self.last_loss = meta.get("last_loss")
 
 
 class RngState:

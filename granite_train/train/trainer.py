@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import datasets
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from granite_train.config import RunConfig
+from granite_train.config import RunConfig, validate_model_path
 from granite_train.data import build_eval_data, build_train_data, load_tokenizer
 from granite_train.errors import Preempted, UserError
 from granite_train.models import save_model
@@ -36,7 +37,8 @@ from granite_train.train.metrics import MetricsSink, peak_tflops, step_flops, st
 from granite_train.train.preemption import PreemptionWatch
 from granite_train.train.rng import seed_everything
 from granite_train.train.run_lock import RunLock
-from granite_train.train.schedule import Schedule
+from granite_train.train.run_log import FILE_ONLY, RunLog
+from granite_train.train.schedule import Schedule, run_steps
 from granite_train.train.state import (Checkpointer, Counters, DataState, EngineState, ModelState, RngState,
                                        RunConfigState)
 from granite_train.train.step import StepOutcome, StepSettings, set_lr, train_step
@@ -54,15 +56,21 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
+        if cfg.model.path is not None:
+            validate_model_path(cfg.model.path)  # before the run directory is made
         self.cfg, self.env = cfg, init_env(cfg.trainer, cfg.distributed)
         self.out = Path(cfg.trainer.output_dir)
         self.sink: Optional[MetricsSink] = None
         self.preemption: Optional[PreemptionWatch] = None
+        self.run_log: Optional[RunLog] = None
         self._lock = self._lock_output_dir()
+        self.run_log = RunLog(self.out, enabled=self.env.is_main)
+        if not self.env.is_main:
+            datasets.disable_progress_bars()  # rank 0's bars are the run's
         try:
             self._build()
-        except BaseException:
-            self._close()
+        except BaseException as exc:
+            self._close(exc)
             raise
 
     # ---------------------------------------------------------------- build
@@ -89,7 +97,8 @@ class Trainer:
         self.checkpointer = ck = Checkpointer(self.out, env, cfg.trainer.keep_checkpoints)
         self.resume = resume = ck.find(cfg.trainer.resume)
         self.counters = Counters()
-        ck.add("config", RunConfigState(config_yaml, resolved, allow, env))
+        config_state = RunConfigState(config_yaml, resolved, allow, env)
+        ck.add("config", config_state)
         ck.add("counters", self.counters)
         ck.restore(resume, "config", "counters")
         if env.is_main:
@@ -102,7 +111,7 @@ class Trainer:
         ck.add("model", model_state)
         ck.restore(resume, "model")  # into the whole model, before it is cut over ranks
         if env.is_main:
-            describe(cfg, model, self.tokenizer, env)
+            describe(cfg, model, self.tokenizer, env, resumed_from=resume)
         self.engine = parallelize(model, cfg, env)
         model_state.full_weights = self.engine.full_weights
         with main_rank_first(env):  # tokenize once; the other ranks read the datasets cache
@@ -110,20 +119,23 @@ class Trainer:
             self.eval_data = build_eval_data(cfg.data, cfg.trainer, self.tokenizer, env.rank, env.world_size,
                                              train_data=self.data)
         ck.add("engine", EngineState(self.engine, env))
-        ck.add("data", DataState(self.data))
+        ck.add("data", DataState(self.data, restart_for=lambda: config_state.allowed_data_changes))
         ck.add("rng", RngState(env))
         ck.restore(resume, "engine", "data", "rng")
         if resume is not None and env.is_main:
             log.info("resuming from %s: step %d, %d tokens seen", resume, self.counters.step, self.counters.tokens_seen)
 
-        self.schedule = Schedule.from_config(cfg)
-        self.sink = MetricsSink(self.out, cfg.tracking.wandb, resolved, cfg.trainer.max_steps, enabled=env.is_main,
+        self.schedule = Schedule.from_config(cfg, self.data.num_steps_per_epoch)
+        planned = run_steps(cfg.trainer, self.data.num_steps_per_epoch)
+        if env.is_main and planned < cfg.trainer.max_steps:
+            log.info("the run is %d steps: trainer.epochs=%d x %d steps per epoch (fewer than trainer.max_steps=%d)",
+                     planned, cfg.trainer.epochs, self.data.num_steps_per_epoch, cfg.trainer.max_steps)
+        self.sink = MetricsSink(self.out, cfg.tracking.wandb, resolved, planned, enabled=env.is_main,
                                 progress=cfg.trainer.progress, initial_step=self.counters.step,
                                 wandb_run_id=self.counters.wandb_run_id)
         self.counters.wandb_run_id = self.sink.wandb_run_id or self.counters.wandb_run_id
         self.step_settings = StepSettings.of(model, env, cfg.model.loss_chunk_tokens)
         self.peak_tflops = peak_tflops(cfg.trainer.peak_tflops, env.device)
-        self.last_loss = float("nan")
         self._last_eval = -1
 
     def _prepare_output_dir(self, config_yaml: str) -> None:
@@ -140,41 +152,66 @@ class Trainer:
 
     # ---------------------------------------------------------------- fit
 
+    @property
+    def last_loss(self) -> float:
+        return self.counters.last_loss if self.counters.last_loss is not None else float("nan")
+
     def fit(self) -> TrainResult:
         """Train, evaluate and checkpoint to the end of the run, then export `final/`."""
         try:
-            c, tr = self.counters, self.cfg.trainer
-            start_step = c.step
-            self._saved_at = c.step if self.resume is not None else -1
-            self.engine.model.train()
-            # islice, not a break: drawing one step too many would move the data position past it.
-            remaining = 0 if self._out_of_tokens() else max(0, tr.max_steps - c.step)
-            for step in itertools.islice(self.data.steps(), remaining):
-                self._train_one(step)
-                self._stop_after_bad_steps()
-                if tr.eval_every and c.step % tr.eval_every == 0:
-                    self._evaluate()
-                if tr.save_every and c.step % tr.save_every == 0 and c.bad_steps_in_a_row == 0:
-                    self._save()
-                signal_name = self.preemption.requested(self.env)  # every rank: they stop together
-                if signal_name is not None:
-                    self._stop_for(signal_name)
-                if self._out_of_tokens():
-                    break  # trainer.max_tokens reached
-            self._end_of_data(start_step)
-            self._evaluate()
-            if self._saved_at != c.step and c.bad_steps_in_a_row == 0:
-                self._save()
-            self.sink.summary({"final_loss": self.last_loss, "tokens_seen": c.tokens_seen,
-                               "skipped_steps": c.skipped_steps})
-            self.sink.close()
-            self._export_final()
-        finally:
-            self._close()
+            remaining = 0 if self._out_of_tokens() else max(0, self.cfg.trainer.max_steps - self.counters.step)
+            if remaining == 0 and self.resume is not None:
+                self._nothing_to_train()
+            else:
+                self._fit(remaining)
+        except BaseException as exc:
+            self._close(exc)
+            raise
+        self._close()
         if self.env.distributed:
             dist.barrier()
             dist.destroy_process_group()
         return TrainResult(self.counters.step, self.counters.tokens_seen, self.last_loss, self.out)
+
+    def _fit(self, remaining: int) -> None:
+        c, tr = self.counters, self.cfg.trainer
+        start_step = c.step
+        self._saved_at = c.step if self.resume is not None else -1
+        self.engine.model.train()
+        # islice, not a break: drawing one step too many would move the data position past it.
+        for step in itertools.islice(self.data.steps(), remaining):
+            self._train_one(step)
+            self._stop_after_bad_steps()
+            if tr.eval_every and c.step % tr.eval_every == 0:
+                self._evaluate()
+            if tr.save_every and c.step % tr.save_every == 0 and c.bad_steps_in_a_row == 0:
+                self._save()
+            signal_name = self.preemption.requested(self.env)  # every rank: they stop together
+            if signal_name is not None:
+                self._stop_for(signal_name)
+            if self._out_of_tokens():
+                break  # trainer.max_tokens reached
+        self.sink.end_progress()
+        self._end_of_data(start_step)
+        self._evaluate()
+        if self._saved_at != c.step and c.bad_steps_in_a_row == 0:
+            self._save()
+        self.sink.summary({"final_loss": self.last_loss, "tokens_seen": c.tokens_seen,
+                           "skipped_steps": c.skipped_steps})
+        self.sink.close()
+        self._export_final()
+
+    def _nothing_to_train(self) -> None:
+        """Relaunched after the end: say so; export `final/` only if it is missing."""
+        c, tr = self.counters, self.cfg.trainer
+        reached = (f"trainer.max_tokens={tr.max_tokens} reached ({c.tokens_seen} tokens)" if self._out_of_tokens()
+                   else f"step {c.step} already reached (trainer.max_steps={tr.max_steps})")
+        if self.env.is_main:
+            log.info("nothing to train: %s by %s; raise trainer.max_steps (or trainer.max_tokens) to train "
+                     "further, or set a new trainer.output_dir for a new run", reached, self.resume)
+        self.sink.close()
+        if not (self.out / "final" / "config.json").is_file():
+            self._export_final()
 
     def _train_one(self, step: Any) -> StepOutcome:
         c, tr = self.counters, self.cfg.trainer
@@ -190,7 +227,7 @@ class Trainer:
         c.tokens_seen += step.num_input_tokens
         if outcome.finite:
             c.bad_steps_in_a_row = 0
-            self.last_loss = outcome.loss
+            c.last_loss = outcome.loss
         else:
             c.skipped_steps += 1
             c.bad_steps_in_a_row += 1
@@ -218,10 +255,10 @@ class Trainer:
         if c.step == 0:
             raise UserError("the data produced no optimizer step; add data or lower trainer.tokens_per_step")
         if c.step == start_step and self.resume is not None:
-            log.info("the checkpoint %s already reached the end of this run (step %d); nothing to train",
-                     self.resume, c.step)
+            log.info("nothing to train: the data of %s ended at step %d", self.resume, c.step)
         elif c.step < self.cfg.trainer.max_steps and not self._out_of_tokens():
-            log.info("data exhausted after %d steps (trainer.epochs=%s)", c.step, self.cfg.trainer.epochs)
+            epochs = self.cfg.trainer.epochs
+            log.info("%s after %d steps", f"trainer.epochs={epochs} done" if epochs else "data exhausted", c.step)
 
     def _evaluate(self) -> None:
         """Every rank calls it (the sums are all-reduced); once per step at most."""
@@ -257,7 +294,12 @@ class Trainer:
                 log.info("done: %d steps, %d tokens, final loss %.4f | HF checkpoint: %s",
                          self.counters.step, self.counters.tokens_seen, self.last_loss, final)
 
-    def _close(self) -> None:
+    def _close(self, error: Optional[BaseException] = None) -> None:
+        """Idempotent. A UserError or preemption line also goes to train.log (the CLI prints it)."""
+        if isinstance(error, (UserError, Preempted)):
+            FILE_ONLY.error("%s: %s", "preempted" if isinstance(error, Preempted) else "error", error)
+        if self.run_log is not None:
+            self.run_log.close()
         if self.preemption is not None:
             self.preemption.close()
         if self.sink is not None:

@@ -92,9 +92,9 @@ def test_missing_path(tok, tmp_path):
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(UserError, match="contains no"):
         build(tok, tmp_path / "emptydir")
-    (tmp_path / "x.txt").write_text("hi")
+    (tmp_path / "x.xml").write_text("hi")  # (.txt is read as text: tests/data/test_formats.py)
     with pytest.raises(UserError, match="unsupported file type"):
-        build(tok, tmp_path / "x.txt")
+        build(tok, tmp_path / "x.xml")
 
 
 def test_empty_dataset(tok, tmp_path):
