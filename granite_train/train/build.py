@@ -79,5 +79,5 @@ def describe(cfg: RunConfig, model: GraniteForCausalLM, tokenizer: Any, env: Env
                     "(model.path) above %g usually wrecks what it learned; use recipe=sft (lr 1e-5) or set "
                     "optim.lr=1e-5", cfg.optim.lr, FINE_TUNE_MAX_LR)
     if cfg.model.path is None and resumed_from is None:
-        log.info("to fine-tune a real checkpoint: add model.path=/path/to/granite-checkpoint "
-                 "(HF layout: config.json + safetensors; its tokenizer is used automatically)")
+        log.info("to fine-tune a real checkpoint: recipe=sft model.path=/path/to/granite-checkpoint (a local "
+                 "HF-layout directory; its tokenizer and chat template are used)")
