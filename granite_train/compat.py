@@ -35,8 +35,11 @@ before the first import, which `import_deepspeed` does):
   three plain-data DeepSpeed classes its ZeRO optimizer files hold (`ZeroStageEnum`,
   `LossScaler`, `fragment_address`: no `__reduce__`/`__setstate__`, so unpickling them sets
   attributes and runs nothing), which the safe loader allows.
-- `zero_settings`: the bucket sizes DeepSpeed will use (its defaults filled in), for the start-up
-  log line; read from its pydantic `DeepSpeedZeroConfig` (deepspeed.runtime.zero.config).
+- `zero_settings`: the buffer sizes DeepSpeed will use (its defaults filled in), for the start-up
+  log line; read from its pydantic `DeepSpeedZeroConfig` (deepspeed.runtime.zero.config), whose
+  field names drop the `stage3_` of the JSON keys.
+- `full_numel`: a ZeRO-3 sharded weight holds only its shard in `.data`; its whole size is
+  DeepSpeed's `ds_numel` attribute.
 - `import_deepspeed` silences torch's FutureWarning about the deprecated collectives DeepSpeed
   still calls (`all_gather_into_tensor`, `reduce_scatter_tensor`): one per rank per run, about
   DeepSpeed's code, nothing a user can act on.
@@ -89,12 +92,20 @@ def import_deepspeed(device: torch.device):
     return deepspeed
 
 
+def full_numel(p: torch.Tensor) -> int:
+    """Elements of the whole weight, also when ZeRO-3 has sharded it."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def zero_settings(zero: Dict[str, Any]) -> Dict[str, Any]:
     """The effective ZeRO bucket sizes (elements) of a `zero_optimization` section."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     full = DeepSpeedZeroConfig(**zero).model_dump()
-    return {k: full[k] for k in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size")}
+    keys = ["reduce_bucket_size"] + (["prefetch_bucket_size", "max_live_parameters", "param_persistence_threshold",
+                                      "sub_group_size"]
+                                     if int(zero["stage"]) == 3 else ["allgather_bucket_size"])
+    return {k: int(full[k]) for k in keys}
 
 
 def deepspeed_moe_marker(device: torch.device, num_experts: int, size: int) -> nn.Module:

@@ -110,7 +110,11 @@ DEEPSPEED_CONTRACTS = textwrap.dedent("""
     # 6. The effective bucket sizes: DeepSpeed's defaults, and a user's value where one is set.
     sizes = compat.zero_settings({"stage": 2, "reduce_bucket_size": 1000})
     assert sizes["reduce_bucket_size"] == 1000 and sizes["allgather_bucket_size"] > 0, sizes
-    assert set(sizes) == {"reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size"}
+    assert set(sizes) == {"reduce_bucket_size", "allgather_bucket_size"}
+    sizes3 = compat.zero_settings({"stage": 3, "stage3_max_live_parameters": 123, "stage3_prefetch_bucket_size": 5})
+    assert (sizes3["max_live_parameters"], sizes3["prefetch_bucket_size"]) == (123, 5), sizes3
+    assert set(sizes3) == {"reduce_bucket_size", "prefetch_bucket_size", "max_live_parameters",
+                           "param_persistence_threshold", "sub_group_size"}
 
     # 7. The deprecated collective DeepSpeed calls does not warn (once per rank otherwise).
     import warnings

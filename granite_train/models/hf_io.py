@@ -6,6 +6,7 @@ copy, and `transformers.GraniteForCausalLM.from_pretrained` reads what we save.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -13,15 +14,16 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
+from torch import nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from granite_train.errors import UserError
 from granite_train.models.config import GraniteConfig
-from granite_train.models.model import GraniteForCausalLM
+from granite_train.models.model import GraniteForCausalLM, full_size
 
 log = logging.getLogger("granite_train.models")
 
@@ -73,69 +75,118 @@ def _listing(names: List[str]) -> str:
     return shown + (f" (+{len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
 
 
-def load_model(path: Union[str, Path], dtype: torch.dtype = torch.float32, attn_backend: str = "auto",
-               activation_checkpointing: bool = False, mamba_backend: str = "auto") -> GraniteForCausalLM:
-    """Load an HF-layout Granite checkpoint onto the CPU in `dtype`.
-
-    Every missing key, unexpected key and shape mismatch is reported in one UserError.
-    """
-    path = Path(path)
-    cfg = read_config(path)
-    files = _weight_files(path)
-    # Build on the meta device: no time spent initialising weights that are overwritten next.
-    with torch.device("meta"):
-        model = GraniteForCausalLM(cfg, attn_backend=attn_backend,
-                                   activation_checkpointing=activation_checkpointing,
-                                   mamba_backend=mamba_backend)
+def checkpoint_index(path: Path, model: GraniteForCausalLM) -> Dict[str, Path]:
+    """Which file holds each of `model`'s tensors, checked against the files' headers before
+    anything is read: every missing key, unexpected key and shape mismatch in one UserError."""
+    cfg = model.config
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tolerated = set()
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
         tolerated.add("lm_head.weight")  # some tied checkpoints store the copy anyway
-
-    state: Dict[str, torch.Tensor] = {}
+    where: Dict[str, Path] = {}
     unexpected: List[str] = []
-    stored_head = None
-    for file in files:
+    wrong: List[str] = []
+    for file in _weight_files(path):
         try:
             with safe_open(str(file), framework="pt") as f:
                 for key in f.keys():
-                    if key in expected:
-                        # A fresh allocation per tensor (peak memory: model + one tensor):
-                        # safetensors' buffers are not 64-byte aligned, which sends CPU matmuls
-                        # down other (slower, differently rounded) kernel paths.
-                        state[key] = f.get_tensor(key).to(dtype, copy=True)
-                    elif key in tolerated:
-                        stored_head = f.get_tensor(key).to(dtype)
+                    if key in expected or key in tolerated:
+                        where[key] = file
+                        shape = tuple(f.get_slice(key).get_shape())
+                        if key in expected and shape != expected[key]:
+                            wrong.append(f"{key} (file {list(shape)} vs model {list(expected[key])})")
                     elif not key.endswith("rotary_emb.inv_freq"):
                         unexpected.append(key)  # old checkpoints stored inv_freq: harmless
         except SafetensorError as e:
             raise UserError(f"{file} is not a readable safetensors file ({e}); re-copy the checkpoint") from None
-    embed = state.get("model.embed_tokens.weight")
-    if stored_head is not None and embed is not None and not torch.equal(stored_head, embed):
-        raise UserError(f"{path}: config.json says tie_word_embeddings=true but lm_head.weight differs "
-                        "from the embeddings; set tie_word_embeddings=false in config.json")
-    unexpected.sort()
-    missing = sorted(set(expected) - set(state))
-    wrong = sorted(f"{k} (file {list(v.shape)} vs model {list(expected[k])})"
-                   for k, v in state.items() if tuple(v.shape) != expected[k])
+    missing = sorted(set(expected) - set(where))
     if missing or unexpected or wrong:
         parts = []
         if missing:
             parts.append(f"missing keys: {_listing(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {_listing(unexpected)}")
+            parts.append(f"unexpected keys: {_listing(sorted(unexpected))}")
         if wrong:
-            parts.append(f"wrong shapes: {_listing(wrong)}")
+            parts.append(f"wrong shapes: {_listing(sorted(wrong))}")
         raise UserError(f"{path} does not match its config.json: {'; '.join(parts)}; "
                         "use a checkpoint written for this config (or fix config.json)")
+    return where
 
-    if cfg.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
+
+class TensorReader:
+    """`read(key)`: one checkpoint tensor, freshly allocated in `dtype` (safetensors' buffers are
+    not 64-byte aligned, which sends CPU matmuls down other, differently rounded, kernels)."""
+
+    def __init__(self, opened: Dict[Path, object], where: Dict[str, Path], dtype: torch.dtype) -> None:
+        self._opened, self._where, self._dtype = opened, where, dtype
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def __call__(self, key: str) -> torch.Tensor:
+        return self._opened[self._where[key]].get_tensor(key).to(self._dtype, copy=True)
+
+
+@contextlib.contextmanager
+def read_tensors(path: Union[str, Path], cfg: GraniteConfig,
+                 dtype: torch.dtype = torch.float32) -> Iterator[TensorReader]:
+    """A reader of the checkpoint at `path`, checked first against a model of `cfg` (missing or
+    unexpected keys, shapes: one UserError)."""
+    with torch.device("meta"):
+        where = checkpoint_index(Path(path), GraniteForCausalLM(cfg))
+    with contextlib.ExitStack() as files:
+        opened = {f: files.enter_context(safe_open(str(f), framework="pt")) for f in sorted(set(where.values()))}
+        yield TensorReader(opened, where, dtype)
+
+
+def weight_groups(model: GraniteForCausalLM) -> List[Tuple[str, nn.Module]]:
+    """(prefix, module) pieces that together hold every weight once: the embedding, each
+    decoder layer, the final norm, an untied lm_head. A load fills one piece at a time."""
+    groups: List[Tuple[str, nn.Module]] = []
+    for name, child in model.model.named_children():
+        if isinstance(child, nn.ModuleList):
+            groups += [(f"model.{name}.{i}", layer) for i, layer in enumerate(child)]
+        else:
+            groups.append((f"model.{name}", child))
+    if not model.config.tie_word_embeddings:
+        groups.append(("lm_head", model.lm_head))
+    return groups
+
+
+def load_model(path: Union[str, Path], dtype: torch.dtype = torch.float32, attn_backend: str = "auto",
+               activation_checkpointing: bool = False, mamba_backend: str = "auto",
+               partition: Optional[Callable[[nn.Module], None]] = None) -> GraniteForCausalLM:
+    """Load an HF-layout Granite checkpoint onto the CPU in `dtype`, one piece (`weight_groups`:
+    a layer, the embedding, ...) at a time; peak memory: the model + one tensor.
+
+    `partition(piece)`, when given, is called on each piece once its weights are in, before the
+    next is read (ZeRO-3 shards it there: a rank then never holds more than its shard plus one
+    layer). Every missing key, unexpected key and shape mismatch is reported in one UserError.
+    """
+    path = Path(path)
+    cfg = read_config(path)
+    # Build on the meta device: no time spent initialising weights that are overwritten next.
+    with torch.device("meta"):
+        model = GraniteForCausalLM(cfg, attn_backend=attn_backend,
+                                   activation_checkpointing=activation_checkpointing,
+                                   mamba_backend=mamba_backend)
+    with read_tensors(path, cfg, dtype) as read:
+        if cfg.tie_word_embeddings and "lm_head.weight" in read:
+            if not torch.equal(read("lm_head.weight"), read("model.embed_tokens.weight")):
+                raise UserError(f"{path}: config.json says tie_word_embeddings=true but lm_head.weight differs "
+                                "from the embeddings; set tie_word_embeddings=false in config.json")
+        for prefix, piece in weight_groups(model):
+            names = [k for k in piece.state_dict()]
+            piece.load_state_dict({k: read(f"{prefix}.{k}") for k in names}, strict=True, assign=True)
+            if partition is not None:
+                partition(piece)
     model.tie_weights()  # assign=True replaced the shared Parameter; share it again
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a weight outside every piece of `weight_groups`
+        raise RuntimeError(f"load_model left {', '.join(left[:4])} unloaded")
     log.info("loaded %s: %s, %d layers, %.1fM parameters", path, cfg.model_type,
-             cfg.num_hidden_layers, model.num_parameters() / 1e6)
+             cfg.num_hidden_layers, full_size(cfg)[0] / 1e6)
     return model
 
 
@@ -160,40 +211,61 @@ def save_model(model: torch.nn.Module, path: Union[str, Path], max_shard_size: U
     """Write config.json + safetensors the way transformers does (index + shards when large)."""
     model = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
     assert isinstance(model, GraniteForCausalLM), type(model)
-    cfg: GraniteConfig = model.config
+    save_pieces(model.config, [model.state_dict()], path, max_shard_size)
+
+
+def save_pieces(cfg: GraniteConfig, pieces: Iterable[Dict[str, torch.Tensor]], path: Union[str, Path],
+                max_shard_size: Union[int, str] = "5GB", write: bool = True) -> None:
+    """`save_model` from the model's state in pieces (full names; e.g. one layer at a time, as
+    a ZeRO-3 engine gathers them): each shard is written as soon as it is full, so the writer
+    holds at most one shard plus one piece. Every rank may iterate (a gather is collective);
+    only `write=True` writes."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        del state["lm_head.weight"]  # transformers re-ties it on load
-    dtype = state["model.embed_tokens.weight"].dtype
-
     limit = parse_size(max_shard_size)
-    shards: List[Dict[str, torch.Tensor]] = [{}]
-    shard_bytes = 0
-    for key, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and shard_bytes + nbytes > limit:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][key] = t
-        shard_bytes += nbytes
-
-    # Write everything into a temporary folder next to `path` first: a save that fails half-way
-    # (disk full, killed) leaves the previous checkpoint in `path` intact.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = None
+    if write:
+        path.mkdir(parents=True, exist_ok=True)
+        # Everything goes into a temporary folder next to `path` first: a save that fails
+        # half-way (disk full, killed) leaves the previous checkpoint in `path` intact.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        metadata = {"format": "pt"}
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE_FILE), metadata=metadata)
+        names: List[List[str]] = []  # keys of each written shard
+        shard: Dict[str, torch.Tensor] = {}
+        shard_bytes = total = 0
+        dtype = None
+
+        def flush() -> None:
+            if tmp is not None:
+                save_file(shard, str(tmp / f"shard-{len(names):05d}.safetensors"), metadata={"format": "pt"})
+            names.append(list(shard))
+            shard.clear()
+
+        for piece in pieces:
+            for key, t in piece.items():
+                if cfg.tie_word_embeddings and key == "lm_head.weight":
+                    continue  # transformers re-ties it on load
+                if not write:
+                    continue
+                t = t.detach().to("cpu").contiguous()
+                dtype = dtype or t.dtype
+                nbytes = t.numel() * t.element_size()
+                if shard and shard_bytes + nbytes > limit:
+                    flush()
+                    shard_bytes = 0
+                shard[key] = t
+                shard_bytes += nbytes
+                total += nbytes
+        if not write:
+            return
+        flush()
+        if len(names) == 1:
+            os.replace(tmp / "shard-00000.safetensors", tmp / SINGLE_FILE)
         else:
             weight_map = {}
-            for i, shard in enumerate(shards, start=1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata=metadata)
-                weight_map.update({k: name for k in shard})
-            total = sum(t.numel() * t.element_size() for t in state.values())
+            for i, keys in enumerate(names):
+                name = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+                os.replace(tmp / f"shard-{i:05d}.safetensors", tmp / name)
+                weight_map.update({k: name for k in keys})
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         d = cfg.to_hf_dict()
@@ -208,5 +280,6 @@ def save_model(model: torch.nn.Module, path: Union[str, Path], max_shard_size: U
             os.chmod(new, mode)  # safetensors writes 0600: unreadable to a serving account
             os.replace(new, path / new.name)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("saved %s (%d file(s), %s)", path, len(shards), d["dtype"])
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("saved %s (%d file(s), %s)", path, len(names), d["dtype"])

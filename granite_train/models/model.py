@@ -342,6 +342,14 @@ class GraniteForCausalLM(nn.Module):
 _BACKEND_NAMES = {"flash": "flash_attn_varlen_func", "sdpa": "per-example scaled_dot_product_attention"}
 
 
+def full_size(cfg: GraniteConfig) -> Tuple[int, int]:
+    """(parameters, active matmul parameters) of the whole model, counted on a meta-device copy:
+    right whatever part of the weights this rank holds (ZeRO-3, expert parallelism)."""
+    with torch.device("meta"):
+        model = GraniteForCausalLM(cfg)
+    return model.num_parameters(), model.active_matmul_params()
+
+
 def build_model(cfg: GraniteConfig, attn_backend: str = "auto",
                 activation_checkpointing: bool = False, mamba_backend: str = "auto") -> GraniteForCausalLM:
     """A randomly initialised model for `cfg` (fp32, CPU; move it with `.to`)."""
@@ -350,4 +358,4 @@ def build_model(cfg: GraniteConfig, attn_backend: str = "auto",
 
 
 __all__: List[str] = ["CausalLMOutput", "GraniteForCausalLM", "GraniteModel", "DecoderLayer",
-                      "build_model"]
+                      "build_model", "full_size"]

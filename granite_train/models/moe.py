@@ -53,12 +53,13 @@ class ExpertWeight(nn.Module):
 
     def __init__(self, num_experts: int, in_features: int, out_features: int) -> None:
         super().__init__()
+        # The sizes are kept (as nn.Linear does): a sharded weight's shape is not them.
+        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
         mark(self, "weight", HIDDEN)  # per expert a hidden matrix (fan-in grows with width)
 
     def extra_repr(self) -> str:
-        e, o, i = self.weight.shape
-        return f"experts={e}, in_features={i}, out_features={o}"
+        return f"experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}"
 
 
 class Router(nn.Module):
@@ -127,6 +128,7 @@ class MoE(nn.Module):
             # (the muP role is kept by the module, so it survives the new Parameter)
             w.weight = nn.Parameter(old.detach()[experts.start - held.start:experts.stop - held.start].clone(),
                                     requires_grad=old.requires_grad)
+            w.num_experts = len(experts)
         self.held_experts, self.dispatch = experts, dispatch
 
     def _experts(self, x_MC: torch.Tensor, counts_E: torch.Tensor, sizes: Optional[list]) -> torch.Tensor:

@@ -14,21 +14,22 @@ clipping optimizer) comes from `granite_train/compat.py`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from granite_train.compat import (GuardedAdamW, deepspeed_moe_marker, import_deepspeed, tag_expert_params,
-                                  use_safe_checkpoint_loads, zero_saved_ranks, zero_settings)
+                                  full_numel, use_safe_checkpoint_loads, zero_saved_ranks, zero_settings)
 from granite_train.config import RunConfig
 from granite_train.data.collator import dummy_micro_batch, model_inputs
 from granite_train.errors import UserError
+from granite_train.models.hf_io import read_tensors, weight_groups
 from granite_train.models.mamba import Mamba2Mixer
 from granite_train.models.moe import MoE
 from granite_train.parallel.engine import DS_STATE_DIR, OPTIMIZER_FILE, saved_zero_stage
@@ -42,11 +43,37 @@ DS_CONFIG_FILE = "deepspeed_config.json"  # the generated config, in the run's o
 _DS_TAG = "state"
 
 
-def deepspeed_config(cfg: RunConfig, env: Env) -> Dict[str, Any]:
-    """The DeepSpeed config generated from ours (the user's JSON merged on top)."""
+def memory_settings(model: nn.Module, stage: int) -> Dict[str, int]:
+    """ZeRO buffer sizes (elements) from the model, instead of DeepSpeed's defaults (reduce and
+    all-gather buckets of 5e8 elements, 1e9 live ZeRO-3 parameters: 2-4 GB each in fp32 whatever
+    the model). Buckets of hidden^2 (transformers' "auto" rule; a larger tensor, e.g. the
+    embedding or an MoE layer's stacked experts, is reduced on its own); ZeRO-3 keeps about one
+    layer live, prefetches 0.9 hidden^2, steps the optimizer one layer's worth at a time, and
+    parameters under 10 x hidden elements (norms, biases) stay whole on every rank."""
+    hidden = int(model.config.hidden_size)
+    layers = getattr(getattr(model, "model", model), "layers", [])
+    largest_layer = max((sum(full_numel(p) for p in layer.parameters()) for layer in layers),
+                        default=max(full_numel(p) for p in model.parameters()))
+    sizes = {"reduce_bucket_size": hidden * hidden, "allgather_bucket_size": hidden * hidden}
+    if stage == 3:
+        del sizes["allgather_bucket_size"]  # ZeRO-1/2 only
+        sizes.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+                     stage3_param_persistence_threshold=10 * hidden,
+                     stage3_max_live_parameters=largest_layer, stage3_max_reuse_distance=largest_layer,
+                     # The optimizer steps the fp32 shard in pieces of this size: Adam's
+                     # temporaries (sqrt of v, ...) are one piece, not the whole shard.
+                     sub_group_size=largest_layer)
+    return sizes
+
+
+def deepspeed_config(cfg: RunConfig, env: Env, model: Optional[nn.Module] = None) -> Dict[str, Any]:
+    """The DeepSpeed config generated from ours (the user's JSON merged on top); with `model`,
+    buffer sizes derived from it (`memory_settings`)."""
     d = cfg.distributed
     stage = int(d.zero_stage)
     zero: Dict[str, Any] = {"stage": stage}
+    if model is not None and stage > 0:
+        zero.update(memory_settings(model, stage))
     if d.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if d.offload_params:
@@ -88,11 +115,12 @@ def _announce(config: Dict[str, Any], env: Env) -> None:
     zero = config["zero_optimization"]
     offload = [name for key, name in (("offload_optimizer", "optimizer"), ("offload_param", "params"))
                if zero.get(key, {}).get("device", "none") != "none"]
-    buckets = ", ".join(f"{k.replace('_bucket_size', '')} bucket {v / 1e6:g}M" for k, v in zero_settings(zero).items())
+    settings = zero_settings(zero)
+    buckets = ", ".join(f"{k.replace('_bucket_size', '').replace('stage3_', '')} {v / 1e6:.3g}M" for k, v in settings.items())
     first_run = (" (on CPU a first run on this machine compiles DeepSpeed's shared-memory communication op "
                  "first, about 40 s; later runs load it from ~/.cache/torch_extensions)" if env.device.type == "cpu"
                  else "")
-    log.info("DeepSpeed ZeRO-%d over %d rank(s) | offload: %s | %s elements | config: %s%s", zero["stage"],
+    log.info("DeepSpeed ZeRO-%d over %d rank(s) | offload: %s | buckets (elements): %s | config: %s%s", zero["stage"],
              env.world_size, ", ".join(offload) or "none", buckets, DS_CONFIG_FILE, first_run)
 
 
@@ -101,6 +129,36 @@ def _merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
     for k, v in top.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def zero3_partitioner(cfg: RunConfig, env: Env) -> Callable[[nn.Module], None]:
+    """ZeRO-3 loads: shards each piece of a model as `hf_io.load_model` fills it, so no rank ever
+    holds more than its shard plus one piece (a layer). DeepSpeed's public
+    `zero.Init(module=...)` converts a built module's weights to ZeRO-3 partitions, the state
+    `deepspeed.initialize` later finds them in."""
+    deepspeed = import_deepspeed(env.device)
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the existing group
+    config = deepspeed_config(cfg, env)
+    remote = "cpu" if cfg.distributed.offload_params else None
+
+    def partition(piece: nn.Module) -> None:
+        # mem_efficient_linear=False: otherwise DeepSpeed swaps torch's F.linear process-wide.
+        deepspeed.zero.Init(module=piece, config_dict_or_path=config, remote_device=remote,
+                            mem_efficient_linear=False, dtype=torch.float32)
+
+    return partition
+
+
+def fill_sharded(model: nn.Module, path: Path, env: Env) -> None:
+    """Overwrite a ZeRO-3 sharded model with a checkpoint's weights, one tensor at a time:
+    gathered, written by rank 0 from the file, re-sharded (resume of a sharded load)."""
+    deepspeed = import_deepspeed(env.device)
+
+    with read_tensors(path, model.config) as read:
+        for name, p in model.named_parameters():  # a tied weight appears once
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+                if env.is_main:
+                    p.data.copy_(read(name))
 
 
 def _prepare_zero3(model: nn.Module, deepspeed) -> None:
@@ -137,7 +195,7 @@ class DeepSpeedEngine:
         self.base_optimizer = optimizer
         if self.stage == 3:
             _prepare_zero3(model, deepspeed)
-        config = deepspeed_config(cfg, env)
+        config = deepspeed_config(cfg, env, model)
         if env.is_main:  # what DeepSpeed was given, for the record and for other launchers
             out = Path(cfg.trainer.output_dir)
             out.mkdir(parents=True, exist_ok=True)
@@ -205,18 +263,29 @@ class DeepSpeedEngine:
         stepped = self.engine.skipped_steps == skipped_before and loss_is_finite and math.isfinite(grad_norm)
         return grad_norm, stepped
 
-    @contextlib.contextmanager
-    def full_weights(self) -> Iterator[nn.Module]:
-        """Every rank must enter it (ZeRO-3 and expert parallelism all-gather the weights)."""
+    @property
+    def export_shard_size(self) -> int:
+        """ZeRO-3: a shard is at most this rank's share of the model (rank 0 writes it while
+        holding its own shard and optimizer state); else transformers' 5 GB."""
+        limit = 5 * 10 ** 9
+        if self.stage != 3:
+            return limit
+        total = sum(full_numel(p) * p.element_size() for p in self.model.parameters())
+        return max(1, min(limit, total // self.world))
+
+    def full_pieces(self) -> Iterator[Dict[str, torch.Tensor]]:
+        """The whole model's state in pieces (every rank must iterate: the weights are gathered).
+        ZeRO-3 gathers one piece (a layer, the embedding, ...) at a time and copies it out, so
+        no rank ever holds the whole model; expert parallelism gathers the experts."""
         if self.plan.expert is not None:
             with gathered_experts(self.model, self.plan.expert) as model:
-                yield model
+                yield model.state_dict()
         elif self.stage == 3:
-            params = list(self.model.parameters())
-            with self._deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                yield self.model
+            for prefix, piece in weight_groups(self.model):
+                with self._deepspeed.zero.GatheredParameters(list(piece.parameters()), modifier_rank=None):
+                    yield {f"{prefix}.{k}": v.detach().to("cpu", copy=True) for k, v in piece.state_dict().items()}
         else:
-            yield self.model
+            yield self.model.state_dict()
 
     # ---- checkpoint state: every rank writes and reads its own ----
 

@@ -15,7 +15,6 @@ when not finite:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
@@ -54,8 +53,13 @@ class Engine(Protocol):
     def step(self, loss_is_finite: bool) -> Tuple[float, bool]:
         """Reduce, clip and update: (global grad norm, whether the update was applied)."""
 
-    def full_weights(self) -> contextlib.AbstractContextManager:
-        """A context in which `model` holds every weight on every rank (every rank must enter)."""
+    # Largest safetensors shard the consolidated model is written in (bytes): a sharded engine
+    # keeps the writer (rank 0) at about its share of the model.
+    export_shard_size: int
+
+    def full_pieces(self) -> Iterator[Dict[str, torch.Tensor]]:
+        """The whole model's state dict in pieces, full names (every rank must iterate; a
+        sharded engine gathers one piece at a time)."""
 
     def save_state(self, directory: Path, is_main: bool) -> None:
         """Write this rank's optimizer (and, sharded, weight) state into a checkpoint."""
@@ -125,9 +129,10 @@ class PlainEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, stepped
 
-    @contextlib.contextmanager
-    def full_weights(self) -> Iterator[nn.Module]:
-        yield self.model
+    export_shard_size = 5 * 10 ** 9  # transformers' default
+
+    def full_pieces(self) -> Iterator[Dict[str, torch.Tensor]]:
+        yield self.model.state_dict()
 
     def save_state(self, directory: Path, is_main: bool) -> None:
         if is_main:  # every rank holds the same optimizer state

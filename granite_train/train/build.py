@@ -13,19 +13,30 @@ import torch
 from granite_train.config import RunConfig
 from granite_train.errors import UserError
 from granite_train.models import GraniteForCausalLM, build_model, load_model
+from granite_train.models.model import full_size
+from granite_train.parallel.deepspeed_engine import zero3_partitioner
 from granite_train.parallel.env import Env
 from granite_train.train.optim import mup_width_for
 
 log = logging.getLogger("granite_train.train")
 
 
+def loads_sharded(cfg: RunConfig) -> bool:
+    """A ZeRO-3 run from a checkpoint: its model is sharded while it loads (random inits are
+    drawn whole, then sharded by `deepspeed.initialize`, so the same seed gives the same model)."""
+    return cfg.model.path is not None and cfg.distributed.zero_stage == 3
+
+
 def build_run_model(cfg: RunConfig, tokenizer: Any, env: Env) -> GraniteForCausalLM:
     """The model of `cfg` on `env.device`: `model.path`'s checkpoint, or `model.arch` with the
     tokenizer's vocabulary and special ids; muP initialised when `optim.mup` (a fresh model
     only: loaded weights are never re-drawn)."""
+    sharded = loads_sharded(cfg)
     if cfg.model.path is not None:
+        # ZeRO-3: each layer is sharded as it is read (no rank ever holds the whole model).
         model = load_model(cfg.model.path, dtype=torch.float32, attn_backend=cfg.model.attn_backend,
-                           mamba_backend=cfg.model.mamba_backend)
+                           mamba_backend=cfg.model.mamba_backend,
+                           partition=zero3_partitioner(cfg, env) if sharded else None)
         vocab = model.config.vocab_size
         if tokenizer.vocab_size > vocab:
             raise UserError(
@@ -46,7 +57,8 @@ def build_run_model(cfg: RunConfig, tokenizer: Any, env: Env) -> GraniteForCausa
                 setattr(arch, key, token_id)
         model = build_model(arch, attn_backend=cfg.model.attn_backend, mamba_backend=cfg.model.mamba_backend)
     model.set_router_aux_loss(cfg.model.router_aux_loss, cfg.model.router_z_loss_coef)
-    model = model.to(env.device)
+    if not sharded:  # a sharded model's pieces are already where DeepSpeed put them
+        model = model.to(env.device)
     if cfg.optim.mup:  # re-drawn on the device: the same init as the run's device always drew
         model.apply_mup(mup_width_for(model, cfg.model.mup_base_width), reinit=cfg.model.path is None)
     return model
@@ -60,7 +72,7 @@ FINE_TUNE_MAX_LR = 1e-4
 def describe(cfg: RunConfig, model: GraniteForCausalLM, tokenizer: Any, env: Env,
              resumed_from: Optional[Path] = None) -> None:
     """What a person needs to see at the start of a run (rank 0 logs it)."""
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = full_size(model.config)[0]  # a ZeRO-3 load is already sharded
     c = model.config
     source = (f"checkpoint {resumed_from}" if resumed_from is not None
               else cfg.model.path or "random init (model.arch)")

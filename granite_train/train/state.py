@@ -21,18 +21,18 @@ checks every file against the manifest before a checkpoint is resumed.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Protocol
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
 from granite_train.errors import UserError
-from granite_train.models import load_model, save_model
+from granite_train.models.hf_io import read_config, read_tensors, save_pieces
+from granite_train.parallel.deepspeed_engine import fill_sharded
 from granite_train.parallel.engine import Engine
 from granite_train.parallel.env import Env, agree, barrier
 from granite_train.serialization import safe_load
@@ -147,47 +147,45 @@ class RunConfigState:
 class ModelState:
     """model/: the consolidated weights in HF layout (+ the tokenizer), loadable by transformers.
 
-    It loads into the whole model, before `parallelize` cuts it; it saves through
-    `full_weights` (the engine's, once there is one: ZeRO-3 and expert parallelism gather)."""
+    It loads into the model before `parallelize` cuts it, one tensor at a time (a ZeRO-3 load
+    is already sharded: `sharded`, and each tensor is gathered, written, re-sharded); it saves
+    through `full_pieces` (the engine's, once there is one: ZeRO-3 gathers one layer at a time,
+    expert parallelism the experts)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, allow: List[str], env: Env) -> None:
-        self.model, self.tokenizer, self.allow, self.env = model, tokenizer, allow, env
-        self.full_weights: Callable[[], ContextManager[nn.Module]] = lambda: contextlib.nullcontext(self.model)
-        self._read: Optional[tuple] = None  # (checkpoint, its model): check and load read it once
+    def __init__(self, model: nn.Module, tokenizer: Any, allow: List[str], env: Env, sharded: bool = False) -> None:
+        self.model, self.tokenizer, self.allow, self.env, self.sharded = model, tokenizer, allow, env, sharded
+        self.full_pieces: Callable[[], Iterable[Dict[str, torch.Tensor]]] = lambda: [self.model.state_dict()]
+        self.shard_size: int = 5 * 10 ** 9  # the engine's export_shard_size, once there is one
 
     def save(self, tmp: Path, meta: Dict[str, Any]) -> None:
-        with self.full_weights() as model:  # every rank takes part in the gather
-            if self.env.is_main:
-                save_model(model, tmp / "model")
-                if self.tokenizer is not None:
-                    self.tokenizer.save(tmp / "model")
-
-    def _saved(self, ckpt: Path) -> nn.Module:
-        if self._read is None or self._read[0] != ckpt:
-            self._read = (ckpt, load_model(ckpt / "model"))
-        return self._read[1]
+        # Every rank iterates the pieces (a sharded engine gathers them); rank 0 writes.
+        save_pieces(self.model.config, self.full_pieces(), tmp / "model", self.shard_size, write=self.env.is_main)
+        if self.env.is_main and self.tokenizer is not None:
+            self.tokenizer.save(tmp / "model")
 
     def check(self, ckpt: Path, meta: Dict[str, Any]) -> None:
-        saved = self._saved(ckpt)
-        now_cfg, saved_cfg = self.model.config.to_hf_dict(), saved.config.to_hf_dict()
+        saved_cfg, now_cfg = read_config(ckpt / "model").to_hf_dict(), self.model.config.to_hf_dict()
         diff = sorted(k for k in set(now_cfg) | set(saved_cfg) if now_cfg.get(k) != saved_cfg.get(k))
         if diff and not any(a in ("model", "model.arch", "model.path") for a in self.allow):
             raise UserError(
                 f"cannot resume {ckpt}: the model differs from the checkpoint's in {', '.join(diff[:8])}; "
                 f"use the same model settings (or trainer.resume_allow_changes=[model.arch] for changes "
                 f"that keep every shape)")
-        shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
-        wrong = [k for k, v in saved.state_dict().items() if shapes.get(k) != tuple(v.shape)]
-        if wrong:
-            raise UserError(f"cannot resume {ckpt}: parameter shapes differ ({', '.join(wrong[:4])}); "
-                            f"the model must keep the checkpoint's shapes")
+        try:
+            with read_tensors(ckpt / "model", self.model.config):
+                pass  # the files' headers against this model's shapes
+        except UserError as exc:
+            raise UserError(f"cannot resume {ckpt}: the model must keep the checkpoint's shapes ({exc})") from None
 
     def load(self, ckpt: Path, meta: Dict[str, Any]) -> None:
-        saved = self._saved(ckpt).state_dict()
-        with torch.no_grad():
-            for name, p in self.model.state_dict().items():
-                p.copy_(saved[name])
-        self._read = None
+        if self.sharded:
+            fill_sharded(self.model, ckpt / "model", self.env)
+            return
+        tied = self.model.config.tie_word_embeddings
+        with read_tensors(ckpt / "model", self.model.config) as read, torch.no_grad():
+            for name, t in self.model.state_dict().items():
+                if not (tied and name == "lm_head.weight"):
+                    t.copy_(read(name))
 
 
 class EngineState:

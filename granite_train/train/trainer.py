@@ -28,11 +28,12 @@ from omegaconf import OmegaConf
 from granite_train.config import RunConfig, validate_model_path
 from granite_train.data import build_eval_data, build_train_data, load_tokenizer
 from granite_train.errors import Preempted, UserError
-from granite_train.models import save_model
+from granite_train.models.hf_io import save_pieces
 from granite_train.parallel.env import agree, init_env, main_rank_first
 from granite_train.parallel.parallelize import parallelize
-from granite_train.train.build import build_run_model, describe
+from granite_train.train.build import build_run_model, describe, loads_sharded
 from granite_train.train.evaluate import evaluate
+from granite_train.train.memory import MemoryMeter, log_weights_loaded
 from granite_train.train.metrics import MetricsSink, peak_tflops, step_flops, step_record, truncate_metrics
 from granite_train.train.preemption import PreemptionWatch
 from granite_train.train.rng import seed_everything
@@ -107,13 +108,15 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.path)
         model = build_run_model(cfg, self.tokenizer, env)
-        model_state = ModelState(model, self.tokenizer, allow, env)
+        model_state = ModelState(model, self.tokenizer, allow, env,
+                                 sharded=loads_sharded(cfg))
         ck.add("model", model_state)
         ck.restore(resume, "model")  # into the whole model, before it is cut over ranks
+        log_weights_loaded(env)  # before the optimizer and its state exist
         if env.is_main:
             describe(cfg, model, self.tokenizer, env, resumed_from=resume)
         self.engine = parallelize(model, cfg, env)
-        model_state.full_weights = self.engine.full_weights
+        model_state.full_pieces, model_state.shard_size = self.engine.full_pieces, self.engine.export_shard_size
         with main_rank_first(env):  # tokenize once; the other ranks read the datasets cache
             self.data = build_train_data(cfg.data, cfg.trainer, self.tokenizer, env.rank, env.world_size)
             self.eval_data = build_eval_data(cfg.data, cfg.trainer, self.tokenizer, env.rank, env.world_size,
@@ -134,6 +137,7 @@ class Trainer:
                                 progress=cfg.trainer.progress, initial_step=self.counters.step,
                                 wandb_run_id=self.counters.wandb_run_id)
         self.counters.wandb_run_id = self.sink.wandb_run_id or self.counters.wandb_run_id
+        self.memory = MemoryMeter(env)
         self.step_settings = StepSettings.of(model, env, cfg.model.loss_chunk_tokens)
         self.peak_tflops = peak_tflops(cfg.trainer.peak_tflops, env.device)
         self._last_eval = -1
@@ -218,8 +222,10 @@ class Trainer:
         t0 = time.perf_counter()
         lr = self.schedule.lr_at(c.step, c.tokens_seen)  # tokens trained before this step
         set_lr(self.engine, lr)
+        self.memory.start_step()
         outcome = train_step(self.engine, step, self.step_settings)
         seconds = time.perf_counter() - t0
+        memory = self.memory.record()  # every rank: the maxima are all-reduced
         # MFU of this rank (ranks run equal shares); absent where no peak is known (CPU).
         mfu = (step_flops(self.engine.model, step, self.engine.plan.matmul_params) / seconds
                / (self.peak_tflops * 1e12) if self.peak_tflops else None)
@@ -233,7 +239,7 @@ class Trainer:
             c.bad_steps_in_a_row += 1
         if not outcome.finite or c.step % tr.log_every == 0 or c.step == tr.max_steps or self._out_of_tokens():
             self.sink.log(step_record(step, outcome, step_no=c.step, lr=lr, tokens_seen=c.tokens_seen,
-                                      seconds=seconds, skipped_steps=c.skipped_steps, mfu=mfu))
+                                      seconds=seconds, skipped_steps=c.skipped_steps, mfu=mfu) | memory)
         return outcome
 
     def _out_of_tokens(self) -> bool:
@@ -286,13 +292,14 @@ class Trainer:
         self._saved_at = self.counters.step
 
     def _export_final(self) -> None:
-        with self.engine.full_weights() as full:  # ZeRO-3 / expert parallel: every rank takes part
-            if self.env.is_main:
-                final = self.out / "final"
-                save_model(full, final)
-                self.tokenizer.save(final)
-                log.info("done: %d steps, %d tokens, final loss %.4f | HF checkpoint: %s",
-                         self.counters.step, self.counters.tokens_seen, self.last_loss, final)
+        final = self.out / "final"
+        # Every rank iterates the pieces (ZeRO-3 / expert parallelism gather); rank 0 writes.
+        save_pieces(self.engine.model.config, self.engine.full_pieces(), final, self.engine.export_shard_size,
+                    write=self.env.is_main)
+        if self.env.is_main:
+            self.tokenizer.save(final)
+            log.info("done: %d steps, %d tokens, final loss %.4f | HF checkpoint: %s",
+                     self.counters.step, self.counters.tokens_seen, self.last_loss, final)
 
     def _close(self, error: Optional[BaseException] = None) -> None:
         """Idempotent. A UserError or preemption line also goes to train.log (the CLI prints it)."""

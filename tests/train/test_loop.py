@@ -43,6 +43,9 @@ def test_metrics_contract_and_falling_loss(trained):
         assert 0 < r["packing_efficiency"] <= 1
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert "mfu" not in rows[0]  # CPU, no trainer.peak_tflops: no peak to divide by
+    for r in rows:  # one process: it is its own maximum; CPU: no device numbers
+        assert 0.1 < r["host_rss_peak_gib"] == r["host_rss_peak_gib_max_rank"] < 20
+        assert "device_peak_gib" not in r
     assert (out / "config.yaml").exists()
     assert not (root / "outputs").exists()  # no Hydra litter
 

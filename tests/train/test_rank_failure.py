@@ -75,8 +75,10 @@ def test_a_killed_rank_stops_the_job_and_the_rerun_resumes(tmp_path):
     assert f"step_{done[-1]}" in err and "resum" in err.lower()
     # One line says what DeepSpeed runs with (before its silent start-up); no per-rank warnings
     # about the deprecated collectives DeepSpeed calls.
-    assert err.count("DeepSpeed ZeRO-2 over 2 rank(s) | offload: none | reduce bucket") == 1, err[-3000:]
+    assert err.count("DeepSpeed ZeRO-2 over 2 rank(s) | offload: none | buckets (elements): reduce ") == 1, err[-3000:]
     assert "FutureWarning" not in err
+    assert "weights loaded: rank 0 host RSS" in err and "weights loaded: rank 1 host RSS" in err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, done[-1] + 3))
+    assert all(r["host_rss_peak_gib_max_rank"] >= r["host_rss_peak_gib"] > 0 for r in rows)
     assert (out / "final" / "model.safetensors").is_file()

@@ -54,6 +54,11 @@ DRIVER = textwrap.dedent("""
     for name in saved:
         train(compose_config([*settings(name), f"trainer.output_dir={root}/{name}_resumed",
                               f"trainer.resume={root}/{name}/checkpoints/step_3"]))
+    # ZeRO-3 from a checkpoint: loaded layer by layer into shards, resumed, exported streaming.
+    ft = [*settings("zero3"), f"model.path={root}/plain/final"]
+    train(compose_config([*ft, "trainer.save_every=3", f"trainer.output_dir={root}/zero3_ft"]))
+    train(compose_config([*ft, f"trainer.output_dir={root}/zero3_ft_resumed",
+                          f"trainer.resume={root}/zero3_ft/checkpoints/step_3"]))
     # An expert-parallel checkpoint resumed without expert parallelism: one clear error.
     try:
         train(compose_config([*settings("zero2"), f"trainer.output_dir={root}/refused",
@@ -91,9 +96,12 @@ def curve(out):
 
 
 def weights(path):
+    """Every tensor of an HF-layout directory (one file or shards)."""
     from safetensors.torch import load_file
 
-    return load_file(str(path / "model.safetensors"))
+    files = sorted(path.glob("model*.safetensors"))
+    assert files, path
+    return {k: v for f in files for k, v in load_file(str(f)).items()}
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +109,8 @@ def runs(tmp_path_factory, cli_at):
     root = tmp_path_factory.mktemp("zero")
     plain = root / "plain"
     proc = cli_at(root, *COMMON, f"trainer.output_dir={plain}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = cli_at(root, *COMMON, f"model.path={plain / 'final'}", f"trainer.output_dir={root / 'plain_ft'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     script = root / "driver.py"
     script.write_text(DRIVER)
@@ -178,6 +188,26 @@ def test_resume_continues_the_straight_run(runs, name):
     a, b = weights(runs / name / "final"), weights(runs / f"{name}_resumed" / "final")
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
+
+
+def test_zero3_from_a_checkpoint_loads_sharded_and_trains_the_plain_steps(runs):
+    """model.path under ZeRO-3: every layer is sharded as it is read (no rank holds the whole
+    model), and the run, its resume and its streamed, sharded export equal one process's."""
+    plain, sharded, resumed = curve(runs / "plain_ft"), curve(runs / "zero3_ft"), curve(runs / "zero3_ft_resumed")
+    assert len(sharded) == len(plain) == 5 and [r[0] for r in resumed] == [4, 5]
+    for (s, lp, gp, tp, _), (sz, lz, gz, tz, _) in zip(plain, sharded):
+        assert (s, tp) == (sz, tz)
+        assert lz == pytest.approx(lp, rel=1e-5) and gz == pytest.approx(gp, rel=1e-5)
+    for a, b in zip(sharded[3:], resumed):
+        assert b[1] == pytest.approx(a[1], rel=1e-6) and b[2] == pytest.approx(a[2], rel=1e-6)
+    final = runs / "zero3_ft" / "final"
+    assert (final / "model.safetensors.index.json").is_file()  # at most a rank's share per shard
+    ref = weights(runs / "plain_ft" / "final")
+    for name in ("zero3_ft", "zero3_ft_resumed"):
+        got = weights(runs / name / "final")
+        assert got.keys() == ref.keys()
+        for key, w in ref.items():
+            assert torch.allclose(got[key], w, rtol=0, atol=1e-5), (name, key)
 
 
 def test_resuming_expert_parallel_state_without_it_is_refused(runs):
