@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +32,9 @@ from granite_train.models.rope import rope_cos_sin
 
 log = logging.getLogger("granite_train.models")
 
-@dataclass
-class CausalLMOutput:
+class CausalLMOutput(NamedTuple):
+    # A NamedTuple, not a dataclass: ZeRO-3's module hooks find the tensors in a tuple (in an
+    # unknown type they cannot, and the backward hooks of the root module would not fire).
     logits: Optional[torch.Tensor]  # [B, T, V], model dtype (bf16 under autocast); None if not asked
     loss: Optional[torch.Tensor] = None  # sum of token losses / trained tokens (fp32 scalar)
     # MoE families only (None for dense): the router loss over real tokens (transformers'

@@ -170,7 +170,7 @@ def _run_in_process(out, overrides, poison_steps):
     def forward(self, *args, **kwargs):
         result = real(self, *args, **kwargs)
         if calls["step"] in poison_steps:
-            result.loss = result.loss * float("nan")
+            result = result._replace(loss=result.loss * float("nan"))
         return result
 
     cfg = compose_config([*RUN, "trainer.micro_batch_tokens=4096", f"trainer.output_dir={out}", *overrides])

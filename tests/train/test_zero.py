@@ -75,7 +75,7 @@ DRIVER = textwrap.dedent("""
     def forward(self, *a, **k):
         out = real_forward(self, *a, **k)
         if calls["step"] == 2 and dist.get_rank() == 0:
-            out.loss = out.loss * float("nan")
+            out = out._replace(loss=out.loss * float("nan"))
         return out
 
     def counted(*a, **k):
