@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -120,6 +120,29 @@ def _explain(exc: Exception, overrides: Sequence[str]) -> str:
     # OmegaConf's message carries a multi-line "full_key/object_type" footer: keep the gist.
     detail = detail.split(" full_key:")[0]
     return f"{first}: {detail}" if detail else first
+
+
+def split_options(args: Sequence[str], defaults: Dict[str, Optional[str]],
+                  unknown_hint: str) -> Tuple[List[str], Dict[str, Optional[str]]]:
+    """(config overrides, {option: value}) of a tool's command line: `--name VALUE` or
+    `--name=VALUE` for the options in `defaults`; anything else starting with '-' is one error
+    line ending in `unknown_hint`."""
+    opts = dict(defaults)
+    overrides: List[str] = []
+    it = iter(args)
+    for arg in it:
+        if not arg.startswith("-"):
+            overrides.append(arg)
+            continue
+        name, eq, value = arg[2:].partition("=")
+        if not arg.startswith("--") or name not in opts:
+            raise UserError(f"unknown option {arg!r}; {unknown_hint} (see --help)")
+        if not eq:
+            value = next(it, None)
+            if value is None or value.startswith("--"):  # `--steps --out x`: the value is missing
+                raise UserError(f"--{name} needs a value (see --help)")
+        opts[name] = value
+    return overrides, opts
 
 
 def compose_config(overrides: Sequence[str]) -> RunConfig:

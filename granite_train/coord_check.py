@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from granite_train.cli import compose_config
+from granite_train.cli import compose_config, split_options
 from granite_train.data import TrainStep
 from granite_train.errors import UserError
 from granite_train.models import build_model
@@ -235,22 +235,7 @@ OPTIONS = {"widths": "1,2,4,8", "steps": "4", "out": "coord_check"}
 
 def _parse(args: Sequence[str]) -> tuple:
     """(overrides, {widths, steps, out}) from the command line; --name VALUE or --name=VALUE."""
-    opts = dict(OPTIONS)
-    overrides: List[str] = []
-    it = iter(args)
-    for arg in it:
-        if not arg.startswith("-"):
-            overrides.append(arg)
-            continue
-        name, eq, value = arg.lstrip("-").partition("=")
-        if not arg.startswith("--") or name not in opts:
-            raise UserError(f"unknown option {arg!r}; coord_check takes --widths, --steps, --out and "
-                            f"config overrides (see --help)")
-        if not eq:
-            value = next(it, None)
-            if value is None or value.startswith("--"):  # `--steps --out x`: the value is missing
-                raise UserError(f"--{name} needs a value (see --help)")
-        opts[name] = value
+    overrides, opts = split_options(args, OPTIONS, "coord_check takes --widths, --steps, --out and config overrides")
     try:
         widths = [int(x) for x in opts["widths"].split(",")]
         steps = int(opts["steps"])

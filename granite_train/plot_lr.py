@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from granite_train.cli import compose_config
+from granite_train.cli import compose_config, split_options
 from granite_train.errors import UserError
 from granite_train.train.schedule import TOKEN_SCHEDULES, Schedule
 
@@ -39,22 +39,8 @@ DEFAULT_PNG = "lr.png"  # written when neither --out nor --csv is given
 
 
 def _parse(args: Sequence[str]) -> Tuple[List[str], dict]:
-    opts = {"out": None, "csv": None, "every": None}
-    overrides: List[str] = []
-    it = iter(args)
-    for arg in it:
-        if not arg.startswith("-"):
-            overrides.append(arg)
-            continue
-        name, eq, value = arg[2:].partition("=")
-        if not arg.startswith("--") or name not in opts:
-            raise UserError(f"unknown option {arg!r}; plot_lr takes --out PNG, --csv CSV, --every K "
-                            f"and config overrides (see --help)")
-        if not eq:
-            value = next(it, None)
-            if value is None or value.startswith("--"):  # `--steps --out x`: the value is missing
-                raise UserError(f"--{name} needs a value (see --help)")
-        opts[name] = value
+    overrides, opts = split_options(args, {"out": None, "csv": None, "every": None},
+                                    "plot_lr takes --out PNG, --csv CSV, --every K and config overrides")
     for name in ("out", "csv"):
         if opts[name] == "":
             raise UserError(f"--{name} needs a file name (see --help)")
