@@ -153,6 +153,11 @@ class TrainerConfig:
     # end) and at the end; the newest keep_checkpoints are kept (0: all).
     save_every: int = 0
     keep_checkpoints: int = 2
+    # A checkpoint's model/ holds the weights in HF layout only where the ranks' state does not
+    # (plain data parallel, expert parallelism): under DeepSpeed ZeRO the shards hold them and
+    # `python -m granite_train.export` consolidates offline (a 7B fp32 copy is 28 GB per save).
+    # always: a consolidated copy in every checkpoint too.
+    checkpoint_hf_weights: str = "auto"
     # auto: continue from the latest complete checkpoint of output_dir if there is one |
     # false: start fresh (refused if output_dir holds checkpoints) | a checkpoint path.
     resume: Optional[str] = "auto"
@@ -234,6 +239,7 @@ CHOICES = {
     "scheduler.name": ("cosine", "linear", "constant", "power", "wsd"),
     "scheduler.decay": ("exponential", "linear", "cosine"),
     "trainer.dtype": ("auto", "fp32", "bf16"),
+    "trainer.checkpoint_hf_weights": ("auto", "always"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "model.attn_backend": ("auto", "sdpa", "flash"),
     "model.mamba_backend": ("auto", "torch", "cuda"),

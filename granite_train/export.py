@@ -2,22 +2,62 @@
 
 `<checkpoint>` is a `checkpoints/step_<N>` directory, a `checkpoints/` directory or a run's
 output directory (the latest complete checkpoint is taken). The result is config.json +
-safetensors (+ the tokenizer files) that transformers and vLLM load. The weights are read and
-written again through our loader, so a damaged checkpoint fails here with a clear error rather
-than in the serving stack.
+safetensors shards (+ the tokenizer files) that transformers and vLLM load.
+
+It runs on any machine, without the training ranks, and streams: one piece of the model (a
+layer, the embedding, ...) is read, written into the current shard and dropped, so the export
+holds at most one shard plus one piece, never the whole model. The weights come from the
+checkpoint's `model/` when it holds them (plain data parallel, expert parallelism,
+`trainer.checkpoint_hf_weights=always`), else from the ranks' DeepSpeed ZeRO shards
+(`parallel/zero_checkpoint.py`). The checkpoint is verified first (its manifest), and every
+weight is checked against config.json, so a damaged checkpoint fails here with one clear line
+rather than in the serving stack.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, Iterator, List, Optional
+
+import torch
 
 from granite_train.errors import UserError
-from granite_train.models import load_model, save_model
+from granite_train.models.hf_io import checkpoint_pieces, group_keys, has_weights, read_config, save_pieces
+from granite_train.models.model import GraniteForCausalLM
 from granite_train.train.checkpoint import STATE_FILE, checkpoints_dir, latest_checkpoint, verified
+
+log = logging.getLogger("granite_train.export")
+
+
+def _zero_pieces(ckpt: Path, cfg) -> Iterator[Dict[str, torch.Tensor]]:
+    """The weights of the ranks' ZeRO shards, piece by piece, checked against `cfg` first."""
+    from granite_train.compat import import_deepspeed
+    from granite_train.parallel.engine import DS_STATE_DIR
+    from granite_train.parallel.zero_checkpoint import ZeroWeights
+
+    import_deepspeed(torch.device("cpu"))  # its optimizer files name three of its classes
+    state = ckpt / DS_STATE_DIR / "state"
+    if not state.is_dir():
+        raise UserError(f"{ckpt} holds neither weights in model/ nor DeepSpeed shards in {state}; "
+                        f"the checkpoint is incomplete")
+    weights = ZeroWeights(state)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GraniteForCausalLM(cfg).state_dict().items()}
+    missing = [k for k in expected if k not in weights]
+    wrong = [f"{k} ({list(weights.shapes[k])} vs {list(s)})" for k, s in expected.items()
+             if k in weights and weights.shapes[k] != s]
+    unexpected = sorted(set(weights.shapes) - set(expected))
+    if missing or wrong or unexpected:
+        raise UserError(f"{state} does not match {ckpt / 'model' / 'config.json'}: missing {missing[:4]}, wrong shapes "
+                        f"{wrong[:4]}, unexpected {unexpected[:4]}; the checkpoint is damaged or mixed")
+    log.info("exporting from the DeepSpeed ZeRO%s shards of %d rank(s) (%s)",
+             "-3" if weights.stage == 3 else " 0-2", weights.world, str(weights.dtype).removeprefix("torch."))
+    for keys in group_keys(cfg):
+        yield {k: weights(k) for k in keys}
 
 
 def export(checkpoint: Path, out: Path, max_shard_size: str = "5GB") -> Path:
@@ -30,10 +70,12 @@ def export(checkpoint: Path, out: Path, max_shard_size: str = "5GB") -> Path:
     verified(ckpt)  # a damaged checkpoint fails here, naming the file
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose a new output directory")
-    model = load_model(ckpt / "model")
-    save_model(model, out, max_shard_size=max_shard_size)
+    model_dir = ckpt / "model"
+    cfg = read_config(model_dir)
+    pieces = checkpoint_pieces(model_dir, cfg) if has_weights(model_dir) else _zero_pieces(ckpt, cfg)
+    save_pieces(cfg, pieces, out, max_shard_size)
     # Tokenizer and chat template files travel with the weights (everything but the weights).
-    for f in (ckpt / "model").iterdir():
+    for f in model_dir.iterdir():
         if f.is_file() and not f.name.startswith("model") and f.name != "config.json":
             shutil.copy2(f, out / f.name)
     return ckpt
@@ -46,6 +88,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("out", type=Path, help="new directory for config.json + safetensors + tokenizer")
     parser.add_argument("--max-shard-size", default="5GB")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         ckpt = export(args.checkpoint, args.out, args.max_shard_size)
     except UserError as exc:

@@ -34,12 +34,13 @@ def allowed_classes() -> List[Any]:
     return [*deepspeed_checkpoint_classes(), *_numpy_array_classes()]
 
 
-def safe_load(path: Union[str, Path], map_location: Any = "cpu") -> Any:
+def safe_load(path: Union[str, Path], map_location: Any = "cpu", mmap: bool = False) -> Any:
     """`torch.load` that runs no code: refused with one UserError line when the file names
-    anything but tensors, plain data and `allowed_classes()`."""
+    anything but tensors, plain data and `allowed_classes()`. `mmap=True` maps the tensors
+    instead of reading them (only what is used is paged in: offline reads of large shards)."""
     try:
         with torch.serialization.safe_globals(allowed_classes()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         try:
             named = torch.serialization.get_unsafe_globals_in_checkpoint(path)

@@ -70,6 +70,13 @@ def _weight_files(path: Path) -> List[Path]:
                     "point model.path at an HF-layout checkpoint directory")
 
 
+def has_weights(path: Union[str, Path]) -> bool:
+    """Whether the HF-layout directory `path` holds weight files (a checkpoint's model/ may hold
+    only config.json and the tokenizer when the weights live in the ranks' shards)."""
+    path = Path(path)
+    return (path / SINGLE_FILE).is_file() or (path / INDEX_FILE).is_file()
+
+
 def _listing(names: List[str]) -> str:
     shown = ", ".join(names[:_MAX_LISTED])
     return shown + (f" (+{len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
@@ -118,21 +125,22 @@ class TensorReader:
     """`read(key)`: one checkpoint tensor, freshly allocated in `dtype` (safetensors' buffers are
     not 64-byte aligned, which sends CPU matmuls down other, differently rounded, kernels)."""
 
-    def __init__(self, opened: Dict[Path, object], where: Dict[str, Path], dtype: torch.dtype) -> None:
+    def __init__(self, opened: Dict[Path, object], where: Dict[str, Path], dtype: Optional[torch.dtype]) -> None:
         self._opened, self._where, self._dtype = opened, where, dtype
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
     def __call__(self, key: str) -> torch.Tensor:
-        return self._opened[self._where[key]].get_tensor(key).to(self._dtype, copy=True)
+        t = self._opened[self._where[key]].get_tensor(key)
+        return t.to(self._dtype or t.dtype, copy=True)
 
 
 @contextlib.contextmanager
 def read_tensors(path: Union[str, Path], cfg: GraniteConfig,
-                 dtype: torch.dtype = torch.float32) -> Iterator[TensorReader]:
+                 dtype: Optional[torch.dtype] = torch.float32) -> Iterator[TensorReader]:
     """A reader of the checkpoint at `path`, checked first against a model of `cfg` (missing or
-    unexpected keys, shapes: one UserError)."""
+    unexpected keys, shapes: one UserError); `dtype=None` keeps each tensor's saved dtype."""
     with torch.device("meta"):
         where = checkpoint_index(Path(path), GraniteForCausalLM(cfg))
     with contextlib.ExitStack() as files:
@@ -188,6 +196,37 @@ def load_model(path: Union[str, Path], dtype: torch.dtype = torch.float32, attn_
     log.info("loaded %s: %s, %d layers, %.1fM parameters", path, cfg.model_type,
              cfg.num_hidden_layers, full_size(cfg)[0] / 1e6)
     return model
+
+
+def group_keys(cfg: GraniteConfig) -> List[List[str]]:
+    """The full state-dict keys of each `weight_groups` piece of a model of `cfg`, in order (a
+    reader that streams a checkpoint piece by piece; counted on the meta device)."""
+    with torch.device("meta"):
+        model = GraniteForCausalLM(cfg)
+    return [[f"{prefix}.{k}" for k in piece.state_dict()] for prefix, piece in weight_groups(model)]
+
+
+def checkpoint_pieces(path: Union[str, Path], cfg: GraniteConfig) -> Iterator[Dict[str, torch.Tensor]]:
+    """The weights of the HF-layout checkpoint at `path` one piece (a layer, ...) at a time, in
+    the dtype they were saved in (checked against `cfg` first): a copy that never holds the
+    whole model."""
+    with read_tensors(path, cfg, dtype=None) as read:
+        for keys in group_keys(cfg):
+            yield {k: read(k) for k in keys if k in read}
+
+
+def save_config(cfg: GraniteConfig, path: Union[str, Path], dtype: torch.dtype) -> None:
+    """config.json alone (a checkpoint whose weights live in the ranks' shards)."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    _write_config(cfg, Path(path), dtype)
+
+
+def _write_config(cfg: GraniteConfig, path: Path, dtype: Optional[torch.dtype]) -> str:
+    d = cfg.to_hf_dict()
+    d["architectures"] = [_ARCHITECTURES[cfg.model_type]]
+    d["dtype"] = d["torch_dtype"] = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    (path / "config.json").write_text(json.dumps(dict(sorted(d.items())), indent=2) + "\n")
+    return d["dtype"]
 
 
 def _new_file_mode() -> int:
@@ -268,10 +307,7 @@ def save_pieces(cfg: GraniteConfig, pieces: Iterable[Dict[str, torch.Tensor]], p
                 weight_map.update({k: name for k in keys})
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        d = cfg.to_hf_dict()
-        d["architectures"] = [_ARCHITECTURES[cfg.model_type]]
-        d["dtype"] = d["torch_dtype"] = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-        (tmp / "config.json").write_text(json.dumps(dict(sorted(d.items())), indent=2) + "\n")
+        dtype_name = _write_config(cfg, tmp, dtype)
         # Stale weights from an earlier save would make the directory ambiguous.
         for old in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
             old.unlink(missing_ok=True)
@@ -282,4 +318,4 @@ def save_pieces(cfg: GraniteConfig, pieces: Iterable[Dict[str, torch.Tensor]], p
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("saved %s (%d file(s), %s)", path, len(names), d["dtype"])
+    log.info("saved %s (%d file(s), %s)", path, len(names), dtype_name)

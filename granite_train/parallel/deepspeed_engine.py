@@ -107,6 +107,12 @@ def deepspeed_config(cfg: RunConfig, env: Env, model: Optional[nn.Module] = None
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"distributed.deepspeed_config={d.deepspeed_config}: {e}") from None
         config = _merge(config, user)
+        precision = ("bf16" if config["bf16"].get("enabled") else "fp32") if not config["fp16"].get("enabled") else "fp16"
+        wanted = "bf16" if env.autocast_dtype == torch.bfloat16 else "fp32"
+        if precision != wanted:
+            raise UserError(f"distributed.deepspeed_config={d.deepspeed_config} asks for {precision} but the run trains in "
+                            f"{wanted}; the precision is trainer.dtype's (bf16 or fp32; fp16 is not supported): remove "
+                            f"the fp16/bf16 section from the JSON and set trainer.dtype")
     return config
 
 
@@ -140,11 +146,12 @@ def zero3_partitioner(cfg: RunConfig, env: Env) -> Callable[[nn.Module], None]:
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the existing group
     config = deepspeed_config(cfg, env)
     remote = "cpu" if cfg.distributed.offload_params else None
+    dtype = torch.bfloat16 if config["bf16"]["enabled"] else torch.float32  # the dtype pieces are loaded in
 
     def partition(piece: nn.Module) -> None:
         # mem_efficient_linear=False: otherwise DeepSpeed swaps torch's F.linear process-wide.
         deepspeed.zero.Init(module=piece, config_dict_or_path=config, remote_device=remote,
-                            mem_efficient_linear=False, dtype=torch.float32)
+                            mem_efficient_linear=False, dtype=dtype)
 
     return partition
 
@@ -262,6 +269,12 @@ class DeepSpeedEngine:
         grad_norm = float("nan") if norm is None else float(norm)
         stepped = self.engine.skipped_steps == skipped_before and loss_is_finite and math.isfinite(grad_norm)
         return grad_norm, stepped
+
+    @property
+    def state_holds_weights(self) -> bool:
+        # DeepSpeed's own files hold the weights (ZeRO-3: as fp32 master shards); ours for
+        # expert parallelism hold only the optimizer.
+        return self.plan.expert is None
 
     @property
     def export_shard_size(self) -> int:

@@ -53,6 +53,9 @@ class Engine(Protocol):
     def step(self, loss_is_finite: bool) -> Tuple[float, bool]:
         """Reduce, clip and update: (global grad norm, whether the update was applied)."""
 
+    # Whether `save_state` holds the weights themselves (a checkpoint then needs no HF copy).
+    state_holds_weights: bool
+
     # Largest safetensors shard the consolidated model is written in (bytes): a sharded engine
     # keeps the writer (rank 0) at about its share of the model.
     export_shard_size: int
@@ -130,6 +133,7 @@ class PlainEngine:
         return grad_norm, stepped
 
     export_shard_size = 5 * 10 ** 9  # transformers' default
+    state_holds_weights = False  # optimizer.pt: the weights are model/
 
     def full_pieces(self) -> Iterator[Dict[str, torch.Tensor]]:
         yield self.model.state_dict()

@@ -27,6 +27,19 @@ def loads_sharded(cfg: RunConfig) -> bool:
     return cfg.model.path is not None and cfg.distributed.zero_stage == 3
 
 
+def weights_dtype(cfg: RunConfig, env: Env) -> torch.dtype:
+    """The dtype the weights train in: bf16 under DeepSpeed's bf16 mode (fp32 masters and Adam
+    state live in its optimizer), else fp32 (bf16 compute comes from autocast)."""
+    deepspeed_bf16 = cfg.distributed.zero_stage is not None and env.autocast_dtype == torch.bfloat16
+    return torch.bfloat16 if deepspeed_bf16 else torch.float32
+
+
+def precision_line(cfg: RunConfig, env: Env) -> str:
+    if weights_dtype(cfg, env) == torch.bfloat16:
+        return "bf16 (DeepSpeed: bf16 weights and gradients, fp32 master weights and Adam state)"
+    return "bf16 autocast (fp32 weights)" if env.autocast_dtype else "fp32"
+
+
 def build_run_model(cfg: RunConfig, tokenizer: Any, env: Env) -> GraniteForCausalLM:
     """The model of `cfg` on `env.device`: `model.path`'s checkpoint, or `model.arch` with the
     tokenizer's vocabulary and special ids; muP initialised when `optim.mup` (a fresh model
@@ -34,7 +47,7 @@ def build_run_model(cfg: RunConfig, tokenizer: Any, env: Env) -> GraniteForCausa
     sharded = loads_sharded(cfg)
     if cfg.model.path is not None:
         # ZeRO-3: each layer is sharded as it is read (no rank ever holds the whole model).
-        model = load_model(cfg.model.path, dtype=torch.float32, attn_backend=cfg.model.attn_backend,
+        model = load_model(cfg.model.path, dtype=weights_dtype(cfg, env), attn_backend=cfg.model.attn_backend,
                            mamba_backend=cfg.model.mamba_backend,
                            partition=zero3_partitioner(cfg, env) if sharded else None)
         vocab = model.config.vocab_size
@@ -85,7 +98,7 @@ def describe(cfg: RunConfig, model: GraniteForCausalLM, tokenizer: Any, env: Env
              cfg.data.tokenizer or cfg.model.path or "gpt2-bundled", tokenizer.vocab_size)
     log.info("batch: %d tokens/step over %d rank(s), micro-batches of <= %d tokens | device %s, %s",
              cfg.trainer.tokens_per_step, env.world_size, cfg.trainer.micro_batch_tokens,
-             env.device, "bf16 autocast" if env.autocast_dtype else "fp32")
+             env.device, precision_line(cfg, env))
     if cfg.model.path is not None and cfg.optim.lr > FINE_TUNE_MAX_LR:
         log.warning("optim.lr=%g is a from-scratch learning rate: training a pretrained checkpoint "
                     "(model.path) above %g usually wrecks what it learned; use recipe=sft (lr 1e-5) or set "

@@ -1,10 +1,13 @@
 """Training checkpoints: write atomically, find the latest complete one, restore exactly.
 
 Layout of `<output_dir>/checkpoints/step_<N>/` (each part written by its `state.py` part):
-- `model/`              the weights in HF layout (config.json + safetensors): loads in transformers
+- `model/`              config.json + the tokenizer, and the weights in HF layout (safetensors:
+                        loads in transformers) where nothing else holds them: plain data
+                        parallel, expert parallelism, or `trainer.checkpoint_hf_weights=always`
 - `optimizer.pt`        the optimizer's state_dict (plain data parallel)
 - `deepspeed/`          DeepSpeed ZeRO only: every rank's weight and optimizer shards (resume
-                        with the same number of ranks and zero_stage); no optimizer.pt then
+                        with the same number of ranks and zero_stage); no optimizer.pt then.
+                        `python -m granite_train.export` turns them into HF shards offline
 - `rng/rank_<r>.pt`     python, numpy and torch (CPU + CUDA) RNG states of every rank
 - `trainer_state.json`  step, tokens seen, data-iterator position, bad-step counters, W&B run id
 - `config.yaml`         the resolved run config that wrote it

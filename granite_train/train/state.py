@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from granite_train.errors import UserError
-from granite_train.models.hf_io import read_config, read_tensors, save_pieces
+from granite_train.models.hf_io import has_weights, read_config, read_tensors, save_config, save_pieces
 from granite_train.parallel.deepspeed_engine import fill_sharded
 from granite_train.parallel.engine import Engine
 from granite_train.parallel.env import Env, agree, barrier
@@ -145,21 +145,26 @@ class RunConfigState:
 
 
 class ModelState:
-    """model/: the consolidated weights in HF layout (+ the tokenizer), loadable by transformers.
+    """model/: config.json + the tokenizer, and the consolidated weights in HF layout (loadable
+    by transformers) where the engine's own state does not hold them (`hf_weights`).
 
     It loads into the model before `parallelize` cuts it, one tensor at a time (a ZeRO-3 load
-    is already sharded: `sharded`, and each tensor is gathered, written, re-sharded); it saves
-    through `full_pieces` (the engine's, once there is one: ZeRO-3 gathers one layer at a time,
-    expert parallelism the experts)."""
+    is already sharded: `sharded`, and each tensor is gathered, written, re-sharded); a
+    checkpoint without weights in model/ gets them from the engine's state. It saves through
+    `full_pieces` (the engine's, once there is one: ZeRO-3 gathers one layer at a time, expert
+    parallelism the experts)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, allow: List[str], env: Env, sharded: bool = False) -> None:
         self.model, self.tokenizer, self.allow, self.env, self.sharded = model, tokenizer, allow, env, sharded
         self.full_pieces: Callable[[], Iterable[Dict[str, torch.Tensor]]] = lambda: [self.model.state_dict()]
         self.shard_size: int = 5 * 10 ** 9  # the engine's export_shard_size, once there is one
+        self.hf_weights = True  # false once an engine whose state holds the weights exists
 
     def save(self, tmp: Path, meta: Dict[str, Any]) -> None:
-        # Every rank iterates the pieces (a sharded engine gathers them); rank 0 writes.
-        save_pieces(self.model.config, self.full_pieces(), tmp / "model", self.shard_size, write=self.env.is_main)
+        if self.hf_weights:  # every rank iterates the pieces (a sharded engine gathers them); rank 0 writes
+            save_pieces(self.model.config, self.full_pieces(), tmp / "model", self.shard_size, write=self.env.is_main)
+        elif self.env.is_main:
+            save_config(self.model.config, tmp / "model", next(self.model.parameters()).dtype)
         if self.env.is_main and self.tokenizer is not None:
             self.tokenizer.save(tmp / "model")
 
@@ -171,6 +176,8 @@ class ModelState:
                 f"cannot resume {ckpt}: the model differs from the checkpoint's in {', '.join(diff[:8])}; "
                 f"use the same model settings (or trainer.resume_allow_changes=[model.arch] for changes "
                 f"that keep every shape)")
+        if not has_weights(ckpt / "model"):
+            return  # in the engine's state (DeepSpeed checks its shapes)
         try:
             with read_tensors(ckpt / "model", self.model.config):
                 pass  # the files' headers against this model's shapes
@@ -178,6 +185,8 @@ class ModelState:
             raise UserError(f"cannot resume {ckpt}: the model must keep the checkpoint's shapes ({exc})") from None
 
     def load(self, ckpt: Path, meta: Dict[str, Any]) -> None:
+        if not has_weights(ckpt / "model"):
+            return  # the engine's state restores them
         if self.sharded:
             fill_sharded(self.model, ckpt / "model", self.env)
             return

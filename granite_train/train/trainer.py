@@ -117,6 +117,7 @@ class Trainer:
             describe(cfg, model, self.tokenizer, env, resumed_from=resume)
         self.engine = parallelize(model, cfg, env)
         model_state.full_pieces, model_state.shard_size = self.engine.full_pieces, self.engine.export_shard_size
+        model_state.hf_weights = not self.engine.state_holds_weights or cfg.trainer.checkpoint_hf_weights == "always"
         with main_rank_first(env):  # tokenize once; the other ranks read the datasets cache
             self.data = build_train_data(cfg.data, cfg.trainer, self.tokenizer, env.rank, env.world_size)
             self.eval_data = build_eval_data(cfg.data, cfg.trainer, self.tokenizer, env.rank, env.world_size,

@@ -30,6 +30,7 @@ COMMON = ["recipe=sft_tiny", "model=granite-4.0-h-tiny-scaled", "model.arch.hidd
 RUNS = {"zero0": (0, 1), "zero1": (1, 1), "zero2": (2, 1), "zero3": (3, 1),
         "ep_zero0": (0, 2), "ep_zero1": (1, 2), "ep_zero2": (2, 2)}
 SAVED = ("zero3", "ep_zero2")  # checkpoint at step 3, resumed below
+BF16 = {"zero3_bf16": (3, 1), "zero2_bf16": (2, 1)}  # DeepSpeed's bf16 mode (trainer.dtype=bf16)
 
 # Runs train() once per configuration in the same torchrun processes (the process group and
 # DeepSpeed stay up between runs), then resumes two of them from their step-3 checkpoints.
@@ -46,7 +47,9 @@ DRIVER = textwrap.dedent("""
 
     def settings(name):
         stage, ep = runs[name]
-        return [*common, f"distributed.zero_stage={stage}", f"distributed.expert_parallel_size={ep}"]
+        dtype = [c for c in common if c.startswith("trainer.dtype=")] if "bf16" not in name else ["trainer.dtype=bf16"]
+        return [*(c for c in common if not c.startswith("trainer.dtype=")), *dtype,
+                f"distributed.zero_stage={stage}", f"distributed.expert_parallel_size={ep}"]
 
     for name in runs:
         train(compose_config([*settings(name), f"trainer.save_every={3 if name in saved else 0}",
@@ -117,7 +120,7 @@ def runs(tmp_path_factory, cli_at):
     env = dict(os.environ, WANDB_MODE="disabled", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(root), json.dumps(RUNS), ",".join(SAVED), *COMMON],
+         str(script), str(root), json.dumps({**RUNS, **BF16}), ",".join(SAVED), *COMMON],
         cwd=root, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root
@@ -150,6 +153,32 @@ def test_distributed_run_trains_the_plain_steps(runs, name):
     assert eval_loss(runs / name)[0] == pytest.approx(eval_loss(runs / "plain")[0], rel=1e-5)
 
 
+@pytest.mark.parametrize("name", BF16)
+def test_deepspeed_bf16_trains_bf16_weights_with_fp32_masters(runs, name):
+    """trainer.dtype=bf16 under DeepSpeed: bf16 weights and gradients (final/ is bf16), fp32
+    master weights in the optimizer's shards, and the fp32 run's losses to bf16 accuracy."""
+    from granite_train.compat import import_deepspeed
+    from granite_train.parallel.zero_checkpoint import ZeroWeights
+
+    config = json.loads((runs / name / "deepspeed_config.json").read_text())
+    assert config["bf16"] == {"enabled": True}
+    assert {w.dtype for w in weights(runs / name / "final").values()} == {torch.bfloat16}
+    import_deepspeed(torch.device("cpu"))
+    state = runs / name / "checkpoints" / "step_5" / "deepspeed" / "state"
+    optim = sorted(state.glob("*optim_states.pt"))
+    assert len(optim) == 2
+    from granite_train.serialization import safe_load
+
+    masters = safe_load(optim[0], mmap=True)["optimizer_state_dict"]
+    flat = masters["fp32_flat_groups"] if "fp32_flat_groups" in masters else masters["single_partition_of_fp32_groups"]
+    assert {t.dtype for t in flat} == {torch.float32}
+    assert ZeroWeights(state).dtype == torch.bfloat16
+    fp32 = curve(runs / name.removesuffix("_bf16"))
+    for (s, l32, g32, t32, _), (sb, lb, gb, tb, _) in zip(fp32, curve(runs / name)):
+        assert (s, t32) == (sb, tb)
+        assert lb == pytest.approx(l32, rel=2e-3) and gb == pytest.approx(g32, rel=5e-2)
+
+
 def test_sharded_stages_agree_on_the_grad_norm(runs):
     ref = curve(runs / "zero1")
     for name in ("zero2", "zero3", "ep_zero1", "ep_zero2"):
@@ -167,15 +196,46 @@ def test_sharded_runs_export_the_plain_final_weights(runs, name):
         assert torch.allclose(full[key], w, rtol=0, atol=1e-5), key
 
 
-def test_checkpoints_hold_the_full_model_next_to_the_rank_state(runs):
+def test_zero_checkpoints_hold_rank_shards_and_no_consolidated_copy(runs):
+    # ZeRO: the ranks' shards hold the weights (resume needs nothing else; a 7B fp32 copy would
+    # be 28 GB per save); model/ keeps config.json and the tokenizer.
     ckpt = runs / "zero3" / "checkpoints" / "step_3"
-    assert (ckpt / "model" / "config.json").is_file() and (ckpt / "deepspeed").is_dir()
-    assert not (ckpt / "optimizer.pt").exists()
+    assert (ckpt / "deepspeed").is_dir() and not (ckpt / "optimizer.pt").exists()
+    assert sorted(p.name for p in (ckpt / "model").iterdir()) == [
+        "config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+    # Expert parallelism's rank files hold only the optimizer: model/ holds every expert.
     ckpt = runs / "ep_zero2" / "checkpoints" / "step_3"
     assert sorted(p.name for p in (ckpt / "deepspeed").iterdir()) == [
         "expert_parallel_rank_00000.pt", "expert_parallel_rank_00001.pt"]
     experts = weights(ckpt / "model")["model.layers.0.block_sparse_moe.input_linear.weight"]
     assert experts.shape[0] == 4  # every expert, not one rank's two
+
+
+@pytest.mark.parametrize("name", ("zero3", "zero2", "zero3_bf16", "zero2_bf16"))
+def test_offline_export_of_the_rank_shards_is_the_final_model(runs, name, tmp_path):
+    """`granite_train.export` without the ranks: the ZeRO shards of the last checkpoint, streamed
+    into HF shards, are exactly the weights the run gathered into final/, and load in
+    transformers with the single-process model's logits."""
+    from granite_train.export import main as export_main
+
+    out = tmp_path / "export"
+    assert export_main([str(runs / name), str(out), "--max-shard-size", "2MB"]) == 0
+    assert (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.json").is_file()
+    final, exported = weights(runs / name / "final"), weights(out)
+    assert final.keys() == exported.keys()
+    for key, w in final.items():
+        assert torch.equal(exported[key], w), key  # bf16: the masters' bf16 rounding, as DeepSpeed copies them
+    if "bf16" in name:
+        return
+    transformers = pytest.importorskip("transformers")
+    from granite_train.models import load_model
+
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ours = load_model(runs / "plain" / "final").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (theirs(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max().item()
+    assert diff < 1e-4
 
 
 @pytest.mark.parametrize("name", SAVED)
