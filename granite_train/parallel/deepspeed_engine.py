@@ -48,7 +48,7 @@ def memory_settings(model: nn.Module, stage: int) -> Dict[str, int]:
     all-gather buckets of 5e8 elements, 1e9 live ZeRO-3 parameters: 2-4 GB each in fp32 whatever
     the model). Buckets of hidden^2 (transformers' "auto" rule; a larger tensor, e.g. the
     embedding or an MoE layer's stacked experts, is reduced on its own); ZeRO-3 keeps about one
-    layer live, prefetches 0.9 hidden^2, steps the optimizer one layer's worth at a time, and
+    layer live, prefetches 0.9 hidden^2, steps the optimizer 4 hidden^2 elements at a time, and
     parameters under 10 x hidden elements (norms, biases) stay whole on every rank."""
     hidden = int(model.config.hidden_size)
     layers = getattr(getattr(model, "model", model), "layers", [])
@@ -60,9 +60,10 @@ def memory_settings(model: nn.Module, stage: int) -> Dict[str, int]:
         sizes.update(stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
                      stage3_param_persistence_threshold=10 * hidden,
                      stage3_max_live_parameters=largest_layer, stage3_max_reuse_distance=largest_layer,
-                     # The optimizer steps the fp32 shard in pieces of this size: Adam's
-                     # temporaries (sqrt of v, ...) are one piece, not the whole shard.
-                     sub_group_size=largest_layer)
+                     # The optimizer steps the fp32 shard in pieces of this many elements (a
+                     # larger parameter's shard is one piece): Adam's temporaries (sqrt of v,
+                     # its quotient: twice a piece) stay small, not twice a layer.
+                     sub_group_size=4 * hidden * hidden)
     return sizes
 
 
@@ -299,6 +300,10 @@ class DeepSpeedEngine:
                     yield {f"{prefix}.{k}": v.detach().to("cpu", copy=True) for k, v in piece.state_dict().items()}
         else:
             yield self.model.state_dict()
+
+    def release_optimizer_state(self) -> None:
+        # Adam's m and v of this rank's shard (ZeRO keeps its fp32 masters elsewhere; those stay).
+        self.base_optimizer.state.clear()
 
     # ---- checkpoint state: every rank writes and reads its own ----
 

@@ -64,6 +64,10 @@ class Engine(Protocol):
         """The whole model's state dict in pieces, full names (every rank must iterate; a
         sharded engine gathers one piece at a time)."""
 
+    def release_optimizer_state(self) -> None:
+        """Free the optimizer's moment estimates (after the last checkpoint: the final export
+        then has that memory, 8 bytes per parameter per rank, to gather and write in)."""
+
     def save_state(self, directory: Path, is_main: bool) -> None:
         """Write this rank's optimizer (and, sharded, weight) state into a checkpoint."""
 
@@ -137,6 +141,9 @@ class PlainEngine:
 
     def full_pieces(self) -> Iterator[Dict[str, torch.Tensor]]:
         yield self.model.state_dict()
+
+    def release_optimizer_state(self) -> None:
+        self.optimizer.state.clear()
 
     def save_state(self, directory: Path, is_main: bool) -> None:
         if is_main:  # every rank holds the same optimizer state

@@ -294,6 +294,7 @@ class Trainer:
 
     def _export_final(self) -> None:
         final = self.out / "final"
+        self.engine.release_optimizer_state()  # training is over and checkpointed
         # Every rank iterates the pieces (ZeRO-3 / expert parallelism gather); rank 0 writes.
         save_pieces(self.engine.model.config, self.engine.full_pieces(), final, self.engine.export_shard_size,
                     write=self.env.is_main)
