@@ -72,8 +72,13 @@ def mup_width_for(model: torch.nn.Module, mup_base_width: Optional[int]) -> floa
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, expert_groups: Optional[Mapping[int, str]] = None,
                     cls: Type[torch.optim.AdamW] = torch.optim.AdamW, **cls_kwargs: Any) -> torch.optim.Optimizer:
-    """AdamW (or the subclass `cls`, given `cls_kwargs`) over `param_groups`."""
+    """AdamW (or the subclass `cls`, given `cls_kwargs`) over `param_groups`, fused: one kernel
+    per step on CPU and CUDA, with no temporaries (the unfused step allocates two the size of
+    each tensor it updates: under DeepSpeed ZeRO 1-2 that tensor is a rank's whole flat fp32
+    partition, 2 x 1.65 GB for a 828M model on 2 ranks)."""
     groups = param_groups(model, cfg.weight_decay, model_mup_width(model, cfg), cfg.no_decay_roles, expert_groups)
     for group in groups:  # the trainer sets lr = schedule lr * lr_scale every step; this is step 0's
         group["lr"] = cfg.lr * group["lr_scale"]
+    if "foreach" not in cls_kwargs:
+        cls_kwargs.setdefault("fused", all(p.device.type in ("cpu", "cuda") for p in model.parameters()))
     return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **cls_kwargs)
