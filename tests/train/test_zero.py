@@ -59,7 +59,8 @@ DRIVER = textwrap.dedent("""
                               f"trainer.resume={root}/{name}/checkpoints/step_3"]))
     # ZeRO-3 from a checkpoint: loaded layer by layer into shards, resumed, exported streaming.
     ft = [*settings("zero3"), f"model.path={root}/plain/final"]
-    train(compose_config([*ft, "trainer.save_every=3", f"trainer.output_dir={root}/zero3_ft"]))
+    train(compose_config([*ft, "trainer.save_every=3", "trainer.checkpoint_hf_weights=always",
+                          f"trainer.output_dir={root}/zero3_ft"]))
     train(compose_config([*ft, f"trainer.output_dir={root}/zero3_ft_resumed",
                           f"trainer.resume={root}/zero3_ft/checkpoints/step_3"]))
     # An expert-parallel checkpoint resumed without expert parallelism: one clear error.
@@ -268,6 +269,19 @@ def test_zero3_from_a_checkpoint_loads_sharded_and_trains_the_plain_steps(runs):
         assert got.keys() == ref.keys()
         for key, w in ref.items():
             assert torch.allclose(got[key], w, rtol=0, atol=1e-5), (name, key)
+
+
+def test_checkpoint_hf_weights_always_adds_the_consolidated_copy(runs):
+    # zero3_ft saved with trainer.checkpoint_hf_weights=always (and zero3_ft_resumed resumed
+    # from it, through the sharded load of model/, above): model/ equals the ranks' shards.
+    from granite_train.compat import import_deepspeed
+    from granite_train.parallel.zero_checkpoint import ZeroWeights
+
+    ckpt = runs / "zero3_ft" / "checkpoints" / "step_3"
+    assert (ckpt / "model" / "model.safetensors.index.json").is_file()
+    import_deepspeed(torch.device("cpu"))
+    shards, copy = ZeroWeights(ckpt / "deepspeed" / "state"), weights(ckpt / "model")
+    assert all(torch.equal(shards(k), w) for k, w in copy.items())
 
 
 def test_resuming_expert_parallel_state_without_it_is_refused(runs):
