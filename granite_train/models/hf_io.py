@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from granite_train.errors import UserError
 from granite_train.models.config import GraniteConfig
 from granite_train.models.model import GraniteForCausalLM, full_size
+from granite_train.models.param_roles import restamp
 
 log = logging.getLogger("granite_train.models")
 
@@ -227,6 +228,42 @@ def _write_config(cfg: GraniteConfig, path: Path, dtype: Optional[torch.dtype]) 
     d["dtype"] = d["torch_dtype"] = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
     (path / "config.json").write_text(json.dumps(dict(sorted(d.items())), indent=2) + "\n")
     return d["dtype"]
+
+
+def init_model(cfg: GraniteConfig, partition: Optional[Callable[[nn.Module], None]] = None,
+               dtype: torch.dtype = torch.float32,
+               mup_width: Optional[float] = None, device: Union[str, torch.device] = "cpu", attn_backend: str = "auto",
+               activation_checkpointing: bool = False, mamba_backend: str = "auto") -> GraniteForCausalLM:
+    """A random init on `device`, drawn one piece (`weight_groups`) at a time, each handed to
+    `partition` when given (ZeRO-3 shards it) before the next is allocated: no rank then holds
+    the whole model. It draws exactly what `GraniteForCausalLM(cfg).reset_parameters()` draws,
+    in the same order (with `mup_width`: muP's init, drawn once), so the same seed gives the
+    same model whether it is sharded or not."""
+    with torch.device("meta"):
+        model = GraniteForCausalLM(cfg, attn_backend=attn_backend, activation_checkpointing=activation_checkpointing,
+                                   mamba_backend=mamba_backend)
+    model.mup_width = mup_width
+    pieces = weight_groups(model)
+    tied_piece = None
+    for prefix, piece in pieces:
+        piece.to_empty(device=device)
+        restamp(piece)
+        model.tie_weights()  # to_empty gave the embedding a new Parameter: share it again
+        model.reset_parameters(piece.modules())
+        if cfg.tie_word_embeddings and prefix == "model.embed_tokens":
+            tied_piece = piece  # the whole-model pass draws it again last, as lm_head: wait for that
+            continue
+        _done(piece.to(dtype), partition)
+    if tied_piece is not None:
+        model.reset_parameters([model.lm_head])
+        _done(tied_piece.to(dtype), partition)
+    model.tie_weights()
+    return model
+
+
+def _done(piece: nn.Module, partition: Optional[Callable[[nn.Module], None]]) -> None:
+    if partition is not None:
+        partition(piece)
 
 
 def _new_file_mode() -> int:

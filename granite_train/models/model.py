@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from granite_train.models.loss import causal_lm_loss, chunked_causal_lm_loss, tr
 from granite_train.models.mlp import SwiGLU
 from granite_train.models.moe import ROUTER_AUX_LOSSES, MoE, ExpertWeight, SharedMLP, router_aux_loss
 from granite_train.models.norm import RMSNorm
-from granite_train.models.param_roles import EMBEDDING, HIDDEN, OUTPUT, declared_role, mark
+from granite_train.models.param_roles import EMBEDDING, HIDDEN, OUTPUT, declared_role, mark, restamp
 from granite_train.models.rope import rope_cos_sin
 
 log = logging.getLogger("granite_train.models")
@@ -132,14 +132,23 @@ class GraniteForCausalLM(nn.Module):
         self._mamba_by_device: Dict[str, str] = {}  # like _backend_by_device, for Mamba-2 layers
         self.activation_checkpointing = activation_checkpointing
         self._backend_by_device: Dict[str, str] = {}  # resolved once per device type, logged once
-        self.model = GraniteModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Built on the meta device, then allocated and drawn once by `reset_parameters`: the
+        # random init is that pass alone (no default inits drawn first), so a model drawn piece
+        # by piece (`hf_io.init_model`, ZeRO-3) is the same model from the same seed.
+        device = torch.get_default_device()
+        with torch.device("meta"):
+            self.model = GraniteModel(config)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # Untied: muP's output layer (base lr and init; the 1/m_width is `logits_scaling`, see
         # param_roles). Tied: it is the embedding.
         mark(self.lm_head, "weight", EMBEDDING if config.tie_word_embeddings else OUTPUT)
         self.mup_width: Optional[float] = None  # muP width multiplier, see `apply_mup`
+        if device.type != "meta":
+            self.to_empty(device=device)
+            restamp(self)
         self.tie_weights()
-        self.reset_parameters()
+        if device.type != "meta":
+            self.reset_parameters()
         self.set_router_aux_loss()
 
     # ---- setup ----
@@ -149,12 +158,13 @@ class GraniteForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, modules: Optional[Iterable[nn.Module]] = None) -> None:
         """normal(0, initializer_range) for matrices and embeddings, zero biases, unit norms.
-        Under muP (`apply_mup`) hidden matrices get std initializer_range / sqrt(m_width)."""
+        Under muP (`apply_mup`) hidden matrices get std initializer_range / sqrt(m_width).
+        `modules`: only these (in this order; `hf_io.init_model` draws a piece at a time)."""
         std = self.config.initializer_range
         hidden_std = std / math.sqrt(self.mup_width) if self.mup_width else std
-        for module in self.modules():
+        for module in self.modules() if modules is None else modules:
             if isinstance(module, (nn.Linear, nn.Embedding, ExpertWeight)):
                 w_std = hidden_std if declared_role(module, "weight") == HIDDEN else std
                 nn.init.normal_(module.weight, mean=0.0, std=w_std)

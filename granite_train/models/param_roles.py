@@ -72,6 +72,16 @@ def mark(module: nn.Module, name: str, role: str) -> None:
         setattr(param, _PARAM_ATTR, role)
 
 
+def restamp(model: nn.Module) -> None:
+    """Put every declared role back on the Parameter objects under `model` (after `to_empty`,
+    which replaces them)."""
+    for module in model.modules():
+        for name, role in module.__dict__.get(_ROLES_ATTR, {}).items():
+            param = module._parameters.get(name)
+            if param is not None:
+                setattr(param, _PARAM_ATTR, role)
+
+
 def mark_linear(linear: nn.Module, role: str) -> None:
     """`weight` gets `role`, `bias` (if any) gets `bias`."""
     mark(linear, "weight", role)

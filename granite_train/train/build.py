@@ -13,6 +13,7 @@ import torch
 from granite_train.config import RunConfig
 from granite_train.errors import UserError
 from granite_train.models import GraniteForCausalLM, build_model, load_model
+from granite_train.models.hf_io import init_model
 from granite_train.models.model import full_size
 from granite_train.parallel.deepspeed_engine import zero3_partitioner
 from granite_train.parallel.env import Env
@@ -22,9 +23,10 @@ log = logging.getLogger("granite_train.train")
 
 
 def loads_sharded(cfg: RunConfig) -> bool:
-    """A ZeRO-3 run from a checkpoint: its model is sharded while it loads (random inits are
-    drawn whole, then sharded by `deepspeed.initialize`, so the same seed gives the same model)."""
-    return cfg.model.path is not None and cfg.distributed.zero_stage == 3
+    """A ZeRO-3 run: its model is sharded while it is built, one piece at a time, read from
+    model.path or drawn (`hf_io.init_model`: the same seed gives the same model as a whole
+    build), so no rank ever holds the whole model."""
+    return cfg.distributed.zero_stage == 3
 
 
 def weights_dtype(cfg: RunConfig, env: Env) -> torch.dtype:
@@ -68,12 +70,26 @@ def build_run_model(cfg: RunConfig, tokenizer: Any, env: Env) -> GraniteForCausa
                               ("bos_token_id", tokenizer.token_to_id(tokenizer.bos_token or tokenizer.eos_token))):
             if getattr(arch, key) is None:
                 setattr(arch, key, token_id)
-        model = build_model(arch, attn_backend=cfg.model.attn_backend, mamba_backend=cfg.model.mamba_backend)
+        model = _init(cfg, arch, env, sharded)
     model.set_router_aux_loss(cfg.model.router_aux_loss, cfg.model.router_z_loss_coef)
     if not sharded:  # a sharded model's pieces are already where DeepSpeed put them
         model = model.to(env.device)
-    if cfg.optim.mup:  # re-drawn on the device: the same init as the run's device always drew
-        model.apply_mup(mup_width_for(model, cfg.model.mup_base_width), reinit=cfg.model.path is None)
+    if cfg.optim.mup and cfg.model.path is not None:  # loaded weights are never re-drawn
+        model.apply_mup(mup_width_for(model, cfg.model.mup_base_width), reinit=False)
+    return model
+
+
+def _init(cfg: RunConfig, arch: Any, env: Env, sharded: bool) -> GraniteForCausalLM:
+    """A random init of `arch`: drawn on the CPU (under muP on the run's device), once; under
+    ZeRO-3 one piece at a time, each sharded before the next is drawn (the same model)."""
+    mup_width = None
+    if cfg.optim.mup:
+        with torch.device("meta"):
+            mup_width = mup_width_for(build_model(arch), cfg.model.mup_base_width)
+    model = init_model(arch, zero3_partitioner(cfg, env) if sharded else None,
+                       dtype=weights_dtype(cfg, env) if sharded else torch.float32, mup_width=mup_width,
+                       device=env.device if cfg.optim.mup else "cpu", attn_backend=cfg.model.attn_backend,
+                       mamba_backend=cfg.model.mamba_backend)
     return model
 
 
