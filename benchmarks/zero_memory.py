@@ -124,13 +124,15 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
-def run(ckpt: Path, out: Path, ranks: int, stage: int, micro: int, dtype: str, export_shard: str) -> dict:
+def run(ckpt: Path, out: Path, ranks: int, stage: int, micro: int, dtype: str, export_shard: str,
+        expert_parallel: int = 1) -> dict:
     env = dict(os.environ, WANDB_MODE="disabled", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
             "-m", "granite_train", "recipe=sft", f"model.path={ckpt}", "data.max_examples=200",
             f"data.max_length={micro}", f"trainer.micro_batch_tokens={micro}",
             f"trainer.tokens_per_step={micro * ranks}", "trainer.max_steps=1", f"trainer.dtype={dtype}",
-            f"distributed.zero_stage={stage}", "model.activation_checkpointing=true", "trainer.save_every=0",
+            f"distributed.zero_stage={stage}", f"distributed.expert_parallel_size={expert_parallel}",
+            "model.activation_checkpointing=true", "trainer.save_every=0",
             f"trainer.output_dir={out}", "trainer.resume=false"]
     shutil.rmtree(out, ignore_errors=True)
     rc, killed, peak, _, text = _sampled(args, out.parent / f"{out.name}.log", env)
@@ -223,6 +225,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/zero_memory"))
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--export-shard", default="1GB", help="--max-shard-size of the offline export")
+    parser.add_argument("--expert-parallel", type=int, default=1, help="distributed.expert_parallel_size (ZeRO 0-2)")
     parser.add_argument("--table", action="store_true",
                         help="print the analytic per-GPU table for 4.0-H-Tiny/Small on 8 x 80 GB and exit")
     args = parser.parse_args()
@@ -239,12 +242,13 @@ def main() -> int:
                         f"--work={args.work}"], check=True)
     params = build_checkpoint(ckpt, args.layers)
     result = run(ckpt, args.work / f"run-z{args.stage}-r{args.ranks}", args.ranks, args.stage, args.micro, args.dtype,
-                 args.export_shard)
+                 args.export_shard, args.expert_parallel)
     per_param = theory_bytes_per_param(args.stage, args.dtype, args.ranks)
     theory = per_param * params / GIB
     record = {"commit": git_commit(), "date": time.strftime("%Y-%m-%d"), "params": params,
               "layers": args.layers, "ranks": args.ranks, "stage": args.stage, "dtype": args.dtype,
-              "micro_batch_tokens": args.micro, "export_shard": args.export_shard, "theory_bytes_per_param": round(per_param, 2),
+              "micro_batch_tokens": args.micro, "export_shard": args.export_shard,
+              "expert_parallel_size": args.expert_parallel, "theory_bytes_per_param": round(per_param, 2),
               "theory_per_rank_gib": round(theory, 2),
               # issue 15's bar: within 15% of the theory plus a fixed ~1 GB
               "bar_gib": round((theory + 1) * 1.15, 2), **result}

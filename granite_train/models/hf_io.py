@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from granite_train.errors import UserError
 from granite_train.models.config import GraniteConfig
 from granite_train.models.model import GraniteForCausalLM, full_size
+from granite_train.models.moe import EXPERT_KEYS, MoE, awaiting_dispatch
 from granite_train.models.param_roles import restamp
 
 log = logging.getLogger("granite_train.models")
@@ -126,27 +127,33 @@ class TensorReader:
     """`read(key)`: one checkpoint tensor, freshly allocated in `dtype` (safetensors' buffers are
     not 64-byte aligned, which sends CPU matmuls down other, differently rounded, kernels)."""
 
-    def __init__(self, opened: Dict[Path, object], where: Dict[str, Path], dtype: Optional[torch.dtype]) -> None:
-        self._opened, self._where, self._dtype = opened, where, dtype
+    def __init__(self, opened: Dict[Path, object], where: Dict[str, Path], dtype: Optional[torch.dtype],
+                 experts: Optional[range] = None) -> None:
+        self._opened, self._where, self._dtype, self._experts = opened, where, dtype, experts
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
     def __call__(self, key: str) -> torch.Tensor:
-        t = self._opened[self._where[key]].get_tensor(key)
+        f = self._opened[self._where[key]]
+        if self._experts is not None and key.endswith(EXPERT_KEYS):  # only this rank's experts are read
+            t = f.get_slice(key)[self._experts.start:self._experts.stop]
+        else:
+            t = f.get_tensor(key)
         return t.to(self._dtype or t.dtype, copy=True)
 
 
 @contextlib.contextmanager
-def read_tensors(path: Union[str, Path], cfg: GraniteConfig,
-                 dtype: Optional[torch.dtype] = torch.float32) -> Iterator[TensorReader]:
+def read_tensors(path: Union[str, Path], cfg: GraniteConfig, dtype: Optional[torch.dtype] = torch.float32,
+                 experts: Optional[range] = None) -> Iterator[TensorReader]:
     """A reader of the checkpoint at `path`, checked first against a model of `cfg` (missing or
-    unexpected keys, shapes: one UserError); `dtype=None` keeps each tensor's saved dtype."""
+    unexpected keys, shapes: one UserError); `dtype=None` keeps each tensor's saved dtype;
+    `experts`: MoE expert stacks are read as that slice (an expert-parallel rank's)."""
     with torch.device("meta"):
         where = checkpoint_index(Path(path), GraniteForCausalLM(cfg))
     with contextlib.ExitStack() as files:
         opened = {f: files.enter_context(safe_open(str(f), framework="pt")) for f in sorted(set(where.values()))}
-        yield TensorReader(opened, where, dtype)
+        yield TensorReader(opened, where, dtype, experts)
 
 
 def weight_groups(model: GraniteForCausalLM) -> List[Tuple[str, nn.Module]]:
@@ -165,13 +172,16 @@ def weight_groups(model: GraniteForCausalLM) -> List[Tuple[str, nn.Module]]:
 
 def load_model(path: Union[str, Path], dtype: torch.dtype = torch.float32, attn_backend: str = "auto",
                activation_checkpointing: bool = False, mamba_backend: str = "auto",
-               partition: Optional[Callable[[nn.Module], None]] = None) -> GraniteForCausalLM:
+               partition: Optional[Callable[[nn.Module], None]] = None,
+               experts: Optional[range] = None) -> GraniteForCausalLM:
     """Load an HF-layout Granite checkpoint onto the CPU in `dtype`, one piece (`weight_groups`:
     a layer, the embedding, ...) at a time; peak memory: the model + one tensor.
 
     `partition(piece)`, when given, is called on each piece once its weights are in, before the
     next is read (ZeRO-3 shards it there: a rank then never holds more than its shard plus one
-    layer). Every missing key, unexpected key and shape mismatch is reported in one UserError.
+    layer). `experts`: every MoE layer holds and reads only that slice of its experts (an
+    expert-parallel rank's; `parallelize` gives the layers their dispatcher). Every missing key,
+    unexpected key and shape mismatch is reported in one UserError.
     """
     path = Path(path)
     cfg = read_config(path)
@@ -180,7 +190,10 @@ def load_model(path: Union[str, Path], dtype: torch.dtype = torch.float32, attn_
         model = GraniteForCausalLM(cfg, attn_backend=attn_backend,
                                    activation_checkpointing=activation_checkpointing,
                                    mamba_backend=mamba_backend)
-    with read_tensors(path, cfg, dtype) as read:
+    if experts is not None:
+        for moe in (m for m in model.modules() if isinstance(m, MoE)):
+            moe.keep_experts(experts, awaiting_dispatch)
+    with read_tensors(path, cfg, dtype, experts) as read:
         if cfg.tie_word_embeddings and "lm_head.weight" in read:
             if not torch.equal(read("lm_head.weight"), read("model.embed_tokens.weight")):
                 raise UserError(f"{path}: config.json says tie_word_embeddings=true but lm_head.weight differs "

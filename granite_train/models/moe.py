@@ -97,6 +97,26 @@ def grouped_expert_matmul(x_MC: torch.Tensor, w_EOC: torch.Tensor, counts_E: tor
     return torch.cat(outs)
 
 
+def awaiting_dispatch(x_MC: torch.Tensor, counts_E: torch.Tensor, expert_fn: ExpertFn, host_sizes: bool) -> torch.Tensor:
+    """The dispatcher of a layer loaded with only its expert-parallel slice of the experts
+    (`hf_io.load_model(experts=...)`) until `parallelize` gives it the real one."""
+    raise RuntimeError("this MoE layer holds only an expert-parallel slice of its experts and has no dispatcher "
+                       "yet: parallelize the model (distributed.expert_parallel_size) before running it")
+
+
+def held_experts(model: nn.Module) -> Optional[range]:
+    """The experts every MoE layer of `model` holds when that is a slice (expert parallelism),
+    else None."""
+    held = {m.held_experts for m in model.modules() if isinstance(m, MoE) and len(m.held_experts) != m.num_experts}
+    if len(held) > 1:
+        raise RuntimeError(f"MoE layers hold different expert slices: {sorted(held, key=lambda r: r.start)}")
+    return held.pop() if held else None
+
+
+# The expert stacks ([experts, ...]) among a checkpoint's keys: sliced when a rank holds a part.
+EXPERT_KEYS = ("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight")
+
+
 class MoE(nn.Module):
     """Sparse top-k mixture of SwiGLU experts (`block_sparse_moe`).
 

@@ -115,6 +115,23 @@ def check_expert_parallel(model: nn.Module, size: int, world_size: int, source: 
     return layers
 
 
+def local_experts(num_experts: int, size: int, rank: int) -> range:
+    """The experts global rank `rank` holds: ranks [0..size-1], [size..2*size-1], ... each split
+    every layer's experts in order (DeepSpeed's ep_size_<size> groups)."""
+    n = num_experts // size
+    return range((rank % size) * n, (rank % size + 1) * n)
+
+
+def load_slice(cfg: Any, size: int, world_size: int, rank: int) -> Optional[range]:
+    """The experts a rank loads from a checkpoint of `cfg` under expert_parallel_size=`size`
+    (None: everything, when there is nothing to split or the sizes do not fit, which
+    `check_expert_parallel` then reports)."""
+    experts = getattr(cfg, "num_local_experts", 0) or 0
+    if size <= 1 or experts == 0 or experts % size or world_size % size:
+        return None
+    return local_experts(experts, size, rank)
+
+
 def apply_expert_parallel(model: nn.Module, size: int, env: Env, source: str) -> Optional[ExpertParallelPlan]:
     """Split the experts of `model` over expert-parallel groups of `size` ranks (None when
     size is 1). Every rank calls it, once the full weights are final (loaded or resumed)."""
@@ -123,10 +140,13 @@ def apply_expert_parallel(model: nn.Module, size: int, env: Env, source: str) ->
     layers = check_expert_parallel(model, size, env.world_size, source)
     num_experts = layers[0].num_experts
     groups = ExpertGroups(env.device, num_experts, size)
-    n = num_experts // size
+    held = local_experts(num_experts, size, env.rank)
+    if groups.rank != env.rank % size:  # the layout `load_slice` read the checkpoint by
+        raise RuntimeError(f"rank {env.rank} is rank {groups.rank} of its expert-parallel group, expected "
+                           f"{env.rank % size}")
     dispatch = AllToAllDispatch(groups.group, size)
     for layer in layers:
-        layer.keep_experts(range(groups.rank * n, (groups.rank + 1) * n), dispatch)
+        layer.keep_experts(held, dispatch)  # a layer loaded with only this slice keeps it
     plan = ExpertParallelPlan(size=size, rank=groups.rank, group=groups.group, group_name=groups.name,
                               num_experts=num_experts,
                               params=tuple(p for layer in layers for p in (layer.input_linear.weight,

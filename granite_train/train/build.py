@@ -13,9 +13,10 @@ import torch
 from granite_train.config import RunConfig
 from granite_train.errors import UserError
 from granite_train.models import GraniteForCausalLM, build_model, load_model
-from granite_train.models.hf_io import init_model
+from granite_train.models.hf_io import init_model, read_config
 from granite_train.models.model import full_size
 from granite_train.parallel.deepspeed_engine import zero3_partitioner
+from granite_train.parallel.expert_parallel import load_slice
 from granite_train.parallel.env import Env
 from granite_train.train.optim import mup_width_for
 
@@ -49,9 +50,12 @@ def build_run_model(cfg: RunConfig, tokenizer: Any, env: Env) -> GraniteForCausa
     sharded = loads_sharded(cfg)
     if cfg.model.path is not None:
         # ZeRO-3: each layer is sharded as it is read (no rank ever holds the whole model).
+        # Expert parallelism: each rank reads only its own experts' slices.
+        experts = load_slice(read_config(cfg.model.path), cfg.distributed.expert_parallel_size, env.world_size,
+                             env.rank)
         model = load_model(cfg.model.path, dtype=weights_dtype(cfg, env), attn_backend=cfg.model.attn_backend,
                            mamba_backend=cfg.model.mamba_backend,
-                           partition=zero3_partitioner(cfg, env) if sharded else None)
+                           partition=zero3_partitioner(cfg, env) if sharded else None, experts=experts)
         vocab = model.config.vocab_size
         if tokenizer.vocab_size > vocab:
             raise UserError(

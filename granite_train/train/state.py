@@ -32,6 +32,7 @@ from torch import nn
 
 from granite_train.errors import UserError
 from granite_train.models.hf_io import has_weights, read_config, read_tensors, save_config, save_pieces
+from granite_train.models.moe import held_experts
 from granite_train.parallel.deepspeed_engine import fill_sharded
 from granite_train.parallel.engine import Engine
 from granite_train.parallel.env import Env, agree, barrier
@@ -191,7 +192,9 @@ class ModelState:
             fill_sharded(self.model, ckpt / "model", self.env)
             return
         tied = self.model.config.tie_word_embeddings
-        with read_tensors(ckpt / "model", self.model.config) as read, torch.no_grad():
+        # A model loaded with only its expert-parallel slice of the experts reads only that slice.
+        with read_tensors(ckpt / "model", self.model.config, experts=held_experts(self.model)) as read, \
+                torch.no_grad():
             for name, t in self.model.state_dict().items():
                 if not (tied and name == "lm_head.weight"):
                     t.copy_(read(name))

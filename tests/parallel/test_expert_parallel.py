@@ -141,3 +141,31 @@ def test_flops_are_counted_on_the_full_model():
             layer.keep_experts(range(2, 4), AllToAllDispatch(None, 2))
     assert model.active_matmul_params() < full_params
     assert model.flops_per_token(32, full_params) == full_flops
+
+
+def test_a_rank_loads_only_its_own_experts(tmp_path):
+    """`load_model(experts=...)`: each MoE layer holds, and reads from the files, only that
+    slice of its experts (safetensors slices); it refuses to run before `parallelize` gives it
+    a dispatcher. `load_slice` is the layout of DeepSpeed's expert-parallel groups."""
+    from granite_train.cli import compose_config
+    from granite_train.models import build_model, load_model, save_model
+    from granite_train.parallel.expert_parallel import load_slice
+
+    arch = compose_config(["model=granitemoe-tiny", "model.arch.vocab_size=300"]).model.arch
+    torch.manual_seed(0)
+    full = build_model(arch)
+    save_model(full, tmp_path)
+    E = arch.num_local_experts
+    assert [load_slice(arch, 2, 4, r) for r in range(4)] == [range(0, E // 2), range(E // 2, E)] * 2
+    # Sizes that do not fit (parallelize then says so): every expert is read.
+    assert load_slice(arch, E + 1, E + 1, 0) is None and load_slice(arch, 2, 3, 0) is None
+    held = load_slice(arch, 2, 2, 1)
+    part = load_model(tmp_path, experts=held)
+    want, got = full.state_dict(), part.state_dict()
+    for key, w in want.items():
+        if key.endswith(("input_linear.weight", "output_linear.weight")):
+            assert got[key].shape[0] == E // 2 and torch.equal(got[key], w[held.start:held.stop]), key
+        else:
+            assert torch.equal(got[key], w), key
+    with pytest.raises(RuntimeError, match="parallelize the model"):
+        part(input_ids=torch.zeros(1, 4, dtype=torch.long))

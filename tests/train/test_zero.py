@@ -63,6 +63,12 @@ DRIVER = textwrap.dedent("""
                           f"trainer.output_dir={root}/zero3_ft"]))
     train(compose_config([*ft, f"trainer.output_dir={root}/zero3_ft_resumed",
                           f"trainer.resume={root}/zero3_ft/checkpoints/step_3"]))
+    # Expert parallelism from a checkpoint: each rank reads only its experts; resumed from its
+    # model/ the same way.
+    ep_ft = [*settings("ep_zero2"), f"model.path={root}/plain/final"]
+    train(compose_config([*ep_ft, "trainer.save_every=3", f"trainer.output_dir={root}/ep_zero2_ft"]))
+    train(compose_config([*ep_ft, f"trainer.output_dir={root}/ep_zero2_ft_resumed",
+                          f"trainer.resume={root}/ep_zero2_ft/checkpoints/step_3"]))
     # An expert-parallel checkpoint resumed without expert parallelism: one clear error.
     try:
         train(compose_config([*settings("zero2"), f"trainer.output_dir={root}/refused",
@@ -251,24 +257,29 @@ def test_resume_continues_the_straight_run(runs, name):
         assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
 
 
+def fine_tune_equals_plain(runs, name):
+    """The fine-tune run `name` (from plain/final, checkpoint at step 3) and its resume
+    `<name>_resumed` against the single-process fine-tune: steps, final weights."""
+    plain, run, resumed = curve(runs / "plain_ft"), curve(runs / name), curve(runs / f"{name}_resumed")
+    assert len(run) == len(plain) == 5 and [r[0] for r in resumed] == [4, 5]
+    for (s, lp, gp, tp, _), (sr, lr, gr, tr, _) in zip(plain, run):
+        assert (s, tp) == (sr, tr)
+        assert lr == pytest.approx(lp, rel=1e-5) and gr == pytest.approx(gp, rel=1e-5)
+    for a, b in zip(run[3:], resumed):
+        assert b[1] == pytest.approx(a[1], rel=1e-6) and b[2] == pytest.approx(a[2], rel=1e-6)
+    ref = weights(runs / "plain_ft" / "final")
+    for out in (name, f"{name}_resumed"):
+        got = weights(runs / out / "final")
+        assert got.keys() == ref.keys()
+        for key, w in ref.items():
+            assert torch.allclose(got[key], w, rtol=0, atol=1e-5), (out, key)
+
+
 def test_zero3_from_a_checkpoint_loads_sharded_and_trains_the_plain_steps(runs):
     """model.path under ZeRO-3: every layer is sharded as it is read (no rank holds the whole
     model), and the run, its resume and its streamed, sharded export equal one process's."""
-    plain, sharded, resumed = curve(runs / "plain_ft"), curve(runs / "zero3_ft"), curve(runs / "zero3_ft_resumed")
-    assert len(sharded) == len(plain) == 5 and [r[0] for r in resumed] == [4, 5]
-    for (s, lp, gp, tp, _), (sz, lz, gz, tz, _) in zip(plain, sharded):
-        assert (s, tp) == (sz, tz)
-        assert lz == pytest.approx(lp, rel=1e-5) and gz == pytest.approx(gp, rel=1e-5)
-    for a, b in zip(sharded[3:], resumed):
-        assert b[1] == pytest.approx(a[1], rel=1e-6) and b[2] == pytest.approx(a[2], rel=1e-6)
-    final = runs / "zero3_ft" / "final"
-    assert (final / "model.safetensors.index.json").is_file()  # at most a rank's share per shard
-    ref = weights(runs / "plain_ft" / "final")
-    for name in ("zero3_ft", "zero3_ft_resumed"):
-        got = weights(runs / name / "final")
-        assert got.keys() == ref.keys()
-        for key, w in ref.items():
-            assert torch.allclose(got[key], w, rtol=0, atol=1e-5), (name, key)
+    fine_tune_equals_plain(runs, "zero3_ft")
+    assert (runs / "zero3_ft" / "final" / "model.safetensors.index.json").is_file()  # <= a rank's share per shard
 
 
 def test_checkpoint_hf_weights_always_adds_the_consolidated_copy(runs):
@@ -282,6 +293,13 @@ def test_checkpoint_hf_weights_always_adds_the_consolidated_copy(runs):
     import_deepspeed(torch.device("cpu"))
     shards, copy = ZeroWeights(ckpt / "deepspeed" / "state"), weights(ckpt / "model")
     assert all(torch.equal(shards(k), w) for k, w in copy.items())
+
+
+def test_expert_parallel_from_a_checkpoint_reads_its_experts_and_trains_the_plain_steps(runs):
+    """model.path with expert_parallel_size=2: each rank reads only its own experts' slices
+    (`tests/parallel/test_expert_parallel.py` checks the slices), and the run and its resume
+    (from model/, read the same way) equal one process's."""
+    fine_tune_equals_plain(runs, "ep_zero2_ft")
 
 
 def test_resuming_expert_parallel_state_without_it_is_refused(runs):
