@@ -121,7 +121,9 @@ def _sampled(args: list, log_path: Path, env: dict) -> tuple:
 
 
 def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+    from granite_train.train.checkpoint import dir_size
+
+    return dir_size(path) if path.is_dir() else 0
 
 
 def run(ckpt: Path, out: Path, ranks: int, stage: int, micro: int, dtype: str, export_shard: str,

@@ -27,13 +27,14 @@ import torch
 
 from granite_train.errors import UserError
 from granite_train.models.hf_io import checkpoint_pieces, group_keys, has_weights, read_config, save_pieces
+from granite_train.models.config import GraniteConfig
 from granite_train.models.model import GraniteForCausalLM
 from granite_train.train.checkpoint import STATE_FILE, checkpoints_dir, latest_checkpoint, verified
 
 log = logging.getLogger("granite_train.export")
 
 
-def _zero_pieces(ckpt: Path, cfg) -> Iterator[Dict[str, torch.Tensor]]:
+def _zero_pieces(ckpt: Path, cfg: GraniteConfig) -> Iterator[Dict[str, torch.Tensor]]:
     """The weights of the ranks' ZeRO shards, piece by piece, checked against `cfg` first."""
     from granite_train.compat import import_deepspeed
     from granite_train.parallel.engine import DS_STATE_DIR
