@@ -8,16 +8,18 @@ conv 4, chunk 256; attention 12 query heads, 4 KV heads, head dim 128 (the value
 configs/model/granite-4.0-h-tiny.yaml; in_proj is then 6448 wide and the conv has 3328 channels,
 both multiples of 8, so the conv kernel gets a zero-copy channel-last view). Rows:
 
-- mamba conv: `causal_conv1d_fn(..., seq_idx)` vs `causal_conv1d_packed` + SiLU
+- mamba conv: `causal_conv1d_fn(..., seq_idx)` ("cuda") and fla-core's Triton
+  `causal_conv1d(..., cu_seqlens)` ("triton") vs `causal_conv1d_packed` + SiLU
 - mamba scan: `mamba_chunk_scan_combined(..., seq_idx)` vs softplus/clamp + `ssd_chunked` + D x
-- mamba mixer: the whole `Mamba2Mixer` (in_proj .. out_proj), backend "cuda" vs "torch"
+- mamba gated norm: `rmsnorm_fn(..., norm_before_gate=False)` vs `GatedRMSNorm`'s PyTorch body
+- mamba mixer: the whole `Mamba2Mixer` (in_proj .. out_proj), backends "cuda" and "triton" vs "torch"
 - attention: `flash_attn_varlen_func` vs per-example SDPA (bf16 only: flash has no fp32 kernel)
 
 For each, in fp32 and bf16: max abs and max relative error of the output and of the input
 gradient (fast vs reference, same inputs), forward ms and forward+backward ms (median of
 `--iters` after warm-up, CUDA events), peak memory. Needs a CUDA GPU with mamba-ssm,
-causal-conv1d and flash-attn (`pip install 'granite-train[gpu]'`); rows whose package is
-missing are reported as skipped. Without CUDA it prints one line and exits 0, measuring nothing.
+causal-conv1d, fla-core and flash-attn (`pip install 'granite-train[gpu]'`); rows whose package
+is missing are reported as skipped. Without CUDA it prints one line and exits 0, measuring nothing.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def _compare(name: str, dtype: torch.dtype, make_inputs: Callable[[], List[torch
 
 
 def _mamba_rows(dtype: torch.dtype, iters: int) -> List[Dict]:
-    from granite_train.models import GraniteConfig
+    from granite_train.models import GraniteConfig, mamba_kernels
     from granite_train.models.batch import SeqLayout
     from granite_train.models.mamba import Mamba2Mixer
 
@@ -130,22 +132,31 @@ def _mamba_rows(dtype: torch.dtype, iters: int) -> List[Dict]:
         return SeqLayout(attn_backend="sdpa", mamba_backend=backend, cu_seq_lens=layout.cu_seq_lens,
                          bounds=bounds, max_seq_len=layout.max_seq_len, _segments=(seq_idx, pos))
 
+    fast = [b for b in mamba_kernels.FAST_BACKENDS if mamba_kernels.kernels_installed(b)]
+    conv_names = {"cuda": "causal_conv1d_fn", "triton": "fla causal_conv1d, Triton"}
     rows = [
-        _compare("mamba conv (causal_conv1d_fn)", dtype,
+        _compare(f"mamba conv ({conv_names[b]})", dtype,
                  lambda: [torch.randn(1, T, m.conv_dim, device=DEVICE, generator=g)],
-                 lambda x: m._conv(x, seq_idx, pos, "torch"), lambda x: m._conv(x, seq_idx, pos, "cuda"),
-                 iters, params),
+                 lambda x: m._conv(x, seq_idx, pos, layout, "torch"),
+                 lambda x, b=b: m._conv(x, seq_idx, pos, layout, b), iters, params)
+        for b in fast]
+    rows += [
         _compare("mamba scan (mamba_chunk_scan_combined)", dtype,
                  lambda: [torch.randn(1, T, H, P, device=DEVICE, generator=g),
                           torch.randn(1, T, H, device=DEVICE, generator=g) - 2.0,
                           torch.randn(1, T, G, N, device=DEVICE, generator=g),
                           torch.randn(1, T, G, N, device=DEVICE, generator=g)],
                  lambda x, dt, B, C: m._scan(x, dt, B, C, seq_idx, "torch"),
-                 lambda x, dt, B, C: m._scan(x, dt, B, C, seq_idx, "cuda"), iters, params),
-        _compare("mamba mixer (conv + scan + norm, in/out proj)", dtype,
-                 lambda: [torch.randn(1, T, cfg.hidden_size, device=DEVICE, generator=g)],
-                 lambda x: m(x, layout_for("torch")), lambda x: m(x, layout_for("cuda")), iters, params),
+                 lambda x, dt, B, C: m._scan(x, dt, B, C, seq_idx, fast[0]), iters, params),
+        _compare("mamba gated norm (rmsnorm_fn)", dtype,
+                 lambda: [torch.randn(1, T, m.d_inner, device=DEVICE, generator=g),
+                          torch.randn(1, T, m.d_inner, device=DEVICE, generator=g)],
+                 lambda y, z: m.norm(y, z, "torch"), lambda y, z: m.norm(y, z, fast[0]), iters, params),
     ]
+    rows += [_compare(f"mamba mixer ({b}: conv + scan + norm, in/out proj)", dtype,
+                      lambda: [torch.randn(1, T, cfg.hidden_size, device=DEVICE, generator=g)],
+                      lambda x: m(x, layout_for("torch")), lambda x, b=b: m(x, layout_for(b)), iters, params)
+             for b in fast]
     return rows
 
 
@@ -184,10 +195,12 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU with mamba-ssm, causal-conv1d and flash-attn "
+        print("benchmarks/kernels.py needs a CUDA GPU with mamba-ssm, causal-conv1d or fla-core, and flash-attn "
               "(pip install 'granite-train[gpu]'); no CUDA device here, nothing measured.")
         return
-    has_mamba = all(importlib.util.find_spec(p) is not None for p in ("mamba_ssm", "causal_conv1d"))
+    from granite_train.models import mamba_kernels
+
+    has_mamba = any(mamba_kernels.kernels_installed(b) for b in mamba_kernels.FAST_BACKENDS)
     has_flash = importlib.util.find_spec("flash_attn") is not None
     rows: List[Dict] = []
     skipped: List[str] = []
@@ -195,7 +208,7 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             rows.extend(_mamba_rows(dtype, args.iters))
     else:
-        skipped.append("mamba (mamba-ssm / causal-conv1d not installed)")
+        skipped.append("mamba (mamba-ssm with causal-conv1d or fla-core not installed)")
     if has_flash:
         rows.append(_attention_row(args.iters))
     else:
@@ -212,7 +225,7 @@ def main() -> None:
     for s in skipped:
         print(f"skipped: {s}")
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "versions": {p: _version(p) for p in ("mamba-ssm", "causal-conv1d", "flash-attn", "triton")},
+           "versions": {p: _version(p) for p in ("mamba-ssm", "causal-conv1d", "fla-core", "flash-attn", "triton")},
            "lengths": LENGTHS, "shapes": TINY, "iters": args.iters, "rows": rows, "skipped": skipped}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

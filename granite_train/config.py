@@ -26,8 +26,9 @@ class ModelConfig:
     arch: GraniteConfig = field(default_factory=GraniteConfig)
     # Attention kernel: auto picks flash-attn varlen on CUDA when installed, else per-segment SDPA.
     attn_backend: str = "auto"
-    # Mamba-2 kernels: auto picks causal-conv1d + mamba-ssm on CUDA when installed, else the
-    # exact PyTorch path; cuda insists on the kernels; torch never uses them.
+    # Mamba-2 kernels: auto picks, on CUDA, causal-conv1d + mamba-ssm (cuda), else fla-core +
+    # mamba-ssm (triton, all Triton), else the exact PyTorch path; cuda or triton insists on
+    # those kernels; torch never uses them.
     mamba_backend: str = "auto"
     activation_checkpointing: bool = False
     # >0: compute the loss this many tokens at a time without the [T, vocab] logits (saves
@@ -242,7 +243,7 @@ CHOICES = {
     "trainer.checkpoint_hf_weights": ("auto", "always"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "model.attn_backend": ("auto", "sdpa", "flash"),
-    "model.mamba_backend": ("auto", "torch", "cuda"),
+    "model.mamba_backend": ("auto", "torch", "cuda", "triton"),
     "model.router_aux_loss": ("load_balancing", "switch_per_layer"),
     "distributed.backend": ("auto", "gloo", "nccl"),
     "tracking.wandb.mode": ("online", "offline", "disabled"),

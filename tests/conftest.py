@@ -4,10 +4,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Triton's interpreter (tests/models/test_mamba_triton.py) has to be on before triton is first
+# imported: triton.language's own helpers (tl.cumsum, ...) are jit functions, built interpreted
+# or compiled at that import. Without a GPU nothing else here runs a Triton kernel; with one the
+# kernels run compiled (test_mamba_backends.py), so it stays off.
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -32,7 +32,7 @@ class SeqLayout:
     """
 
     attn_backend: str  # resolved kernel: "sdpa" | "flash"
-    mamba_backend: str = "torch"  # resolved Mamba-2 kernels: "torch" | "cuda"
+    mamba_backend: str = "torch"  # resolved Mamba-2 kernels: "torch" | "cuda" | "triton"
     cos_BTD: Optional[torch.Tensor] = None  # RoPE tables (fp32); None for NoPE models
     sin_BTD: Optional[torch.Tensor] = None
     cu_seq_lens: Optional[torch.Tensor] = None  # [n+1] int32 on the model's device

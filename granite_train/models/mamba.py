@@ -16,13 +16,14 @@ quadratic (attention-like) form with segment-sum decays, across chunks the state
 closed form (a segment-sum over the chunks' total decays, with boundaries cutting it to exactly
 zero): no Python loop over chunks or tokens; memory is O(T * chunk_size + chunks^2 per head).
 
-CUDA fast path (`model.mamba_backend=auto|torch|cuda`, resolved once per device by the model and
-handed to every layer in `SeqLayout.mamba_backend`): `causal_conv1d_fn(x, w, b, seq_idx=...,
-activation="silu")` from causal-conv1d replaces `causal_conv1d_packed`, and
-`mamba_chunk_scan_combined(..., dt_bias, dt_softplus=True, dt_limit, D, seq_idx=...)` from
-mamba-ssm replaces `ssd_chunked` (softplus, clamp and the D term included). Both take the
-per-token example index that `SeqLayout.segments` builds. The glue is in `mamba_kernels`, which
-imports the packages only inside the kernel calls: never on a CPU-only machine.
+Fast paths (`model.mamba_backend=auto|torch|cuda|triton`, resolved once per device by the model
+and handed to every layer in `SeqLayout.mamba_backend`; the glue and the kernel contracts are in
+`mamba_kernels`, which imports the packages only inside the kernel calls): the conv by
+causal-conv1d's `causal_conv1d_fn(..., seq_idx)` ("cuda") or fla-core's Triton
+`causal_conv1d(..., cu_seqlens)` ("triton") instead of `causal_conv1d_packed`; the scan by
+mamba-ssm's `mamba_chunk_scan_combined(..., dt_bias, dt_softplus=True, dt_limit, D, seq_idx)`
+instead of `ssd_chunked` (softplus, clamp and the D term included); the gated norm by
+mamba-ssm's `rmsnorm_fn(..., norm_before_gate=False)` instead of `GatedRMSNorm`'s PyTorch body.
 """
 
 from __future__ import annotations
@@ -162,7 +163,9 @@ class GatedRMSNorm(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
-    def forward(self, y_BTD: torch.Tensor, z_BTD: torch.Tensor) -> torch.Tensor:
+    def forward(self, y_BTD: torch.Tensor, z_BTD: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+        if backend in mamba_kernels.FAST_BACKENDS:
+            return mamba_kernels.gated_rmsnorm(y_BTD, z_BTD, self.weight, self.eps, self.group_size)
         in_dtype = y_BTD.dtype
         h = y_BTD.float() * F.silu(z_BTD.float())
         *prefix, D = h.shape
@@ -214,16 +217,21 @@ class Mamba2Mixer(nn.Module):
         self.norm.reset_parameters()
 
     def _conv(self, xBC_BTC: torch.Tensor, seq_idx_BT: Optional[torch.Tensor], pos_BT: Optional[torch.Tensor],
-              backend: str) -> torch.Tensor:
+              layout: SeqLayout, backend: str) -> torch.Tensor:
         """SiLU(depthwise causal conv1d), never reading across an example boundary."""
         if backend == "cuda":
             return mamba_kernels.conv_silu(xBC_BTC, self.conv1d.weight, self.conv1d.bias, seq_idx_BT)
+        if backend == "triton":
+            packed = seq_idx_BT is not None
+            return mamba_kernels.conv_silu_varlen(xBC_BTC, self.conv1d.weight, self.conv1d.bias,
+                                                  layout.cu_seq_lens if packed else None,
+                                                  layout.bounds if packed else None)
         return F.silu(causal_conv1d_packed(xBC_BTC, self.conv1d.weight, self.conv1d.bias, pos_BT))
 
     def _scan(self, x_BTHP, dt_raw_BTH, B_BTGN, C_BTGN, seq_idx_BT, backend: str) -> torch.Tensor:
         """y = SSD(x, clamp(softplus(dt_raw + dt_bias)), A, B, C) + D x; [B, T, H, P]."""
         A_H = -torch.exp(self.A_log.float())
-        if backend == "cuda":
+        if backend in mamba_kernels.FAST_BACKENDS:
             return mamba_kernels.chunk_scan(x_BTHP, dt_raw_BTH, A_H, B_BTGN, C_BTGN, self.D, self.dt_bias,
                                             self.time_step_limit, self.chunk_size, seq_idx_BT)
         dt_BTH = F.softplus(dt_raw_BTH + self.dt_bias.to(dt_raw_BTH.dtype))
@@ -239,11 +247,11 @@ class Mamba2Mixer(nn.Module):
         if layout.packed and layout.bounds is not None and len(layout.bounds) > 2:
             seq_idx_BT, pos_BT = layout.segments(x_BTC.device)
         z_BTD, xBC_BTC, dt_BTH = self.in_proj(x_BTC).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        xBC_BTC = self._conv(xBC_BTC, seq_idx_BT, pos_BT, backend)
+        xBC_BTC = self._conv(xBC_BTC, seq_idx_BT, pos_BT, layout, backend)
         GN = self.n_groups * self.d_state
         xs_BTD, B_BTG, C_BTG = xBC_BTC.split([self.d_inner, GN, GN], dim=-1)
         x_BTHP = xs_BTD.reshape(Bsz, T, self.n_heads, self.head_dim)
         y_BTHP = self._scan(x_BTHP, dt_BTH, B_BTG.reshape(Bsz, T, self.n_groups, self.d_state),
                             C_BTG.reshape(Bsz, T, self.n_groups, self.d_state), seq_idx_BT, backend)
-        y_BTD = self.norm(y_BTHP.reshape(Bsz, T, self.d_inner), z_BTD)
+        y_BTD = self.norm(y_BTHP.reshape(Bsz, T, self.d_inner), z_BTD, backend)
         return self.out_proj(y_BTD.to(dtype))

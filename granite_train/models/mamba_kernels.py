@@ -1,11 +1,19 @@
-"""CUDA kernels for the Mamba-2 mixer (causal-conv1d and mamba-ssm), and which backend runs.
+"""Fast kernels for the Mamba-2 mixer, and which backend runs.
 
-Neither package builds or imports on a CPU-only machine, so nothing here imports them at module
-level: `kernels_installed` asks `importlib.util.find_spec` (which does not import), and the two
-glue functions import inside their bodies, which are reached only when the resolved backend is
-"cuda" (a CUDA device with both packages installed).
+Two fast backends, both on CUDA devices only, beside the exact PyTorch reference in `mamba.py`:
 
-Kernel contracts used here (causal-conv1d 1.4+, mamba-ssm 2.2+):
+- "cuda": the conv by causal-conv1d (CUDA C++, `causal_conv1d_fn`), the SSD scan and the gated
+  RMSNorm by mamba-ssm (Triton).
+- "triton": the same scan and norm, the conv by fla-core's Triton varlen kernel. Everything is
+  Triton, so CI checks all of it on CPU under Triton's interpreter
+  (tests/models/test_mamba_triton.py); it also spares a causal-conv1d build.
+
+"auto" takes "cuda", then "triton", then the PyTorch path (with a warning naming what is
+missing). None of these packages imports on a CPU-only machine, so nothing here imports them at
+module level: `_missing` asks `importlib.util.find_spec` (which does not import), and the glue
+functions import inside their bodies, reached only when the resolved backend is a fast one.
+
+Kernel contracts used here (causal-conv1d 1.4+, mamba-ssm 2.2+, fla-core 0.6+):
 
 - `causal_conv1d.causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None,
   return_final_states=False, final_states_out=None, activation=None)`: x [batch, dim, seqlen],
@@ -13,6 +21,11 @@ Kernel contracts used here (causal-conv1d 1.4+, mamba-ssm 2.2+):
   width 2..4 only. `seq_idx` [batch, seqlen] int32, contiguous, and only with the channel-last
   layout (`x.stride(1) == 1`), which also needs dim, `x.stride(0)` and `x.stride(2)` to be
   multiples of 8 (csrc/causal_conv1d.cpp, `causal_conv1d_fwd`; we pad channels when dim is not). A token only reads inputs with its own seq_idx (the conv restarts at each example).
+- `fla.modules.causal_conv1d.causal_conv1d(x, weight, bias, activation=None, backend="triton",
+  cu_seqlens=None, cu_seqlens_cpu=None)` -> (y, final_state): x [B, T, D] (any strides with a
+  unit channel stride), weight [D, W], bias [D]; `cu_seqlens` [n+1] int32 on the device (B == 1)
+  restarts the conv at every example, `cu_seqlens_cpu` (int64, host) spares the host sync that
+  sizes the launch grid. Backward returns grads for x, weight and bias.
 - `mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size,
   D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None, dt_softplus=False,
   dt_limit=(0.0, inf), return_final_states=False)`: x [b, l, h, p], dt [b, l, h], A [h],
@@ -21,21 +34,27 @@ Kernel contracts used here (causal-conv1d 1.4+, mamba-ssm 2.2+):
   torch's), then clamped to `dt_limit` (always, also the default (0, inf)); `y += D * x`; with
   `z`, `y *= silu(z)` (we pass no z: the gated RMSNorm does the gating). The state is reset
   wherever seq_idx changes. Its backward returns grads for x, dt, A, B, C, D, dt_bias.
+- `mamba_ssm.ops.triton.layernorm_gated.rmsnorm_fn(x, weight, bias, z=None, eps=1e-6,
+  group_size=None, norm_before_gate=True)`: with `norm_before_gate=False`,
+  `weight * rms_norm(x * silu(z))` over groups of `group_size` channels, statistics in fp32,
+  out in x's dtype; x and z need a unit last stride; group_size * itemsize <= 64 KiB.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from granite_train.errors import UserError
 
-MAMBA_BACKENDS = ("auto", "torch", "cuda")
+MAMBA_BACKENDS = ("auto", "torch", "cuda", "triton")
+FAST_BACKENDS = ("cuda", "triton")  # what "auto" tries, in this order
 CONV_WIDTHS = (2, 3, 4)  # causal_conv1d_fn's kernels
 CONV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_PACKAGES = ("mamba_ssm", "causal_conv1d")
+_NEEDS: Dict[str, Tuple[str, ...]] = {"cuda": ("mamba_ssm", "causal_conv1d"), "triton": ("mamba_ssm", "fla")}
+_PIP_NAMES = {"mamba_ssm": "mamba-ssm", "causal_conv1d": "causal-conv1d", "fla": "fla-core"}
 _FIX = "pip install 'granite-train[gpu]'"
 
 
@@ -45,48 +64,60 @@ def check_mamba_backend(requested: str) -> None:
                         "set model.mamba_backend=auto")
 
 
-def kernels_installed() -> bool:
-    """Both packages findable; never imports them (they cannot be imported without CUDA)."""
-    return all(importlib.util.find_spec(name) is not None for name in _PACKAGES)
+def _missing(backend: str) -> List[str]:
+    """pip names of the packages `backend` needs that are not findable (never imports them)."""
+    return [_PIP_NAMES[m] for m in _NEEDS[backend] if importlib.util.find_spec(m) is None]
 
 
-def config_unsupported(d_conv: int) -> Optional[str]:
-    """Why these kernels cannot run this mixer shape, or None."""
-    if d_conv not in CONV_WIDTHS:
+def kernels_installed(backend: str = "cuda") -> bool:
+    """The packages of `backend` are findable; never imports them (they need CUDA to import)."""
+    return not _missing(backend)
+
+
+def config_unsupported(d_conv: int, backend: str = "cuda") -> Optional[str]:
+    """Why `backend`'s kernels cannot run this mixer shape, or None."""
+    if backend == "cuda" and d_conv not in CONV_WIDTHS:
         return (f"causal_conv1d_fn supports conv widths {CONV_WIDTHS[0]}..{CONV_WIDTHS[-1]}, "
                 f"the model has mamba_d_conv={d_conv}")
     return None
 
 
-def resolve_mamba_backend(requested: str, device: torch.device, d_conv: int) -> Tuple[str, Optional[str]]:
-    """("cuda" | "torch", why the kernels were wanted but do not run, or None).
+def _unavailable(backend: str, d_conv: int) -> Optional[str]:
+    missing = _missing(backend)
+    if missing:
+        return f"{' and '.join(missing)} not installed ({_FIX})"
+    return config_unsupported(d_conv, backend)
 
-    "auto": the kernels on a CUDA device with both packages and a supported shape, else torch
-    (the reason is returned when it is a CUDA device, so the caller can warn). "cuda" when they
-    cannot run: a UserError naming the fix.
+
+def resolve_mamba_backend(requested: str, device: torch.device, d_conv: int) -> Tuple[str, Optional[str]]:
+    """("cuda" | "triton" | "torch", why no fast kernel runs though one was wanted, or None).
+
+    "auto": the first of FAST_BACKENDS that can run on a CUDA device, else torch (the reason is
+    returned when it is a CUDA device, so the caller can warn). "cuda" or "triton" when it cannot
+    run: a UserError naming the fix.
     """
     check_mamba_backend(requested)
     if requested == "torch":
         return "torch", None
     if device.type != "cuda":
-        if requested == "cuda":
-            raise UserError(f"model.mamba_backend=cuda needs a CUDA device with mamba-ssm and causal-conv1d "
-                            f"({_FIX}), this run is on {device.type}; use model.mamba_backend=auto")
+        if requested != "auto":
+            raise UserError(f"model.mamba_backend={requested} needs a CUDA device with "
+                            f"{' and '.join(_PIP_NAMES[m] for m in _NEEDS[requested])} ({_FIX}), "
+                            f"this run is on {device.type}; use model.mamba_backend=auto")
         return "torch", None
-    if not kernels_installed():
-        missing = [n for n in _PACKAGES if importlib.util.find_spec(n) is None]
-        why = f"{' and '.join(missing)} not installed ({_FIX})"
-        if requested == "cuda":
-            raise UserError(f"model.mamba_backend=cuda needs mamba-ssm and causal-conv1d: {why}; "
+    if requested != "auto":
+        why = _unavailable(requested, d_conv)
+        if why is not None:
+            raise UserError(f"model.mamba_backend={requested} cannot run: {why}; "
                             "or use model.mamba_backend=auto")
-        return "torch", why
-    why = config_unsupported(d_conv)
-    if why is not None:
-        if requested == "cuda":
-            raise UserError(f"model.mamba_backend=cuda cannot run this model: {why}; "
-                            "use model.mamba_backend=auto")
-        return "torch", why
-    return "cuda", None
+        return requested, None
+    whys = []
+    for backend in FAST_BACKENDS:
+        why = _unavailable(backend, d_conv)
+        if why is None:
+            return backend, None
+        whys.append(f"{backend}: {why}")
+    return "torch", "; ".join(whys)
 
 
 def _channel_last_ok(x_BCT: torch.Tensor) -> bool:
@@ -126,7 +157,7 @@ def chunk_scan(x_BTHP: torch.Tensor, dt_raw_BTH: torch.Tensor, A_H: torch.Tensor
                seq_idx_BT: Optional[torch.Tensor]) -> torch.Tensor:
     """y = SSD(x, clamp(softplus(dt_raw + dt_bias), dt_limit), A, B, C) + D x via
     `mamba_chunk_scan_combined`; the state restarts wherever `seq_idx_BT` changes."""
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined  # CUDA only
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined  # a fast backend only
 
     seq = None
     if seq_idx_BT is not None:
@@ -137,5 +168,30 @@ def chunk_scan(x_BTHP: torch.Tensor, dt_raw_BTH: torch.Tensor, A_H: torch.Tensor
         dt_limit=(float(dt_limit[0]), float(dt_limit[1])))
 
 
-BACKEND_NAMES = {"cuda": "causal_conv1d_fn + mamba_chunk_scan_combined (CUDA kernels)",
-                 "torch": "PyTorch reference (causal_conv1d_packed + ssd_chunked)"}
+def conv_silu_varlen(xBC_BTC: torch.Tensor, weight_C1K: torch.Tensor, bias_C: Optional[torch.Tensor],
+                     cu_seq_lens: Optional[torch.Tensor], bounds: Optional[List[int]]) -> torch.Tensor:
+    """SiLU(depthwise causal conv1d) via fla-core's Triton kernel; [B, T, C] in, [B, T, C] out.
+
+    `cu_seq_lens` (device, int32) and `bounds` (the same on the host: no sync) restart the conv
+    at every example of a packed row; None: each row is one sequence.
+    """
+    from fla.modules.causal_conv1d import causal_conv1d  # Triton: reached when the backend is "triton"
+
+    cu_cpu = None if bounds is None else torch.tensor(bounds, dtype=torch.int64)
+    bias = None if bias_C is None else bias_C.to(weight_C1K.dtype)
+    out_BTC, _ = causal_conv1d(xBC_BTC, weight_C1K[:, 0, :], bias, activation="silu", backend="triton",
+                               cu_seqlens=cu_seq_lens, cu_seqlens_cpu=cu_cpu)
+    return out_BTC
+
+
+def gated_rmsnorm(y_BTD: torch.Tensor, z_BTD: torch.Tensor, weight_D: torch.Tensor, eps: float,
+                  group_size: int) -> torch.Tensor:
+    """`weight * rms_norm(y * silu(z))` per group of `group_size` channels via mamba-ssm's kernel."""
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn  # Triton: a fast backend only
+
+    return rmsnorm_fn(y_BTD, weight_D, None, z=z_BTD, eps=eps, group_size=group_size, norm_before_gate=False)
+
+
+BACKEND_NAMES = {"cuda": "causal_conv1d_fn (CUDA) + mamba_chunk_scan_combined + rmsnorm_fn (Triton)",
+                 "triton": "fla causal_conv1d + mamba_chunk_scan_combined + rmsnorm_fn (all Triton)",
+                 "torch": "PyTorch reference (causal_conv1d_packed + ssd_chunked + GatedRMSNorm)"}

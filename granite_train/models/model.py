@@ -116,8 +116,9 @@ class GraniteForCausalLM(nn.Module):
     """Granite LM (dense or MoE) with a padding-free forward.
 
     `attn_backend`: "auto" (flash-attn varlen on CUDA when installed, else per-example SDPA),
-    "sdpa" or "flash". `mamba_backend`: "auto" (causal-conv1d + mamba-ssm on CUDA when installed,
-    else the exact PyTorch path), "torch" or "cuda". `activation_checkpointing`: recompute each decoder layer in backward.
+    "sdpa" or "flash". `mamba_backend`: "auto" (on CUDA the first of "cuda" = causal-conv1d + mamba-ssm and
+    "triton" = fla-core + mamba-ssm that is installed, else the exact PyTorch path), "torch",
+    "cuda" or "triton" (see `mamba_kernels`). `activation_checkpointing`: recompute each decoder layer in backward.
     """
 
     def __init__(self, config: GraniteConfig, attn_backend: str = "auto",
@@ -297,7 +298,7 @@ class GraniteForCausalLM(nn.Module):
             else:
                 backend, why = resolve_mamba_backend(self.mamba_backend, device, c.mamba_d_conv)
                 if why is not None:  # CUDA device, kernels wanted (auto) but they cannot run
-                    log.warning("mamba backend: %s, NOT the CUDA kernels: %s (model.mamba_backend=%s, "
+                    log.warning("mamba backend: %s, NOT the fast kernels: %s (model.mamba_backend=%s, "
                                 "device %s); this path is much slower", _MAMBA_BACKEND_NAMES[backend], why,
                                 self.mamba_backend, device.type)
                 else:

@@ -1,5 +1,7 @@
 """Mamba-2 backends: the CUDA-kernel glue (against fake kernels on CPU), backend selection, and,
-on a CUDA machine with the packages, the real kernels against the PyTorch reference.
+on a CUDA machine with the packages, the real kernels against the PyTorch reference. The Triton
+kernels (scan, gated norm, fla-core's conv) also run for real on CPU, under Triton's interpreter:
+test_mamba_triton.py; causal-conv1d (CUDA C++) only has the fake here.
 
 The fakes implement the kernels' documented contracts independently (per-example conv, per-token
 recurrence) and assert the argument layout the real kernels require: that checks our plumbing
@@ -116,6 +118,21 @@ def fake_mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, d
 fake_mamba_chunk_scan_combined.calls = 0
 
 
+def fake_rmsnorm_fn(x, weight, bias, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
+    """mamba-ssm's gated RMSNorm: weight * rms_norm(x * silu(z)) per group (norm_before_gate=False)."""
+    assert bias is None and z is not None and z.shape == x.shape and not norm_before_gate
+    assert x.stride(-1) == 1 and z.stride(-1) == 1 and weight.shape == (x.shape[-1],)
+    assert isinstance(group_size, int) and x.shape[-1] % group_size == 0
+    h = x.double() * F.silu(z.double())
+    hg = h.view(*h.shape[:-1], -1, group_size)
+    hg = hg * torch.rsqrt(hg.pow(2).mean(-1, keepdim=True) + eps)
+    fake_rmsnorm_fn.calls += 1
+    return (weight.double() * hg.view(h.shape)).to(x.dtype)
+
+
+fake_rmsnorm_fn.calls = 0
+
+
 @pytest.fixture
 def fake_kernels(monkeypatch):
     conv = types.ModuleType("causal_conv1d")
@@ -126,7 +143,10 @@ def fake_kernels(monkeypatch):
     for name in ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.triton"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "mamba_ssm.ops.triton.ssd_combined", ssd)
-    fake_causal_conv1d_fn.calls = fake_mamba_chunk_scan_combined.calls = 0
+    norm = types.ModuleType("mamba_ssm.ops.triton.layernorm_gated")
+    norm.rmsnorm_fn = fake_rmsnorm_fn
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.triton.layernorm_gated", norm)
+    fake_causal_conv1d_fn.calls = fake_mamba_chunk_scan_combined.calls = fake_rmsnorm_fn.calls = 0
     yield
 
 
@@ -171,9 +191,9 @@ def test_cuda_glue_equals_torch_path_on_packed_rows(fake_kernels, kw):
     x = torch.randn(1, T, 32, generator=g)
     w = torch.randn(1, T, 32, generator=g)
     out_t, dx_t, grads_t = _run(m, x, _layout(LENGTHS, "torch"), w)
-    assert fake_causal_conv1d_fn.calls == 0 and fake_mamba_chunk_scan_combined.calls == 0
+    assert fake_causal_conv1d_fn.calls == fake_mamba_chunk_scan_combined.calls == fake_rmsnorm_fn.calls == 0
     out_k, dx_k, grads_k = _run(m, x, _layout(LENGTHS, "cuda"), w)
-    assert fake_causal_conv1d_fn.calls == 1 and fake_mamba_chunk_scan_combined.calls == 1
+    assert fake_causal_conv1d_fn.calls == fake_mamba_chunk_scan_combined.calls == fake_rmsnorm_fn.calls == 1
     assert (out_k - out_t).abs().max().item() <= 1e-5
     assert (dx_k - dx_t).abs().max().item() <= 1e-5
     for k in grads_t:  # dt_bias, D, A_log, conv weight/bias reach the kernels as parameters
@@ -244,21 +264,24 @@ def test_no_mamba_line_for_models_without_mamba_layers(caplog):
     assert not [r for r in caplog.records if r.getMessage().startswith("mamba backend:")]
 
 
-def test_cuda_on_cpu_is_one_clear_user_error():
-    model = GraniteForCausalLM(_cfg(), mamba_backend="cuda")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_a_fast_backend_on_cpu_is_one_clear_user_error(backend):
+    model = GraniteForCausalLM(_cfg(), mamba_backend=backend)
     with pytest.raises(UserError) as err:
         model(input_ids=torch.randint(0, 32, (1, 6)))
     msg = str(err.value)
-    assert "\n" not in msg and "model.mamba_backend=auto" in msg and "granite-train[gpu]" in msg
+    assert "\n" not in msg and "needs a CUDA device" in msg and "model.mamba_backend=auto" in msg
+    assert "granite-train[gpu]" in msg
 
 
 def test_cuda_device_without_packages(monkeypatch, caplog):
     monkeypatch.setattr(mamba_kernels.importlib.util, "find_spec", lambda name, *a: None)
     cuda = torch.device("cuda")
-    with pytest.raises(UserError) as err:
-        mamba_kernels.resolve_mamba_backend("cuda", cuda, 4)
-    assert "\n" not in str(err.value) and "pip install 'granite-train[gpu]'" in str(err.value)
-    assert "model.mamba_backend=auto" in str(err.value)
+    for requested in ("cuda", "triton"):
+        with pytest.raises(UserError) as err:
+            mamba_kernels.resolve_mamba_backend(requested, cuda, 4)
+        assert "\n" not in str(err.value) and "pip install 'granite-train[gpu]'" in str(err.value)
+        assert "model.mamba_backend=auto" in str(err.value) and "mamba-ssm" in str(err.value)
     # auto on a CUDA device without the packages: torch, with a warning (once per device)
     model = GraniteForCausalLM(_cfg(), mamba_backend="auto")
     with caplog.at_level(logging.INFO, logger="granite_train.models"):
@@ -266,39 +289,67 @@ def test_cuda_device_without_packages(monkeypatch, caplog):
         assert model._resolve_mamba_backend(cuda) == "torch"
     lines = [r for r in caplog.records if r.getMessage().startswith("mamba backend:")]
     assert len(lines) == 1 and lines[0].levelno == logging.WARNING
-    assert "NOT the CUDA kernels" in lines[0].getMessage() and "granite-train[gpu]" in lines[0].getMessage()
+    msg = lines[0].getMessage()
+    assert "NOT the fast kernels" in msg and "granite-train[gpu]" in msg
+    assert "causal-conv1d" in msg and "fla-core" in msg  # what each fast backend lacks
+
+
+@pytest.mark.parametrize("present, auto", [
+    ({"mamba_ssm", "causal_conv1d", "fla"}, "cuda"),  # causal-conv1d first: the known kernel
+    ({"mamba_ssm", "fla"}, "triton"),                  # no causal-conv1d build: all Triton
+    ({"mamba_ssm", "causal_conv1d"}, "cuda"),
+    ({"causal_conv1d", "fla"}, "torch"),               # no scan kernel, no fast path
+])
+def test_auto_picks_the_first_installed_fast_backend(monkeypatch, present, auto):
+    monkeypatch.setattr(mamba_kernels.importlib.util, "find_spec",
+                        lambda name, *a: object() if name in present else None)
+    backend, why = mamba_kernels.resolve_mamba_backend("auto", torch.device("cuda"), 4)
+    assert backend == auto and (why is None) == (auto != "torch")
 
 
 def test_cuda_device_with_packages_and_unsupported_width(monkeypatch):
     monkeypatch.setattr(mamba_kernels.importlib.util, "find_spec", lambda name, *a: object())
     cuda = torch.device("cuda")
-    assert mamba_kernels.resolve_mamba_backend("auto", cuda, 4) == ("cuda", None)
     assert mamba_kernels.resolve_mamba_backend("cuda", cuda, 4) == ("cuda", None)
+    assert mamba_kernels.resolve_mamba_backend("triton", cuda, 4) == ("triton", None)
     assert mamba_kernels.resolve_mamba_backend("torch", cuda, 4) == ("torch", None)
-    backend, why = mamba_kernels.resolve_mamba_backend("auto", cuda, 5)
-    assert backend == "torch" and "mamba_d_conv=5" in why
+    # width 5: causal_conv1d_fn has no kernel, fla's Triton conv takes any width
+    assert mamba_kernels.resolve_mamba_backend("auto", cuda, 5) == ("triton", None)
+    assert mamba_kernels.resolve_mamba_backend("triton", cuda, 5) == ("triton", None)
     with pytest.raises(UserError, match="mamba_d_conv=5"):
         mamba_kernels.resolve_mamba_backend("cuda", cuda, 5)
+    present = {"mamba_ssm", "causal_conv1d"}
+    monkeypatch.setattr(mamba_kernels.importlib.util, "find_spec",
+                        lambda name, *a: object() if name in present else None)
+    backend, why = mamba_kernels.resolve_mamba_backend("auto", cuda, 5)
+    assert backend == "torch" and "mamba_d_conv=5" in why and "fla-core not installed" in why
 
 
 def test_unknown_backend_is_a_config_error():
     from granite_train.config import RunConfig, validate
 
     cfg = RunConfig()
-    cfg.model.mamba_backend = "triton"
-    with pytest.raises(UserError, match="model.mamba_backend='triton' is not one of auto, torch, cuda"):
+    cfg.model.mamba_backend = "tilelang"
+    with pytest.raises(UserError, match="model.mamba_backend='tilelang' is not one of auto, torch, cuda, triton"):
         validate(cfg)
-    with pytest.raises(UserError, match="mamba_backend='triton'"):
-        GraniteForCausalLM(_cfg(), mamba_backend="triton")
+    with pytest.raises(UserError, match="mamba_backend='tilelang'"):
+        GraniteForCausalLM(_cfg(), mamba_backend="tilelang")
 
 
 # ---------------------------------------------------------------- real kernels (CUDA only)
 
-@needs_kernels
+def _backend_runs(backend):
+    return torch.cuda.is_available() and mamba_kernels.kernels_installed(backend)
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("cuda", marks=pytest.mark.skipif(not _backend_runs("cuda"), reason="needs CUDA, mamba-ssm, causal-conv1d")),
+    pytest.param("triton", marks=pytest.mark.skipif(not _backend_runs("triton"), reason="needs CUDA, mamba-ssm, fla-core")),
+])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("kw", [dict(), dict(mamba_n_groups=1, mamba_d_state=16, mamba_chunk_size=16),
                                 dict(mamba_d_conv=3, time_step_limit=[0.05, 2.0])])
-def test_real_kernels_match_torch_on_packed_rows(dtype, tol, kw):
+def test_real_kernels_match_torch_on_packed_rows(backend, dtype, tol, kw):
     m = _mixer(**kw).cuda()
     g = torch.Generator().manual_seed(1)
     T = sum(LENGTHS)
@@ -306,7 +357,7 @@ def test_real_kernels_match_torch_on_packed_rows(dtype, tol, kw):
     w = torch.randn(1, T, 32, generator=g).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         out_t, dx_t, grads_t = _run(m, x, _layout(LENGTHS, "torch", "cuda"), w)
-        out_k, dx_k, grads_k = _run(m, x, _layout(LENGTHS, "cuda", "cuda"), w)
+        out_k, dx_k, grads_k = _run(m, x, _layout(LENGTHS, backend, "cuda"), w)
     assert _rel(out_k, out_t) <= tol
     assert _rel(dx_k, dx_t) <= tol
     for k in grads_t:
