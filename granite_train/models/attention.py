@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from granite_train.errors import UserError
+from granite_train.models import context as cp_geometry
 from granite_train.models.batch import SeqLayout
 from granite_train.models.config import GraniteConfig
 from granite_train.models.param_roles import HIDDEN, mark_linear
@@ -81,10 +82,68 @@ def _flash_varlen(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tens
     return o_THD.unsqueeze(0)
 
 
+def _context_key_ranges(layout: SeqLayout):
+    """Per local segment: (local query range, key range in the gathered row) for a
+    context-parallel slice. Only the first segment can reach back into earlier slices."""
+    shard = layout.context
+    off, b = shard.offset, layout.bounds
+    first_key = cp_geometry.example_start(shard, off)
+    return [((s, e), ((first_key if i == 0 else off + s), off + e)) for i, (s, e) in enumerate(zip(b[:-1], b[1:]))]
+
+
+def _sdpa_context(q_BTHD: torch.Tensor, kall_BTKD: torch.Tensor, vall_BTKD: torch.Tensor,
+                  scale: float, layout: SeqLayout, dropout_p: float) -> torch.Tensor:
+    """The SDPA loop of a context-parallel slice: queries of this slice, keys of the whole row
+    (gathered); a segment that began in an earlier slice sees its example's earlier keys too,
+    causally in global positions (an explicit mask for that one segment: SDPA's is_causal aligns
+    the first query with the first key)."""
+    q_BHTD, k_BKTD, v_BKTD = q_BTHD.transpose(1, 2), kall_BTKD.transpose(1, 2), vall_BTKD.transpose(1, 2)
+    outs = []
+    for (s, e), (ks, ke) in _context_key_ranges(layout):
+        if e == s:
+            continue
+        mask = None
+        if ke - ks > e - s:  # query i (global ke - (e - s) + i) sees keys ks .. itself
+            q_pos = torch.arange(ke - (e - s), ke, device=q_BTHD.device)
+            mask = torch.arange(ks, ke, device=q_BTHD.device)[None, :] <= q_pos[:, None]
+        o_BHSD = F.scaled_dot_product_attention(
+            q_BHTD[:, :, s:e], k_BKTD[:, :, ks:ke], v_BKTD[:, :, ks:ke], attn_mask=mask,
+            is_causal=mask is None, scale=scale, enable_gqa=True, dropout_p=dropout_p)
+        outs.append(o_BHSD.transpose(1, 2))
+    return torch.cat(outs, dim=1)
+
+
+def _flash_context(q_BTHD: torch.Tensor, kall_BTKD: torch.Tensor, vall_BTKD: torch.Tensor,
+                   scale: float, layout: SeqLayout, dropout_p: float) -> torch.Tensor:
+    """flash-attn varlen on a context-parallel slice: the key ranges of the local segments are
+    contiguous in the gathered row, and flash-attn's causal mask aligns the last query with the
+    last key (bottom right, flash-attn >= 2.1), which is the global-position causal mask."""
+    from flash_attn import flash_attn_varlen_func  # only reached on CUDA
+
+    ranges = _context_key_ranges(layout)
+    k0, k1 = ranges[0][1][0], ranges[-1][1][1]
+    dev = q_BTHD.device
+    cu_q = torch.tensor([0] + [e for (_, e), _ in ranges], dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0] + [ke - k0 for _, (_, ke) in ranges], dtype=torch.int32, device=dev)
+    max_k = max(ke - ks for _, (ks, ke) in ranges)
+    o_THD = flash_attn_varlen_func(q_BTHD[0], kall_BTKD[0, k0:k1], vall_BTKD[0, k0:k1], cu_q, cu_k,
+                                   layout.max_seq_len, max_k, dropout_p=dropout_p, softmax_scale=scale,
+                                   causal=True)
+    return o_THD.unsqueeze(0)
+
+
 def causal_attention(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor,
                      scale: float, layout: SeqLayout, dropout_p: float = 0.0) -> torch.Tensor:
     """Per-example causal attention; GQA when K < H heads. Returns [B, T, H, D].
-    `dropout_p` drops attention probabilities (training only; the caller passes 0 in eval)."""
+    `dropout_p` drops attention probabilities (training only; the caller passes 0 in eval).
+    A context-parallel slice (`layout.context`) attends over the keys and values of the whole
+    row, gathered from the group (few KV heads under GQA: the cheap side to move)."""
+    if layout.context is not None:
+        kall_BTKD = layout.context.gather(k_BTKD, dim=1)
+        vall_BTKD = layout.context.gather(v_BTKD, dim=1)
+        if layout.attn_backend == "flash" and q_BTHD.dtype in _FLASH_DTYPES:
+            return _flash_context(q_BTHD, kall_BTKD, vall_BTKD, scale, layout, dropout_p)
+        return _sdpa_context(q_BTHD, kall_BTKD, vall_BTKD, scale, layout, dropout_p)
     if not layout.packed:
         return _sdpa_padded(q_BTHD, k_BTKD, v_BTKD, scale, dropout_p)
     # flash-attn has no fp32 kernel: an fp32 forward without autocast takes the exact SDPA loop.

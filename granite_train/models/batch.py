@@ -7,7 +7,7 @@ layer, so no layer re-derives boundaries or syncs with the device.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Protocol, Tuple
 
 import torch
 
@@ -20,6 +20,36 @@ def segment_positions(bounds: List[int], device: torch.device) -> Tuple[torch.Te
     T = bounds[-1]
     pos_T = torch.arange(T, device=device) - torch.repeat_interleave(starts, lens)
     return seq_idx_T.unsqueeze(0), pos_T.unsqueeze(0)
+
+
+class SequenceShard(Protocol):
+    """This rank's contiguous slice of a packed row that several ranks share (context
+    parallelism). The model sees only this seam; the ranks and collectives behind it live in
+    `granite_train.parallel.context_parallel`.
+
+    The row is `size * slice_len` tokens; this rank holds [offset, offset + slice_len). `bounds`
+    are the whole row's example boundaries (host ints, from 0 to the row's end, trailing filler
+    its own last segment); `real_tokens` is where that filler starts.
+    """
+
+    rank: int
+    size: int
+    slice_len: int
+    bounds: List[int]
+    real_tokens: int
+
+    @property
+    def offset(self) -> int: ...
+
+    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every rank's `x` concatenated along `dim` in rank order; backward sums each slice's
+        gradient over the ranks (each rank's loss uses the whole)."""
+        ...
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of `x` over the ranks, for a value every rank then uses alike; backward passes
+        the gradient through unchanged (each rank back-propagates only its own share)."""
+        ...
 
 
 @dataclass
@@ -43,6 +73,9 @@ class SeqLayout:
     # skip the rest). None: every token counts (padded [B, L] batches have no mask, so their
     # padding is counted too: a known limitation of the MoE aux loss on padded batches).
     real_tokens: Optional[int] = None
+    # Context parallelism: this forward's tokens are one slice of a longer row (bounds,
+    # cu_seq_lens and real_tokens above are then the slice's own, in local indices).
+    context: Optional[SequenceShard] = None
 
     # (example index, position inside the example), each [1, T] int64, built on first use by a
     # Mamba layer from `bounds` (trailing filler included) and shared by all layers.

@@ -25,10 +25,16 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+def _targets(labels_BT: torch.Tensor, shifted: bool, device: torch.device) -> torch.Tensor:
+    """[B*T] next-token targets; `shifted`: the labels are targets already (a context-parallel
+    slice, whose last token's target is the next slice's first label)."""
+    return (labels_BT if shifted else shift_labels(labels_BT)).to(device).reshape(-1)
+
+
+def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, shifted: bool = False) -> torch.Tensor:
     """Mean next-token cross-entropy over trained tokens, in fp32, from materialised logits."""
     V = logits_BTV.shape[-1]
-    labels_N = shift_labels(labels_BT).to(logits_BTV.device).reshape(-1)
+    labels_N = _targets(labels_BT, shifted, logits_BTV.device)
     loss_sum = F.cross_entropy(_upcast(logits_BTV.reshape(-1, V)), labels_N,
                                ignore_index=IGNORE_INDEX, reduction="sum")
     return loss_sum / (labels_N != IGNORE_INDEX).sum().clamp_min(1)
@@ -40,7 +46,7 @@ def _chunk_loss_sum(h_NC: torch.Tensor, weight_VC: torch.Tensor, labels_N: torch
 
 
 def chunked_causal_lm_loss(h_BTC: torch.Tensor, weight_VC: torch.Tensor, labels_BT: torch.Tensor,
-                           chunk_tokens: int = 1024) -> torch.Tensor:
+                           chunk_tokens: int = 1024, shifted: bool = False) -> torch.Tensor:
     """The same loss as `causal_lm_loss(h @ W.T, labels)` without the [T, V] logits.
 
     Each chunk's logits are recomputed in backward (activation checkpointing), so peak memory
@@ -49,7 +55,7 @@ def chunked_causal_lm_loss(h_BTC: torch.Tensor, weight_VC: torch.Tensor, labels_
     """
     C = h_BTC.shape[-1]
     h_NC = h_BTC.reshape(-1, C)
-    labels_N = shift_labels(labels_BT).to(h_BTC.device).reshape(-1)
+    labels_N = _targets(labels_BT, shifted, h_BTC.device)
     total = h_NC.new_zeros((), dtype=torch.promote_types(h_NC.dtype, torch.float32))
     for start in range(0, h_NC.shape[0], chunk_tokens):
         end = start + chunk_tokens
@@ -62,13 +68,13 @@ def chunked_causal_lm_loss(h_BTC: torch.Tensor, weight_VC: torch.Tensor, labels_
 
 
 def trained_positions_loss(h_BTC: torch.Tensor, weight_VC: torch.Tensor, labels_BT: torch.Tensor,
-                           chunk_tokens: int = 0) -> torch.Tensor:
+                           chunk_tokens: int = 0, shifted: bool = False) -> torch.Tensor:
     """The same loss as `causal_lm_loss(h @ W.T, labels)`, computing logits only at the positions
     that have a trained next token. In SFT most tokens (prompts, system turns) have none, and the
     lm_head plus its softmax dominate small models: this skips their share of that work.
     `chunk_tokens > 0` also bounds the [rows, V] logits (see `chunked_causal_lm_loss`)."""
     C = h_BTC.shape[-1]
-    labels_N = shift_labels(labels_BT).to(h_BTC.device).reshape(-1)
+    labels_N = _targets(labels_BT, shifted, h_BTC.device)
     rows_K = (labels_N != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync (the row count)
     h_KC = h_BTC.reshape(-1, C).index_select(0, rows_K)
     labels_K = labels_N.index_select(0, rows_K)

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from granite_train.models.batch import SeqLayout
+from granite_train.models import context as cp_geometry
+from granite_train.models.batch import SeqLayout, segment_positions
 from granite_train.models.config import GraniteConfig
 from granite_train.models import mamba_kernels
 from granite_train.models.param_roles import CONV, HIDDEN, NORM, SSM, mark, mark_linear
@@ -239,6 +240,66 @@ class Mamba2Mixer(nn.Module):
         y_BTHP = ssd_chunked(x_BTHP, dt_BTH, A_H, B_BTGN, C_BTGN, self.chunk_size, seq_idx_BT)
         return y_BTHP + self.D.float()[:, None] * x_BTHP.float()
 
+    def _conv_context(self, xBC_BTC: torch.Tensor, layout: SeqLayout, backend: str) -> torch.Tensor:
+        """The conv of a context-parallel slice: the previous slice's last d_conv - 1 inputs
+        (the halo, gathered) go in front, and the window's own example boundaries keep every
+        output inside its example (the first slice's halo is zeros, a segment of its own)."""
+        shard, T, halo = layout.context, xBC_BTC.shape[1], self.d_conv - 1
+        tails_BHC = shard.gather(xBC_BTC[:, T - halo:], dim=1)  # every slice's last `halo` inputs
+        # The same ops on every rank (the first one's halo is the others' times 0): every rank
+        # must run the gather's backward collective, in the same order.
+        prev = max(shard.rank - 1, 0)
+        halo_BHC = tails_BHC[:, prev * halo: (prev + 1) * halo] * (1.0 if shard.rank else 0.0)
+        ext_BTC = torch.cat([halo_BHC, xBC_BTC], dim=1)
+        wb = cp_geometry.window_bounds(shard.bounds, shard.offset - halo, shard.offset + T)
+        seq_idx_BT = pos_BT = None
+        window = SeqLayout(attn_backend=layout.attn_backend, mamba_backend=backend)
+        if len(wb) > 2:
+            seq_idx_BT, pos_BT = segment_positions(wb, xBC_BTC.device)
+            window = SeqLayout(attn_backend=layout.attn_backend, mamba_backend=backend, bounds=wb,
+                               cu_seq_lens=torch.tensor(wb, dtype=torch.int32, device=xBC_BTC.device))
+        return self._conv(ext_BTC, seq_idx_BT, pos_BT, window, backend)[:, halo:]
+
+    def _carry_in(self, y_BTHP: torch.Tensor, x_BTHP: torch.Tensor, dt_raw_BTH: torch.Tensor,
+                  B_BTGN: torch.Tensor, C_BTGN: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
+        """Add the state entering a context-parallel slice to the outputs of its first example.
+
+        Each slice scanned from a zero state. Per slice: F = the zero-start state at its end (of
+        its last example) and that example's total decay; one gather of both, then the state
+        entering slice r is the recurrence S_in[j+1] = F[j] + decay[j] S_in[j] over the slices
+        before it, cut to zero where a slice starts an example and with no decay term where a
+        slice holds a boundary. Its effect on token t of the first example is C_t (exp(sum of
+        dt A up to t) S_in). Linear and in autograd: gradients reach earlier slices through the
+        gather."""
+        shard, H, G = layout.context, self.n_heads, self.n_groups
+        A_H = -torch.exp(self.A_log.float())
+        dt_TH = F.softplus(dt_raw_BTH[0].float() + self.dt_bias.float())
+        dt_TH = dt_TH.clamp(self.time_step_limit[0], self.time_step_limit[1])
+        dA_TH = dt_TH * A_H
+        last = layout.bounds[-2]  # start of this slice's last example (local)
+        seg_dA_SH = dA_TH[last:]
+        to_end_SH = torch.exp(seg_dA_SH.sum(0, keepdim=True) - torch.cumsum(seg_dA_SH, 0))
+        xdt_SHP = x_BTHP[0, last:].float() * dt_TH[last:, :, None]
+        B_SHN = B_BTGN[0, last:].float().repeat_interleave(H // G, dim=1)
+        F_HPN = torch.einsum("sh,shp,shn->hpn", to_end_SH, xdt_SHP, B_SHN)
+        packed = torch.cat([F_HPN.reshape(-1), torch.exp(seg_dA_SH.sum(0))])
+        every_RX = shard.gather(packed.unsqueeze(0), dim=0)
+        F_RHPN = every_RX[:, :F_HPN.numel()].reshape(shard.size, *F_HPN.shape)
+        decay_RH = every_RX[:, F_HPN.numel():]
+        # The recurrence over every slice, with the boundaries as 0/1 factors rather than
+        # branches: every rank runs the same ops on the gathered tensor (so every rank runs its
+        # backward collective, in the same order), then takes its own entering state.
+        S_HPN = F_RHPN[0] * 0.0  # entering slice 0: nothing
+        for j in range(shard.rank):
+            keep = 0.0 if cp_geometry.starts_fresh(shard, j + 1) else 1.0
+            through = 1.0 if cp_geometry.carries_through(shard, j) else 0.0
+            S_HPN = keep * (F_RHPN[j] + through * decay_RH[j][:, None, None] * S_HPN)
+        first = layout.bounds[1]  # end of the slice's first example (local)
+        from_start_TH = torch.exp(torch.cumsum(dA_TH[:first], 0))
+        C_THN = C_BTGN[0, :first].float().repeat_interleave(H // G, dim=1)
+        carried_THP = torch.einsum("th,thn,hpn->thp", from_start_TH, C_THN, S_HPN)
+        return torch.cat([y_BTHP[:, :first] + carried_THP.unsqueeze(0).to(y_BTHP.dtype), y_BTHP[:, first:]], dim=1)
+
     def forward(self, x_BTC: torch.Tensor, layout: SeqLayout) -> torch.Tensor:
         Bsz, T, _ = x_BTC.shape
         dtype = x_BTC.dtype
@@ -247,11 +308,17 @@ class Mamba2Mixer(nn.Module):
         if layout.packed and layout.bounds is not None and len(layout.bounds) > 2:
             seq_idx_BT, pos_BT = layout.segments(x_BTC.device)
         z_BTD, xBC_BTC, dt_BTH = self.in_proj(x_BTC).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        xBC_BTC = self._conv(xBC_BTC, seq_idx_BT, pos_BT, layout, backend)
+        if layout.context is not None:
+            xBC_BTC = self._conv_context(xBC_BTC, layout, backend)
+        else:
+            xBC_BTC = self._conv(xBC_BTC, seq_idx_BT, pos_BT, layout, backend)
         GN = self.n_groups * self.d_state
         xs_BTD, B_BTG, C_BTG = xBC_BTC.split([self.d_inner, GN, GN], dim=-1)
         x_BTHP = xs_BTD.reshape(Bsz, T, self.n_heads, self.head_dim)
-        y_BTHP = self._scan(x_BTHP, dt_BTH, B_BTG.reshape(Bsz, T, self.n_groups, self.d_state),
-                            C_BTG.reshape(Bsz, T, self.n_groups, self.d_state), seq_idx_BT, backend)
+        B_BTGN = B_BTG.reshape(Bsz, T, self.n_groups, self.d_state)
+        C_BTGN = C_BTG.reshape(Bsz, T, self.n_groups, self.d_state)
+        y_BTHP = self._scan(x_BTHP, dt_BTH, B_BTGN, C_BTGN, seq_idx_BT, backend)
+        if layout.context is not None:
+            y_BTHP = self._carry_in(y_BTHP, x_BTHP, dt_BTH, B_BTGN, C_BTGN, layout)
         y_BTD = self.norm(y_BTHP.reshape(Bsz, T, self.d_inner), z_BTD, backend)
         return self.out_proj(y_BTD.to(dtype))

@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from granite_train.models.attention import Attention, check_attn_backend, resolve_attn_backend
-from granite_train.models.batch import SeqLayout, segment_positions
+from granite_train.models import context as cp_geometry
+from granite_train.models.batch import SeqLayout, SequenceShard, segment_positions
 from granite_train.models.config import GraniteConfig
 from granite_train.models.mamba import Mamba2Mixer
 from granite_train.models.mamba_kernels import BACKEND_NAMES as _MAMBA_BACKEND_NAMES
@@ -246,17 +247,14 @@ class GraniteForCausalLM(nn.Module):
     # ---- forward ----
 
     def _layout(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor],
-                seq_idx: Optional[torch.Tensor], cu_seq_lens: Optional[torch.Tensor]) -> SeqLayout:
+                seq_idx: Optional[torch.Tensor], cu_seq_lens: Optional[torch.Tensor],
+                context: Optional[SequenceShard] = None) -> SeqLayout:
         """Backend, RoPE tables and example boundaries for this forward (the one host sync)."""
+        if context is not None:
+            return self._context_layout(input_ids, context)
         B, T = input_ids.shape
         device = input_ids.device
-        backend = self._backend_by_device.get(device.type)
-        if backend is None:
-            backend = resolve_attn_backend(self.attn_backend, device)
-            self._backend_by_device[device.type] = backend
-            log.info("attention backend: %s (model.attn_backend=%s, device %s)",
-                     _BACKEND_NAMES[backend], self.attn_backend, device.type)
-        mamba_backend = self._resolve_mamba_backend(device)
+        backend, mamba_backend = self._resolve_backends(device)
 
         if cu_seq_lens is None and seq_idx is not None and B == 1:
             # Only seq_idx given: boundaries from the explicit example index (never from tokens).
@@ -288,6 +286,35 @@ class GraniteForCausalLM(nn.Module):
                          cu_seq_lens=cu_seq_lens, bounds=bounds, max_seq_len=max_len, seq_idx=seq_idx,
                          real_tokens=real_tokens)
 
+    def _resolve_backends(self, device: torch.device) -> Tuple[str, str]:
+        """(attention, Mamba-2) kernels for `device`, resolved and logged once per device type."""
+        backend = self._backend_by_device.get(device.type)
+        if backend is None:
+            backend = resolve_attn_backend(self.attn_backend, device)
+            self._backend_by_device[device.type] = backend
+            log.info("attention backend: %s (model.attn_backend=%s, device %s)",
+                     _BACKEND_NAMES[backend], self.attn_backend, device.type)
+        return backend, self._resolve_mamba_backend(device)
+
+    def _context_layout(self, input_ids: torch.Tensor, shard: SequenceShard) -> SeqLayout:
+        """The layout of one context-parallel slice: its own boundaries (no host sync: the shard
+        holds the row's), positions counted from each example's start in the whole row."""
+        B, T = input_ids.shape
+        if B != 1 or T != shard.slice_len:
+            raise ValueError(f"a context-parallel slice is input_ids [1, {shard.slice_len}], got {tuple(input_ids.shape)}")
+        device = input_ids.device
+        attn_backend, mamba_backend = self._resolve_backends(device)
+        bounds = cp_geometry.local_bounds(shard)
+        position_ids = cp_geometry.global_positions(shard, device)
+        cos_BTD = sin_BTD = None
+        if self.config.uses_rope:
+            cos_BTD, sin_BTD = rope_cos_sin(position_ids, self.config.resolved_head_dim, self.config.rope_theta)
+        real = shard.real_tokens - shard.offset
+        return SeqLayout(attn_backend=attn_backend, mamba_backend=mamba_backend, cos_BTD=cos_BTD, sin_BTD=sin_BTD,
+                         cu_seq_lens=torch.tensor(bounds, dtype=torch.int32, device=device), bounds=bounds,
+                         max_seq_len=max(e - s for s, e in zip(bounds[:-1], bounds[1:])),
+                         real_tokens=min(max(real, 0), T) if real < T else None, context=shard)
+
     def _resolve_mamba_backend(self, device: torch.device) -> str:
         """Mamba-2 kernels for `device`, resolved and logged once per device type (hybrids only)."""
         backend = self._mamba_by_device.get(device.type)
@@ -311,16 +338,21 @@ class GraniteForCausalLM(nn.Module):
                 seq_idx: Optional[torch.Tensor] = None, cu_seq_lens: Optional[torch.Tensor] = None,
                 max_seq_len: Optional[Union[int, torch.Tensor]] = None,
                 labels: Optional[torch.Tensor] = None, loss_chunk_tokens: int = 0,
-                return_logits: bool = True) -> CausalLMOutput:
+                return_logits: bool = True, context: Optional[SequenceShard] = None) -> CausalLMOutput:
         """Packed: input_ids [1, T] with `cu_seq_lens` [n+1] int32 (attention stays per example).
         Padded: input_ids [B, L] right-padded, no `cu_seq_lens`. `max_seq_len` is accepted for
         collator compatibility and recomputed from `cu_seq_lens`. Labels are not pre-shifted.
         `loss_chunk_tokens=N > 0` (with labels) computes the loss N tokens at a time without
         materialising the [B, T, V] logits (a memory knob; `.logits` is then None).
         `return_logits=False` (with labels; what the trainer uses) computes logits only where a
-        token is trained, so prompt tokens cost no lm_head work (`.logits` is then None)."""
+        token is trained, so prompt tokens cost no lm_head work (`.logits` is then None).
+        `context` (context parallelism): input_ids [1, slice_len] is one slice of the shard's row;
+        the boundaries and positions come from the shard, labels are targets already (shifted
+        over the whole row, `parallel.context_parallel.shard_row`), the loss is this slice's mean
+        and the router aux loss the whole row's (the same on every rank of the group)."""
         del max_seq_len  # derived from the host copy of cu_seq_lens, which we need anyway
-        layout = self._layout(input_ids, position_ids, seq_idx, cu_seq_lens)
+        layout = self._layout(input_ids, position_ids, seq_idx, cu_seq_lens, context)
+        shifted = context is not None
 
         h_BTC = self.model.embed_tokens(input_ids) * self.config.embedding_multiplier
         stats = []
@@ -334,19 +366,21 @@ class GraniteForCausalLM(nn.Module):
         aux_loss = expert_counts = None
         if stats:
             stats_LSE = torch.stack(stats)
+            expert_counts = stats_LSE[:, 0].detach()  # this slice's own: the trainer sums ranks
+            if context is not None:  # the router loss of the whole row, from its summed statistics
+                stats_LSE = context.sum(stats_LSE)
             aux_loss = router_aux_loss(stats_LSE, self.router_loss_kind, self.router_z_loss_coef)
-            expert_counts = stats_LSE[:, 0].detach()
         # Dividing the [B, T, C] hidden state instead of the [B, T, V] logits is the same linear
         # map and saves a vocabulary-sized pass (and its backward).
         h_BTC = self.model.norm(h_BTC) / self.config.logits_scaling
         if labels is not None and not return_logits:
-            loss = trained_positions_loss(h_BTC, self.lm_head.weight, labels, loss_chunk_tokens)
+            loss = trained_positions_loss(h_BTC, self.lm_head.weight, labels, loss_chunk_tokens, shifted)
             return CausalLMOutput(logits=None, loss=loss, aux_loss=aux_loss, expert_counts=expert_counts)
         if loss_chunk_tokens > 0 and labels is not None:
-            loss = chunked_causal_lm_loss(h_BTC, self.lm_head.weight, labels, loss_chunk_tokens)
+            loss = chunked_causal_lm_loss(h_BTC, self.lm_head.weight, labels, loss_chunk_tokens, shifted)
             return CausalLMOutput(logits=None, loss=loss, aux_loss=aux_loss, expert_counts=expert_counts)
         logits_BTV = self.lm_head(h_BTC)
-        loss = causal_lm_loss(logits_BTV, labels) if labels is not None else None
+        loss = causal_lm_loss(logits_BTV, labels, shifted) if labels is not None else None
         return CausalLMOutput(logits=logits_BTV, loss=loss, aux_loss=aux_loss, expert_counts=expert_counts)
 
 

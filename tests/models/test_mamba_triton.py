@@ -11,7 +11,8 @@ Install (CI does, .ci/run): `pip install -e '.[dev,triton-cpu]'` then
 `MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip install --no-build-isolation --no-deps
 mamba-ssm==2.3.2.post1` (Python only; its setup cannot parse a CPU torch's CUDA version without
 MAMBA_FORCE_BUILD, and its dependencies are GPU packages). Without them these tests skip, except
-where GRANITE_TRAIN_KERNEL_TESTS=required (CI), where they fail.
+where GRANITE_TRAIN_KERNEL_TESTS=required (CI), where they fail. The shims that let the kernels
+run on a CPU-only torch are in tests/interpreted_triton.py.
 
 Not checked here (no interpreter can): causal-conv1d (CUDA C++, the "cuda" backend's conv) and
 bf16 (the interpreter's tl.dot multiplies bf16's raw bits: triton #11584).
@@ -19,13 +20,7 @@ bf16 (the interpreter's tl.dot multiplies bf16's raw bits: triton #11584).
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import importlib.util
 import logging
-import os
-import sys
-import types
 
 import pytest
 import torch
@@ -36,72 +31,17 @@ from granite_train.models import mamba_kernels
 from granite_train.models import model as model_module
 from granite_train.models.batch import SeqLayout
 from granite_train.models.mamba import GatedRMSNorm, causal_conv1d_packed, ssd_chunked
+from ..interpreted_triton import interpreted_kernels, skip_or_fail_if_unavailable
 from .test_mamba import _cfg, _mixer
 
 pytestmark = pytest.mark.triton_interpret
 
-PACKAGES = ("triton", "einops", "mamba_ssm", "fla")
-INSTALL = ("pip install -e '.[dev,triton-cpu]' && MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE "
-           "pip install --no-build-isolation --no-deps mamba-ssm==2.3.2.post1")
-# The shims below lean on these versions' internals (Autotuner.do_bench, mamba_ssm/__init__).
-PINNED = {"triton": "3.7.1", "mamba_ssm": "2.3.2.post1", "fla": "0.6.0"}
-
-
-class _NoCudaDevice(contextlib.nullcontext):
-    """`with torch.cuda.device(t.device.index)` (every mamba-ssm launcher) raises on a CPU-only
-    torch: the index of a CPU tensor is None. Nothing to switch to here."""
-
-    def __init__(self, device=None) -> None:
-        super().__init__()
-
-
-def _constant_bench(self):
-    """Autotuning times each config with the GPU driver's benchmarker, and the interpreter has
-    no driver: every config "takes" 0 ms, so the first config runs (what one config would)."""
-    return lambda kernel_call, quantiles: [0.0, 0.0, 0.0]
-
-
 @pytest.fixture(scope="module")
 def kernels():
-    """The interpreted kernels, imported under the shims; everything restored afterwards."""
-    if torch.cuda.is_available():
-        pytest.skip("a GPU runs these kernels compiled: tests/models/test_mamba_backends.py")
-    missing = [m for m in PACKAGES if importlib.util.find_spec(m) is None]
-    if missing:
-        why = f"needs {', '.join(missing)} for the interpreted Triton kernels: {INSTALL}"
-        if os.environ.get("GRANITE_TRAIN_KERNEL_TESTS") == "required":
-            pytest.fail(why)
-        pytest.skip(why)
-    import triton
-    import triton.language as tl
-    from importlib.metadata import version
-    from triton.runtime.autotuner import Autotuner
-
-    assert os.environ.get("TRITON_INTERPRET") == "1" and type(tl.cumsum).__name__ == "InterpretedFunction", (
-        "triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it first)")
-    found = {"triton": triton.__version__, "mamba_ssm": version("mamba-ssm"), "fla": version("fla-core")}
-    assert found == PINNED, f"the shims were written for {PINNED}, found {found}"
-
-    def drop_kernel_modules():  # a later import must not see interpreted (or uninterpreted) kernels
-        for name in [n for n in sys.modules if n.split(".")[0] in ("mamba_ssm", "fla")]:
-            del sys.modules[name]
-
-    drop_kernel_modules()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.cuda, "device", _NoCudaDevice)
-        # Backward launchers size their grids by the GPU's SM count.
-        mp.setattr(torch.cuda, "get_device_properties", lambda d=None: types.SimpleNamespace(multi_processor_count=4))
-        mp.setattr(Autotuner, "do_bench", property(_constant_bench))
-        # mamba_ssm/__init__ imports its CUDA extension (selective_scan_cuda, not built here): an
-        # empty package module lets the Triton submodules import on their own.
-        pkg = types.ModuleType("mamba_ssm")
-        pkg.__path__ = list(importlib.util.find_spec("mamba_ssm").submodule_search_locations)
-        mp.setitem(sys.modules, "mamba_ssm", pkg)
-        importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
-        importlib.import_module("mamba_ssm.ops.triton.layernorm_gated")
-        importlib.import_module("fla.modules.causal_conv1d")
+    """The interpreted kernels, imported under the shims (tests/interpreted_triton.py)."""
+    skip_or_fail_if_unavailable()
+    with interpreted_kernels():
         yield
-    drop_kernel_modules()
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
