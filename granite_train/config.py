@@ -198,6 +198,11 @@ class DistributedConfig:
     # Expert parallelism (MoE models, ZeRO 0-2): each MoE layer's experts split over this many
     # ranks (num_local_experts / E each); tokens reach their experts by all-to-all. 1: off.
     expert_parallel_size: int = 1
+    # Context parallelism: groups of this many consecutive ranks share each packed row of up to
+    # size x trainer.micro_batch_tokens tokens (data.max_length may be that long), each rank a
+    # contiguous slice of micro_batch_tokens; exact (granite_train/parallel/context_parallel.py).
+    # Data-parallel size = world / size. 1: off.
+    context_parallel_size: int = 1
 
 
 @dataclass
@@ -285,7 +290,7 @@ def validate(cfg: RunConfig) -> None:
     for key in _POSITIVE:
         if _get(cfg, key) <= 0:
             raise UserError(f"{key}={_get(cfg, key)} must be > 0")
-    validate_data(cfg.data, cfg.trainer)
+    validate_data(cfg.data, cfg.trainer, cfg.distributed.context_parallel_size)
     if cfg.trainer.micro_batch_tokens > cfg.trainer.tokens_per_step:
         raise UserError(
             f"trainer.micro_batch_tokens={cfg.trainer.micro_batch_tokens} is more than "
@@ -382,9 +387,10 @@ def validate_model_path(path: str) -> None:
                         f"(config.json + *.safetensors + tokenizer.json){hint}; point model.path at one")
 
 
-def validate_data(data: DataConfig, trainer: TrainerConfig) -> None:
+def validate_data(data: DataConfig, trainer: TrainerConfig, context_parallel_size: int = 1) -> None:
     """The data section and how it fits the batch (`validate` runs it; so does the data pipeline
-    for callers that build data without the CLI)."""
+    for callers that build data without the CLI). A row holds micro_batch_tokens x
+    context_parallel_size tokens."""
     for key, allowed in CHOICES.items():
         if key.startswith("data.") and getattr(data, key.split(".", 1)[1]) not in allowed:
             raise UserError(f"{key}={getattr(data, key.split('.', 1)[1])!r} is not one of {', '.join(allowed)}")
@@ -396,11 +402,17 @@ def validate_data(data: DataConfig, trainer: TrainerConfig) -> None:
     if not data.roles or not all(isinstance(r, str) and r.strip() for r in data.roles):
         raise UserError(f"data.roles={list(data.roles)} must be a non-empty list of role names, e.g. "
                         f"[system,user,assistant,tool]")
-    if trainer.micro_batch_tokens < data.max_length:
+    if context_parallel_size > 1 and trainer.micro_batch_tokens * context_parallel_size < data.max_length:
+        raise UserError(
+            f"trainer.micro_batch_tokens={trainer.micro_batch_tokens} x distributed.context_parallel_size="
+            f"{context_parallel_size} is smaller than data.max_length={data.max_length}: a row must hold the "
+            f"longest example; raise trainer.micro_batch_tokens or the context-parallel size, or lower data.max_length")
+    if context_parallel_size == 1 and trainer.micro_batch_tokens < data.max_length:
         raise UserError(
             f"trainer.micro_batch_tokens={trainer.micro_batch_tokens} is smaller than "
             f"data.max_length={data.max_length}: a micro-batch must hold the longest example; "
-            f"raise trainer.micro_batch_tokens or lower data.max_length")
+            f"raise trainer.micro_batch_tokens or lower data.max_length (or split rows over ranks: "
+            f"distributed.context_parallel_size)")
     if trainer.tokens_per_step < data.max_length:
         raise UserError(
             f"trainer.tokens_per_step={trainer.tokens_per_step} is smaller than "
@@ -439,9 +451,24 @@ def _validate_mup(cfg: RunConfig) -> None:
         mup_width_multiplier(cfg.model.arch, base)
 
 
+def _validate_context_parallel(cfg: RunConfig) -> None:
+    cp = cfg.distributed.context_parallel_size
+    if cp < 1:
+        raise UserError(f"distributed.context_parallel_size={cp} must be >= 1 (1: no context parallelism)")
+    if cp == 1:
+        return
+    if cfg.data.packing == "none":
+        raise UserError(f"distributed.context_parallel_size={cp} splits packed rows; data.packing=none pads "
+                        f"them instead: use data.packing=bfd (or context_parallel_size=1)")
+    if cfg.trainer.compile:
+        raise UserError(f"distributed.context_parallel_size={cp} with trainer.compile=true is not supported yet "
+                        f"(the layers' collectives are not compiled); set trainer.compile=false")
+
+
 def _validate_distributed(cfg: RunConfig) -> None:
     """distributed.zero_stage and its companions (DeepSpeed ZeRO)."""
     d = cfg.distributed
+    _validate_context_parallel(cfg)
     ep = d.expert_parallel_size
     if ep < 1:
         raise UserError(f"distributed.expert_parallel_size={ep} must be >= 1 (1: no expert parallelism)")

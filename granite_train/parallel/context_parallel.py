@@ -13,13 +13,16 @@ the whole gathered tensor) and hands each rank its own slice; `sum`'s backward i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from granite_train.errors import UserError
 from granite_train.models.loss import IGNORE_INDEX, shift_labels
+from granite_train.parallel.env import Env
+from granite_train.parallel.plan import ContextPlan
 
 
 class _Gather(torch.autograd.Function):
@@ -95,3 +98,33 @@ def shard_row(input_ids: torch.Tensor, labels: torch.Tensor, cu_seq_lens: torch.
     lo, hi = rank * slice_len, (rank + 1) * slice_len
     local = {"input_ids": ids[:, lo:hi], "labels": targets[:, lo:hi]}
     return local, ContextShard(rank, size, slice_len, bounds, real, group)
+
+
+def apply_context_parallel(size: int, env: Env, slice_len: int) -> Optional[ContextPlan]:
+    """Groups of `size` consecutive ranks (a node's GPUs share a row: the K/V and state gathers
+    stay on the fast links); every rank creates every group, in the same order."""
+    if size == 1:
+        return None
+    if env.world_size % size:
+        raise UserError(f"distributed.context_parallel_size={size} does not divide the {env.world_size} ranks; "
+                        f"pick a size that divides the world size (e.g. the GPUs of a node)")
+    mine = None
+    for start in range(0, env.world_size, size):
+        group = dist.new_group(list(range(start, start + size)))
+        if start <= env.rank < start + size:
+            mine = group
+    return ContextPlan(size=size, rank=env.rank % size, group=mine, slice_len=slice_len,
+                       data_rank=env.rank // size, data_world=env.world_size // size)
+
+
+def forward_inputs(mb: Dict[str, Any], plan: Optional[ContextPlan]) -> Tuple[Dict[str, Any], torch.Tensor, int]:
+    """(the model's keyword inputs, labels, trained tokens) of a collated micro-batch (host
+    tensors). Under context parallelism: this rank's slice with its shard as `context`, labels
+    that are targets already, and the trained tokens of the slice; else the micro-batch as is."""
+    from granite_train.data.collator import model_inputs  # data -> parallel, not the reverse at import
+
+    if plan is None:
+        return model_inputs(mb), mb["labels"], int((mb["labels"] != IGNORE_INDEX).sum())
+    local, shard = shard_row(mb["input_ids"], mb["labels"], mb["cu_seq_lens"], plan.rank, plan.size,
+                             plan.slice_len, plan.group)
+    return {"input_ids": local["input_ids"], "context": shard}, local["labels"], int((local["labels"] != IGNORE_INDEX).sum())

@@ -7,8 +7,8 @@ saying what was done. The order is fixed here, one step each:
 1. FLOPs: count the matmul weights on the full model, before anything is cut (MFU).
 2. Expert parallelism: each MoE layer keeps its rank's experts and gets an all-to-all
    dispatcher (`expert_parallel.py`).
-3. (Context parallelism comes here: it cuts the sequence, after the experts, before the
-   per-layer wrappers below.)
+3. Context parallelism: groups of ranks that share each packed row (`context_parallel.py`);
+   the model is not changed, each forward gets its slice's shard (the step slices the rows).
 4. Activation checkpointing: decoder layers recompute their forward in backward.
 5. torch.compile of the modules where it is exact (`models/compile.py`), on the final
    (already cut) modules.
@@ -33,6 +33,7 @@ from granite_train.config import RunConfig
 from granite_train.errors import UserError
 from granite_train.models.compile import compile_model
 from granite_train.models.model import full_size
+from granite_train.parallel.context_parallel import apply_context_parallel
 from granite_train.parallel.deepspeed_engine import DeepSpeedEngine
 from granite_train.parallel.engine import Engine, PlainEngine
 from granite_train.parallel.env import Env
@@ -77,12 +78,14 @@ def parallelize(model: nn.Module, cfg: RunConfig, env: Env) -> Engine:
     # 2. Expert parallelism.
     expert = apply_expert_parallel(model, cfg.distributed.expert_parallel_size, env,
                                    source=cfg.model.path or "model.arch")
+    # 3. Context parallelism: groups of ranks sharing rows (the model sees each slice's shard).
+    context = apply_context_parallel(cfg.distributed.context_parallel_size, env, cfg.trainer.micro_batch_tokens)
     # 4. Activation checkpointing.
     model.set_activation_checkpointing(cfg.model.activation_checkpointing)
     # 5. torch.compile.
     compiled = _compile(model, env) if cfg.trainer.compile else {}
     plan = ParallelPlan(world_size=env.world_size, zero_stage=cfg.distributed.zero_stage, expert=expert,
-                        matmul_params=matmul_params, compiled=compiled)
+                        matmul_params=matmul_params, compiled=compiled, context=context)
     # 6. Optimizer: expert weights in groups of their own (DeepSpeed's MoE support wants them so).
     expert_groups = expert.optimizer_groups() if expert is not None else {}
     if plan.zero_stage == 0:  # DeepSpeed hands ZeRO-0 the full gradients: the optimizer clips and skips

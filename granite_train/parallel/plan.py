@@ -51,6 +51,25 @@ class ExpertParallelPlan:
 
 
 @dataclass(frozen=True)
+class ContextPlan:
+    """Context parallelism: groups of `size` consecutive ranks share each packed row, this rank
+    holding slice `rank` (of `slice_len` tokens). The data is planned for `data_world` ranks
+    (one per group) with rows of size x slice_len tokens; this rank's group reads rank
+    `data_rank`'s rows."""
+
+    size: int
+    rank: int  # within `group`
+    group: Any  # torch process group of the `size` ranks sharing a row
+    slice_len: int  # trainer.micro_batch_tokens
+    data_rank: int
+    data_world: int
+
+    @property
+    def row_tokens(self) -> int:
+        return self.size * self.slice_len
+
+
+@dataclass(frozen=True)
 class ParallelPlan:
     """How this run is cut over its ranks (returned by `parallelize` with the engine)."""
 
@@ -61,6 +80,7 @@ class ParallelPlan:
     # (MFU must not shrink when a rank holds a slice).
     matmul_params: int
     compiled: Dict[str, int] = field(default_factory=dict)  # module kind -> count (trainer.compile)
+    context: Optional[ContextPlan] = None  # None: every rank holds whole rows
 
     @property
     def lockstep_forwards(self) -> bool:

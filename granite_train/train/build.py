@@ -119,6 +119,11 @@ def describe(cfg: RunConfig, model: GraniteForCausalLM, tokenizer: Any, env: Env
     log.info("batch: %d tokens/step over %d rank(s), micro-batches of <= %d tokens | device %s, %s",
              cfg.trainer.tokens_per_step, env.world_size, cfg.trainer.micro_batch_tokens,
              env.device, precision_line(cfg, env))
+    cp = cfg.distributed.context_parallel_size
+    if cp > 1:
+        log.info("context parallel: groups of %d ranks share rows of <= %d tokens (%d each, examples up to "
+                 "data.max_length=%d); %d data-parallel group(s)", cp, cp * cfg.trainer.micro_batch_tokens,
+                 cfg.trainer.micro_batch_tokens, cfg.data.max_length, env.world_size // cp)
     if cfg.model.path is not None and cfg.optim.lr > FINE_TUNE_MAX_LR:
         log.warning("optim.lr=%g is a from-scratch learning rate: training a pretrained checkpoint "
                     "(model.path) above %g usually wrecks what it learned; use recipe=sft (lr 1e-5) or set "

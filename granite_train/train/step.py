@@ -20,10 +20,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from granite_train.data.collator import MicroBatch, is_empty, model_inputs, to_device
+from granite_train.data.collator import MicroBatch, is_empty, to_device
+from granite_train.parallel.context_parallel import forward_inputs
 from granite_train.parallel.engine import Engine
 from granite_train.parallel.env import Env
 from granite_train.parallel.expert_parallel import moe_layers
+from granite_train.parallel.plan import ContextPlan
 
 
 @dataclass(frozen=True)
@@ -36,13 +38,15 @@ class StepSettings:
     aux_coef: float = 0.0  # the model's router_aux_loss_coef (MoE)
     loss_chunk_tokens: int = 0
     expert_shape: Optional[Tuple[int, int]] = None  # (MoE layers, experts) for the load metrics
+    context: Optional[ContextPlan] = None  # context parallelism: each micro-batch row is sliced
 
     @classmethod
-    def of(cls, model: nn.Module, env: Env, loss_chunk_tokens: int = 0) -> "StepSettings":
+    def of(cls, model: nn.Module, env: Env, loss_chunk_tokens: int = 0,
+           context: Optional[ContextPlan] = None) -> "StepSettings":
         n_moe = len(moe_layers(model))
         return cls(env.device, env.autocast_dtype, env.distributed,
                    float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0), loss_chunk_tokens,
-                   (n_moe, model.config.num_local_experts) if n_moe else None)
+                   (n_moe, model.config.num_local_experts) if n_moe else None, context)
 
 
 @dataclass
@@ -90,21 +94,27 @@ def forward_backward(engine: Engine, step: Any, s: StepSettings) -> StepSums:
     expert_counts = torch.zeros(s.expert_shape, device=s.device) if s.expert_shape else None
     saw_aux = False
     for mb in step.micro_batches:
-        # Counted on the host copy, before the transfer: no device sync per micro-batch.
+        # Counted on the host copy, before the transfer: no device sync per micro-batch. Under
+        # context parallelism the row decides (every rank of the group sees the same row).
         n_mb = 0 if is_empty(mb) or n_global == 0 else int((mb["labels"] != -100).sum())
         if n_mb == 0:
             engine.backward_nothing()  # every rank runs as many backwards
             continue
         real_mb = real_tokens(mb)
-        mb = to_device(mb, s.device)
+        inputs, labels, n_mb = forward_inputs(mb, s.context)  # under context parallelism: the slice's
+        inputs, labels = to_device(inputs, s.device), labels.to(s.device, non_blocking=True)
         with torch.autocast(s.device.type, dtype=s.autocast_dtype, enabled=s.autocast_dtype is not None):
-            output = engine.forward(**model_inputs(mb), labels=mb["labels"],
-                                    loss_chunk_tokens=s.loss_chunk_tokens, return_logits=False)
+            output = engine.forward(**inputs, labels=labels, loss_chunk_tokens=s.loss_chunk_tokens,
+                                    return_logits=False)
         objective = output.loss * (n_mb / n_global)
         if output.aux_loss is not None:
+            # The row's share of the step's tokens. Under context parallelism every rank of the
+            # group holds the whole row's aux loss and back-propagates it through its own slice
+            # (the sum of those is its gradient): the full share in the objective, the metric
+            # split over the group.
             share = real_mb / step.num_input_tokens
             objective = objective + s.aux_coef * output.aux_loss * share
-            aux_sum += output.aux_loss.detach().double() * share
+            aux_sum += output.aux_loss.detach().double() * share / (s.context.size if s.context else 1)
             saw_aux = True
         engine.backward(objective)
         if output.expert_counts is not None:

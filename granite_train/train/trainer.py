@@ -118,9 +118,15 @@ class Trainer:
         self.engine = parallelize(model, cfg, env)
         model_state.full_pieces, model_state.shard_size = self.engine.full_pieces, self.engine.export_shard_size
         model_state.hf_weights = not self.engine.state_holds_weights or cfg.trainer.checkpoint_hf_weights == "always"
+        context = self.engine.plan.context
+        # Context parallelism: the data is planned for one rank per group, in rows of the group's tokens.
+        rows_cfg, data_rank, data_world = cfg.trainer, env.rank, env.world_size
+        if context is not None:
+            rows_cfg = dataclasses.replace(cfg.trainer, micro_batch_tokens=context.row_tokens)
+            data_rank, data_world = context.data_rank, context.data_world
         with main_rank_first(env):  # tokenize once; the other ranks read the datasets cache
-            self.data = build_train_data(cfg.data, cfg.trainer, self.tokenizer, env.rank, env.world_size)
-            self.eval_data = build_eval_data(cfg.data, cfg.trainer, self.tokenizer, env.rank, env.world_size,
+            self.data = build_train_data(cfg.data, rows_cfg, self.tokenizer, data_rank, data_world)
+            self.eval_data = build_eval_data(cfg.data, rows_cfg, self.tokenizer, data_rank, data_world,
                                              train_data=self.data)
         ck.add("engine", EngineState(self.engine, env))
         ck.add("data", DataState(self.data, restart_for=lambda: config_state.allowed_data_changes))
@@ -139,7 +145,7 @@ class Trainer:
                                 wandb_run_id=self.counters.wandb_run_id)
         self.counters.wandb_run_id = self.sink.wandb_run_id or self.counters.wandb_run_id
         self.memory = MemoryMeter(env)
-        self.step_settings = StepSettings.of(model, env, cfg.model.loss_chunk_tokens)
+        self.step_settings = StepSettings.of(model, env, cfg.model.loss_chunk_tokens, context)
         self.peak_tflops = peak_tflops(cfg.trainer.peak_tflops, env.device)
         self._last_eval = -1
 
@@ -272,7 +278,7 @@ class Trainer:
         if self.eval_data is None or self._last_eval == self.counters.step:
             return
         result = evaluate(self.engine.model, self.eval_data, self.env, loss_chunk_tokens=self.cfg.model.loss_chunk_tokens,
-                          lockstep=self.engine.plan.lockstep_forwards)
+                          lockstep=self.engine.plan.lockstep_forwards, context=self.engine.plan.context)
         self.sink.log({"step": self.counters.step, "split": "eval", **result})
         self._last_eval = self.counters.step
 

@@ -17,11 +17,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from granite_train.cli import compose_config
+from granite_train.errors import UserError
 from granite_train.models import GraniteConfig, GraniteForCausalLM
 from granite_train.models import context as cp_geometry
 from granite_train.models.batch import SeqLayout
 from granite_train.models.mamba import Mamba2Mixer
-from granite_train.parallel.context_parallel import shard_row
+from granite_train.parallel import Env
+from granite_train.parallel.context_parallel import apply_context_parallel, shard_row
 from ..interpreted_triton import interpreted_kernels, skip_or_fail_if_unavailable
 
 ROW = 64
@@ -226,3 +229,48 @@ def test_a_row_split_over_ranks_equals_one_rank(tmp_path, size):
 def test_the_triton_kernels_on_slices_equal_one_rank(tmp_path):
     skip_or_fail_if_unavailable()
     _spawn(tmp_path, 2, _kernel_cases)
+
+
+# ---------------------------------------------------------------- slicing and config (one process)
+
+def test_slices_carry_the_targets_across_their_edges():
+    ids, labels, cu = _row(LAYOUTS["edges"])  # 59 tokens: filler to 64
+    slices = [shard_row(ids, labels, cu, r, 4, 16) for r in range(4)]
+    targets = torch.cat([local["labels"] for local, _ in slices], dim=1)
+    expected = torch.full((1, 64), -100)
+    expected[0, :58] = labels[0, 1:]  # token t is trained on label t + 1 of the whole row
+    assert torch.equal(targets, expected)
+    assert torch.equal(torch.cat([local["input_ids"] for local, _ in slices], dim=1)[:, :59], ids)
+    shard = slices[1][1]
+    assert shard.bounds == [0, 5, 16, 17, 19, 49, 52, 59, 64] and shard.real_tokens == 59
+    assert shard.offset == 16 and cp_geometry.local_bounds(shard) == [0, 1, 3, 16]
+    assert cp_geometry.global_positions(shard, torch.device("cpu"))[0, :4].tolist() == [0, 0, 1, 0]
+    assert cp_geometry.global_positions(slices[2][1], torch.device("cpu"))[0, 0].item() == 13  # 32 - 19
+    with pytest.raises(ValueError, match="does not fit 4 slices of 8"):
+        shard_row(ids, labels, cu, 0, 4, 8)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["distributed.context_parallel_size=0"], "context_parallel_size=0 must be >= 1"),
+    (["distributed.context_parallel_size=2", "data.packing=none"], "use data.packing=bfd"),
+    (["distributed.context_parallel_size=2", "trainer.compile=true"], "set trainer.compile=false"),
+    (["distributed.context_parallel_size=2", "trainer.micro_batch_tokens=256", "data.max_length=1024"],
+     "micro_batch_tokens=256 x distributed.context_parallel_size=2 is smaller than data.max_length=1024"),
+    (["trainer.micro_batch_tokens=256", "data.max_length=1024"], "distributed.context_parallel_size"),
+])
+def test_what_context_parallelism_cannot_do_is_one_line(overrides, message):
+    with pytest.raises(UserError, match=message) as err:
+        compose_config(["recipe=sft_tiny", *overrides])
+    assert "\n" not in str(err.value)
+
+
+def test_rows_longer_than_a_slice_are_allowed():
+    cfg = compose_config(["recipe=sft_tiny", "distributed.context_parallel_size=4",
+                          "trainer.micro_batch_tokens=256", "data.max_length=1024"])
+    assert cfg.distributed.context_parallel_size == 4
+
+
+def test_a_size_that_does_not_divide_the_ranks_is_refused_before_any_collective():
+    with pytest.raises(UserError, match="context_parallel_size=3 does not divide the 4 ranks"):
+        apply_context_parallel(3, Env(0, 4, 0, torch.device("cpu"), None), 256)
+    assert apply_context_parallel(1, Env.single(), 256) is None
