@@ -84,10 +84,11 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def _model_case(family, lengths, rank, size, failures, carry=True):
+def _model_case(family, lengths, rank, size, failures, carry=True, checkpointing=False):
     """Logits, loss, aux loss and every gradient of the CP run against the reference."""
     ids, labels, cu = _row(lengths)
     ref_model, model = _model(family), _model(family)
+    model.set_activation_checkpointing(checkpointing)  # the recompute repeats the collectives
     ref = ref_model(input_ids=ids, labels=labels, cu_seq_lens=cu)
     n_global = int((labels[:, 1:] != -100).sum())
     ref_obj = ref.loss + (0.1 * ref.aux_loss if ref.aux_loss is not None else 0.0)
@@ -165,6 +166,7 @@ def _cases(rank, size, failures):
         _mixer_case(lengths, rank, size, failures)
         for family in FAMILIES:
             _model_case(family, lengths, rank, size, failures)
+    _model_case("hybrid", LAYOUTS["across"], rank, size, failures, checkpointing=True)
     # Without the state passed between slices the hybrid is visibly wrong.
     original = Mamba2Mixer._carry_in
     Mamba2Mixer._carry_in = lambda self, y, *args: y

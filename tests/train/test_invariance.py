@@ -115,13 +115,20 @@ HYBRID = ["recipe=sft_tiny", "model=granite-4.0-h-tiny-scaled", "model.arch.hidd
           "trainer.max_steps=4", "trainer.progress=false"]
 
 
-def test_context_parallel_hybrid_with_zero2_and_expert_parallel_equals_one_process(cli, tmp_path):
+@pytest.fixture(scope="module")
+def hybrid_one(tmp_path_factory, cli_at):
+    """The single-process hybrid run the context-parallel runs are compared with."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("hybrid") / "one"
+    proc = cli_at(out.parent, *HYBRID, "trainer.micro_batch_tokens=512", f"trainer.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_context_parallel_hybrid_with_zero2_and_expert_parallel_equals_one_process(hybrid_one, tmp_path):
     """Granite 4.0-H's design (Mamba-2 + attention + MoE): context parallel 2 x expert parallel
     2 on ZeRO-2 gives the single process's losses, grad norms, aux losses and eval loss."""
-    pytest.importorskip("deepspeed")
-    one = tmp_path / "one"
-    proc = cli(*HYBRID, "trainer.micro_batch_tokens=512", f"trainer.output_dir={one}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    one = hybrid_one
     two = tmp_path / "two"
     cp_args = [*HYBRID, "trainer.micro_batch_tokens=256", "distributed.context_parallel_size=2",
                "distributed.zero_stage=2", "distributed.expert_parallel_size=2", "trainer.save_every=2",
@@ -147,3 +154,14 @@ def test_context_parallel_hybrid_with_zero2_and_expert_parallel_equals_one_proce
     assert aux[two] == pytest.approx(aux[one], rel=1e-5)
     evals = {d: [r["eval_loss"] for r in rows[d] if r.get("split") == "eval"] for d in rows}
     assert len(evals[one]) == 1 and evals[two] == pytest.approx(evals[one], rel=1e-5)
+
+
+def test_context_parallel_hybrid_on_zero3_with_activation_checkpointing_equals_one_process(hybrid_one, tmp_path):
+    """ZeRO-3 gathers every weight while the slices exchange K/V and states, and activation
+    checkpointing repeats those exchanges in backward: still the single process's curve."""
+    out = tmp_path / "z3"
+    proc = _torchrun([*HYBRID, "trainer.micro_batch_tokens=256", "distributed.context_parallel_size=2",
+                      "distributed.zero_stage=3", "model.activation_checkpointing=true",
+                      f"trainer.output_dir={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_same_curve(curve(hybrid_one), curve(out), rel=1e-5)
