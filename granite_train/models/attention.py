@@ -13,6 +13,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from granite_train.errors import UserError
 from granite_train.models import context as cp_geometry
@@ -95,17 +96,15 @@ def _sdpa_context(q_BTHD: torch.Tensor, kall_BTKD: torch.Tensor, vall_BTKD: torc
                   scale: float, layout: SeqLayout, dropout_p: float) -> torch.Tensor:
     """The SDPA loop of a context-parallel slice: queries of this slice, keys of the whole row
     (gathered); a segment that began in an earlier slice sees its example's earlier keys too,
-    causally in global positions (an explicit mask for that one segment: SDPA's is_causal aligns
-    the first query with the first key)."""
+    causally in global positions: the causal mask aligned at the last query and key
+    (`causal_lower_right`, which SDPA's fused kernels take without a [q, k] mask tensor; its
+    is_causal aligns the first query with the first key)."""
     q_BHTD, k_BKTD, v_BKTD = q_BTHD.transpose(1, 2), kall_BTKD.transpose(1, 2), vall_BTKD.transpose(1, 2)
     outs = []
     for (s, e), (ks, ke) in _context_key_ranges(layout):
         if e == s:
             continue
-        mask = None
-        if ke - ks > e - s:  # query i (global ke - (e - s) + i) sees keys ks .. itself
-            q_pos = torch.arange(ke - (e - s), ke, device=q_BTHD.device)
-            mask = torch.arange(ks, ke, device=q_BTHD.device)[None, :] <= q_pos[:, None]
+        mask = causal_lower_right(e - s, ke - ks) if ke - ks > e - s else None
         o_BHSD = F.scaled_dot_product_attention(
             q_BHTD[:, :, s:e], k_BKTD[:, :, ks:ke], v_BKTD[:, :, ks:ke], attn_mask=mask,
             is_causal=mask is None, scale=scale, enable_gqa=True, dropout_p=dropout_p)

@@ -10,8 +10,9 @@ Two fast backends, both on CUDA devices only, beside the exact PyTorch reference
 
 "auto" takes "cuda", then "triton", then the PyTorch path (with a warning naming what is
 missing). None of these packages imports on a CPU-only machine, so nothing here imports them at
-module level: `_missing` asks `importlib.util.find_spec` (which does not import), and the glue
-functions import inside their bodies, reached only when the resolved backend is a fast one.
+module level or for a CPU device: `_missing` asks `importlib.util.find_spec` (which does not
+import); for a CUDA device `import_error` then tries the imports (a mamba-ssm built without its
+CUDA extension is findable but does not import); the glue functions import inside their bodies.
 
 Kernel contracts used here (causal-conv1d 1.4+, mamba-ssm 2.2+, fla-core 0.6+):
 
@@ -82,11 +83,29 @@ def config_unsupported(d_conv: int, backend: str = "cuda") -> Optional[str]:
     return None
 
 
+# What each backend imports first: mamba_ssm/__init__ imports its CUDA extension
+# (selective_scan_cuda), so a mamba-ssm installed without its CUDA build is findable but not
+# importable.
+_FIRST_IMPORTS = {"cuda": ("mamba_ssm.ops.triton.ssd_combined", "causal_conv1d"),
+                  "triton": ("mamba_ssm.ops.triton.ssd_combined", "fla.modules.causal_conv1d")}
+
+
+def import_error(backend: str) -> Optional[str]:
+    """Why `backend`'s modules do not import, or None. Imports them: reached only for a CUDA
+    device (never on a CPU-only machine)."""
+    for name in _FIRST_IMPORTS[backend]:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # an ImportError, or a CUDA extension failing to load
+            return f"import {name} failed ({type(exc).__name__}: {exc}; mamba-ssm needs its CUDA build)"
+    return None
+
+
 def _unavailable(backend: str, d_conv: int) -> Optional[str]:
     missing = _missing(backend)
     if missing:
         return f"{' and '.join(missing)} not installed ({_FIX})"
-    return config_unsupported(d_conv, backend)
+    return config_unsupported(d_conv, backend) or import_error(backend)
 
 
 def resolve_mamba_backend(requested: str, device: torch.device, d_conv: int) -> Tuple[str, Optional[str]]:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from granite_train.models.attention import Attention, check_attn_backend, resolve_attn_backend
+from granite_train.errors import UserError
 from granite_train.models import context as cp_geometry
 from granite_train.models.batch import SeqLayout, SequenceShard, segment_positions
 from granite_train.models.config import GraniteConfig
@@ -302,6 +303,10 @@ class GraniteForCausalLM(nn.Module):
         B, T = input_ids.shape
         if B != 1 or T != shard.slice_len:
             raise ValueError(f"a context-parallel slice is input_ids [1, {shard.slice_len}], got {tuple(input_ids.shape)}")
+        c = self.config
+        if any(c.mixer_type(i) == "mamba" for i in range(c.num_hidden_layers)) and T < c.mamba_d_conv - 1:
+            raise UserError(f"a context-parallel slice of {T} tokens is shorter than the Mamba conv's halo "
+                            f"(mamba_d_conv - 1 = {c.mamba_d_conv - 1}); raise trainer.micro_batch_tokens")
         device = input_ids.device
         attn_backend, mamba_backend = self._resolve_backends(device)
         bounds = cp_geometry.local_bounds(shard)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from granite_train.data.collator import model_inputs
 from granite_train.errors import UserError
 from granite_train.models.loss import IGNORE_INDEX, shift_labels
 from granite_train.parallel.env import Env
@@ -121,8 +122,6 @@ def forward_inputs(mb: Dict[str, Any], plan: Optional[ContextPlan]) -> Tuple[Dic
     """(the model's keyword inputs, labels, trained tokens) of a collated micro-batch (host
     tensors). Under context parallelism: this rank's slice with its shard as `context`, labels
     that are targets already, and the trained tokens of the slice; else the micro-batch as is."""
-    from granite_train.data.collator import model_inputs  # data -> parallel, not the reverse at import
-
     if plan is None:
         return model_inputs(mb), mb["labels"], int((mb["labels"] != IGNORE_INDEX).sum())
     local, shard = shard_row(mb["input_ids"], mb["labels"], mb["cu_seq_lens"], plan.rank, plan.size,

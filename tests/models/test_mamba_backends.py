@@ -303,12 +303,14 @@ def test_cuda_device_without_packages(monkeypatch, caplog):
 def test_auto_picks_the_first_installed_fast_backend(monkeypatch, present, auto):
     monkeypatch.setattr(mamba_kernels.importlib.util, "find_spec",
                         lambda name, *a: object() if name in present else None)
+    monkeypatch.setattr(mamba_kernels, "import_error", lambda backend: None)
     backend, why = mamba_kernels.resolve_mamba_backend("auto", torch.device("cuda"), 4)
     assert backend == auto and (why is None) == (auto != "torch")
 
 
 def test_cuda_device_with_packages_and_unsupported_width(monkeypatch):
     monkeypatch.setattr(mamba_kernels.importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setattr(mamba_kernels, "import_error", lambda backend: None)
     cuda = torch.device("cuda")
     assert mamba_kernels.resolve_mamba_backend("cuda", cuda, 4) == ("cuda", None)
     assert mamba_kernels.resolve_mamba_backend("triton", cuda, 4) == ("triton", None)
@@ -323,6 +325,20 @@ def test_cuda_device_with_packages_and_unsupported_width(monkeypatch):
                         lambda name, *a: object() if name in present else None)
     backend, why = mamba_kernels.resolve_mamba_backend("auto", cuda, 5)
     assert backend == "torch" and "mamba_d_conv=5" in why and "fla-core not installed" in why
+
+
+def test_a_findable_package_that_does_not_import_falls_back_with_the_reason(monkeypatch):
+    """mamba-ssm installed without its CUDA build: findable, but its __init__ fails to import."""
+    monkeypatch.setattr(mamba_kernels.importlib.util, "find_spec", lambda name, *a: object())
+
+    def failing_import(name):
+        raise ImportError("libselective_scan_cuda.so: cannot open shared object file")
+
+    monkeypatch.setattr(mamba_kernels.importlib, "import_module", failing_import)
+    backend, why = mamba_kernels.resolve_mamba_backend("auto", torch.device("cuda"), 4)
+    assert backend == "torch" and "selective_scan_cuda" in why and "needs its CUDA build" in why
+    with pytest.raises(UserError, match="import mamba_ssm.ops.triton.ssd_combined failed"):
+        mamba_kernels.resolve_mamba_backend("triton", torch.device("cuda"), 4)
 
 
 def test_unknown_backend_is_a_config_error():

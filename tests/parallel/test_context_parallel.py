@@ -276,3 +276,12 @@ def test_a_size_that_does_not_divide_the_ranks_is_refused_before_any_collective(
     with pytest.raises(UserError, match="context_parallel_size=3 does not divide the 4 ranks"):
         apply_context_parallel(3, Env(0, 4, 0, torch.device("cpu"), None), 256)
     assert apply_context_parallel(1, Env.single(), 256) is None
+
+
+def test_a_slice_shorter_than_the_conv_halo_is_refused():
+    from granite_train.parallel.context_parallel import ContextShard
+
+    model = _model("hybrid")  # mamba_d_conv=4: a slice needs >= 3 tokens for the halo
+    shard = ContextShard(rank=0, size=2, slice_len=2, bounds=[0, 4], real_tokens=4)
+    with pytest.raises(UserError, match="slice of 2 tokens is shorter than the Mamba conv's halo"):
+        model(input_ids=torch.zeros(1, 2, dtype=torch.long), context=shard)
