@@ -54,20 +54,24 @@ def _sdpa_padded(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tenso
     return o_BHTD.transpose(1, 2)
 
 
-def _sdpa_varlen(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor,
-                 scale: float, layout: SeqLayout, dropout_p: float) -> torch.Tensor:
-    assert layout.bounds is not None
+def _sdpa_segments(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor, scale: float,
+                   ranges, dropout_p: float) -> torch.Tensor:
+    """SDPA per example: `ranges` holds ((query start, end), (key start, end)) per segment, in
+    order. Where a segment has more keys than queries (a context-parallel slice's example that
+    began in an earlier slice) the causal mask is aligned at the last query and key
+    (`causal_lower_right`, which the fused kernels take without a [q, k] mask tensor)."""
     # [1, H, S, D] views, never 3-D [H, S, D]: on CPU, SDPA only dispatches 4-D inputs to its
     # flash kernel; 3-D ones take the math path, which builds the [H, S, S] scores (3.8x slower
     # forward + backward at S=1,600 and O(S^2) memory; benchmarks/padding_free.py).
     q_BHTD, k_BKTD, v_BKTD = q_BTHD.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2)
     outs = []
-    for start, end in zip(layout.bounds[:-1], layout.bounds[1:]):
-        if end == start:
+    for (s, e), (ks, ke) in ranges:
+        if e == s:
             continue
+        mask = causal_lower_right(e - s, ke - ks) if ke - ks > e - s else None
         o_BHSD = F.scaled_dot_product_attention(
-            q_BHTD[:, :, start:end], k_BKTD[:, :, start:end], v_BKTD[:, :, start:end],
-            is_causal=True, scale=scale, enable_gqa=True, dropout_p=dropout_p)
+            q_BHTD[:, :, s:e], k_BKTD[:, :, ks:ke], v_BKTD[:, :, ks:ke], attn_mask=mask,
+            is_causal=mask is None, scale=scale, enable_gqa=True, dropout_p=dropout_p)
         outs.append(o_BHSD.transpose(1, 2))
     return torch.cat(outs, dim=1)
 
@@ -90,26 +94,6 @@ def _context_key_ranges(layout: SeqLayout):
     off, b = shard.offset, layout.bounds
     first_key = cp_geometry.example_start(shard, off)
     return [((s, e), ((first_key if i == 0 else off + s), off + e)) for i, (s, e) in enumerate(zip(b[:-1], b[1:]))]
-
-
-def _sdpa_context(q_BTHD: torch.Tensor, kall_BTKD: torch.Tensor, vall_BTKD: torch.Tensor,
-                  scale: float, layout: SeqLayout, dropout_p: float) -> torch.Tensor:
-    """The SDPA loop of a context-parallel slice: queries of this slice, keys of the whole row
-    (gathered); a segment that began in an earlier slice sees its example's earlier keys too,
-    causally in global positions: the causal mask aligned at the last query and key
-    (`causal_lower_right`, which SDPA's fused kernels take without a [q, k] mask tensor; its
-    is_causal aligns the first query with the first key)."""
-    q_BHTD, k_BKTD, v_BKTD = q_BTHD.transpose(1, 2), kall_BTKD.transpose(1, 2), vall_BTKD.transpose(1, 2)
-    outs = []
-    for (s, e), (ks, ke) in _context_key_ranges(layout):
-        if e == s:
-            continue
-        mask = causal_lower_right(e - s, ke - ks) if ke - ks > e - s else None
-        o_BHSD = F.scaled_dot_product_attention(
-            q_BHTD[:, :, s:e], k_BKTD[:, :, ks:ke], v_BKTD[:, :, ks:ke], attn_mask=mask,
-            is_causal=mask is None, scale=scale, enable_gqa=True, dropout_p=dropout_p)
-        outs.append(o_BHSD.transpose(1, 2))
-    return torch.cat(outs, dim=1)
 
 
 def _flash_context(q_BTHD: torch.Tensor, kall_BTKD: torch.Tensor, vall_BTKD: torch.Tensor,
@@ -142,13 +126,15 @@ def causal_attention(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.T
         vall_BTKD = layout.context.gather(v_BTKD, dim=1)
         if layout.attn_backend == "flash" and q_BTHD.dtype in _FLASH_DTYPES:
             return _flash_context(q_BTHD, kall_BTKD, vall_BTKD, scale, layout, dropout_p)
-        return _sdpa_context(q_BTHD, kall_BTKD, vall_BTKD, scale, layout, dropout_p)
+        return _sdpa_segments(q_BTHD, kall_BTKD, vall_BTKD, scale, _context_key_ranges(layout), dropout_p)
     if not layout.packed:
         return _sdpa_padded(q_BTHD, k_BTKD, v_BTKD, scale, dropout_p)
     # flash-attn has no fp32 kernel: an fp32 forward without autocast takes the exact SDPA loop.
     if layout.attn_backend == "flash" and q_BTHD.dtype in _FLASH_DTYPES:
         return _flash_varlen(q_BTHD, k_BTKD, v_BTKD, scale, layout, dropout_p)
-    return _sdpa_varlen(q_BTHD, k_BTKD, v_BTKD, scale, layout, dropout_p)
+    assert layout.bounds is not None
+    segments = list(zip(layout.bounds[:-1], layout.bounds[1:]))
+    return _sdpa_segments(q_BTHD, k_BTKD, v_BTKD, scale, zip(segments, segments), dropout_p)
 
 
 class Attention(nn.Module):

@@ -54,9 +54,8 @@ def example_start(shard: SequenceShard, t: int) -> int:
 def global_positions(shard: SequenceShard, device: torch.device) -> torch.Tensor:
     """[1, slice_len] position of each token inside its example, counted over the whole row."""
     lo = shard.offset
-    starts = [example_start(shard, lo)] + [b for b in shard.bounds if lo < b < lo + shard.slice_len]
     wb = local_bounds(shard)
+    starts = [example_start(shard, lo)] + [lo + b for b in wb[1:-1]]  # global start of each segment's example
     lens = torch.tensor([e - s for s, e in zip(wb[:-1], wb[1:])], device=device)
-    first = torch.tensor([lo + s - g for s, g in zip(wb[:-1], starts)], device=device)  # position at each segment start
-    seg_start = torch.repeat_interleave(torch.tensor(wb[:-1], device=device), lens)
-    return (torch.arange(shard.slice_len, device=device) - seg_start + torch.repeat_interleave(first, lens)).unsqueeze(0)
+    start_T = torch.repeat_interleave(torch.tensor(starts, device=device), lens)
+    return (torch.arange(lo, lo + shard.slice_len, device=device) - start_T).unsqueeze(0)

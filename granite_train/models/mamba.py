@@ -28,7 +28,7 @@ mamba-ssm's `rmsnorm_fn(..., norm_before_gate=False)` instead of `GatedRMSNorm`'
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -252,12 +252,11 @@ class Mamba2Mixer(nn.Module):
         halo_BHC = tails_BHC[:, prev * halo: (prev + 1) * halo] * (1.0 if shard.rank else 0.0)
         ext_BTC = torch.cat([halo_BHC, xBC_BTC], dim=1)
         wb = cp_geometry.window_bounds(shard.bounds, shard.offset - halo, shard.offset + T)
-        seq_idx_BT = pos_BT = None
-        window = SeqLayout(attn_backend=layout.attn_backend, mamba_backend=backend)
-        if len(wb) > 2:
-            seq_idx_BT, pos_BT = segment_positions(wb, xBC_BTC.device)
-            window = SeqLayout(attn_backend=layout.attn_backend, mamba_backend=backend, bounds=wb,
-                               cu_seq_lens=torch.tensor(wb, dtype=torch.int32, device=xBC_BTC.device))
+        if len(wb) == 2:  # one example through the whole window: a plain conv
+            return self._conv(ext_BTC, None, None, SeqLayout(layout.attn_backend, backend), backend)[:, halo:]
+        seq_idx_BT, pos_BT = segment_positions(wb, xBC_BTC.device)
+        window = SeqLayout(layout.attn_backend, backend, bounds=wb,
+                           cu_seq_lens=torch.tensor(wb, dtype=torch.int32, device=xBC_BTC.device))
         return self._conv(ext_BTC, seq_idx_BT, pos_BT, window, backend)[:, halo:]
 
     def _carry_in(self, y_BTHP: torch.Tensor, x_BTHP: torch.Tensor, dt_raw_BTH: torch.Tensor,

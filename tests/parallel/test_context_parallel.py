@@ -7,15 +7,10 @@ Layouts put examples across slice edges, exactly at an edge, 1 token long at an 
 than the conv kernel across an edge, across three slices, and leave trailing filler.
 """
 
-import os
-import socket
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from granite_train.cli import compose_config
 from granite_train.errors import UserError
@@ -25,6 +20,7 @@ from granite_train.models.batch import SeqLayout
 from granite_train.models.mamba import Mamba2Mixer
 from granite_train.parallel import Env
 from granite_train.parallel.context_parallel import apply_context_parallel, shard_row
+from ..gloo_ranks import run_on_ranks
 from ..interpreted_triton import interpreted_kernels, skip_or_fail_if_unavailable
 
 ROW = 64
@@ -188,49 +184,19 @@ def _kernel_cases(rank, size, failures):
             _mixer_case(lengths, rank, size, failures, backend="triton")
 
 
-def _worker(rank, size, port, result_dir, cases):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=size)
-    failures = []
-    try:
-        cases(rank, size, failures)
-    except Exception as exc:  # reported by the parent
-        import traceback
-        failures.append(f"rank {rank}/{size}: {type(exc).__name__}: {exc} {traceback.format_exc()}")
-    finally:
-        dist.destroy_process_group()
-    with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
-        f.write("\n".join(failures))
-
-
-def _spawn(tmp_path, size, cases):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = str(Path(__file__).resolve().parents[2])  # the children import this module by name
-    added = root not in sys.path
-    if added:
-        sys.path.insert(0, root)
-    try:
-        mp.spawn(_worker, args=(size, port, str(tmp_path), cases), nprocs=size, join=True)
-    finally:
-        if added:
-            sys.path.remove(root)
-    failures = [line for r in range(size) for line in (tmp_path / f"rank{r}.txt").read_text().splitlines()]
-    assert not failures, failures
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [2, 4])
 def test_a_row_split_over_ranks_equals_one_rank(tmp_path, size):
-    _spawn(tmp_path, size, _cases)
+    failures = run_on_ranks(tmp_path, size, _cases)
+    assert not failures, failures
 
 
 @pytest.mark.slow
 @pytest.mark.triton_interpret
 def test_the_triton_kernels_on_slices_equal_one_rank(tmp_path):
     skip_or_fail_if_unavailable()
-    _spawn(tmp_path, 2, _kernel_cases)
+    failures = run_on_ranks(tmp_path, 2, _kernel_cases)
+    assert not failures, failures
 
 
 # ---------------------------------------------------------------- slicing and config (one process)

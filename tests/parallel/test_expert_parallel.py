@@ -7,20 +7,16 @@ tokens, and each expert's weight gradient must be the sum of the full layers' gr
 both ranks (the expert saw both ranks' tokens).
 """
 
-import os
-import socket
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from granite_train.errors import UserError
 from granite_train.models import GraniteConfig
 from granite_train.models.moe import MoE
 from granite_train.parallel.expert_parallel import AllToAllDispatch, check_expert_parallel
+from ..gloo_ranks import run_on_ranks
 
 WORLD = 2
 # (experts, top_k, tokens on rank 0, tokens on rank 1, router bias towards rank 0's experts)
@@ -80,38 +76,13 @@ def _run_case(rank, case, failures):
     check("output_linear grad", gos, gof[local.start:local.stop])
 
 
-def _worker(rank, port, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    failures = []
-    try:
-        for case in CASES:
-            _run_case(rank, case, failures)
-    except Exception as exc:  # reported by the parent
-        failures.append(f"rank {rank}: {type(exc).__name__}: {exc}")
-    finally:
-        dist.destroy_process_group()
-    with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
-        f.write("\n".join(failures))
+def _cases(rank, size, failures):
+    for case in CASES:
+        _run_case(rank, case, failures)
 
 
 def test_sharded_experts_equal_the_full_layer(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # The spawned children unpickle `_worker` by its module name (tests.parallel....): they import
-    # it with the parent's sys.path, which must hold the repository root (plain `pytest` with
-    # --import-mode=importlib does not put it there).
-    root = str(Path(__file__).resolve().parents[2])
-    added = root not in sys.path
-    if added:
-        sys.path.insert(0, root)
-    try:
-        mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
-    finally:
-        if added:
-            sys.path.remove(root)
-    failures = [line for r in range(WORLD) for line in (tmp_path / f"rank{r}.txt").read_text().splitlines()]
+    failures = run_on_ranks(tmp_path, WORLD, _cases)
     assert not failures, failures
 
 
