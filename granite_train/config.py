@@ -42,6 +42,27 @@ class ModelConfig:
     # muP (optim.mup=true): width of the base model the hyperparameters were tuned on;
     # m_width = hidden_size / mup_base_width. null: m_width = the model's logits_scaling.
     mup_base_width: Optional[int] = None
+    # A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) to continue
+    # training from (adapter=lora): its r, alpha and targets are the run's. null: fresh adapters.
+    adapter_path: Optional[str] = None
+
+
+@dataclass
+class AdapterConfig:
+    """Parameter-efficient fine-tuning (`adapter=lora`; granite_train/models/lora.py): the base
+    model is frozen in the run's dtype, only the adapters (fp32, with their optimizer state)
+    and `train_modules` train; final/ is a PEFT adapter directory."""
+
+    name: str = "none"  # none | lora
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05  # on each adapter's input (training only)
+    use_rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r
+    # Roles: attention (q/k/v/o), mlp (dense SwiGLU), shared_mlp, mamba (in_proj, out_proj),
+    # experts (each expert's input and output matrix), router. A role the model lacks is skipped.
+    targets: List[str] = field(default_factory=lambda: ["attention", "mlp", "shared_mlp", "mamba", "experts"])
+    # Also trained full-rank (fp32): lm_head, embeddings (one matrix when tied).
+    train_modules: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -228,6 +249,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     # The recipe that was chosen (informational; written to the saved config).
     recipe_name: Optional[str] = None
     # Settings the recipe leaves to the user (e.g. [model.path] for recipe=sft): null is refused.
@@ -252,6 +274,7 @@ CHOICES = {
     "model.router_aux_loss": ("load_balancing", "switch_per_layer"),
     "distributed.backend": ("auto", "gloo", "nccl"),
     "tracking.wandb.mode": ("online", "offline", "disabled"),
+    "adapter.name": ("none", "lora"),
 }
 
 REQUIRED_EXAMPLES = {"model.path": "/path/to/granite-checkpoint (a local HF-layout directory: config.json, "
@@ -305,6 +328,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.trainer.epochs is not None and cfg.trainer.epochs < 1:
         raise UserError(f"trainer.epochs={cfg.trainer.epochs} must be >= 1 (or null: as many as max_steps needs)")
     _validate_mup(cfg)
+    _validate_adapter(cfg)
     _validate_distributed(cfg)
     uncatchable = [n for n in cfg.trainer.preemption_signals
                    if n not in signal.Signals.__members__ or n in ("SIGKILL", "SIGSTOP")]
@@ -449,6 +473,40 @@ def _validate_mup(cfg: RunConfig) -> None:
         raise UserError(f"model.mup_base_width={base} must be a positive width (or null)")
     if cfg.optim.mup and cfg.model.path is None:
         mup_width_multiplier(cfg.model.arch, base)
+
+
+def _validate_adapter(cfg: RunConfig) -> None:
+    from granite_train.models.lora import TARGET_ROLES, TRAIN_MODULES
+
+    a = cfg.adapter
+    if a.name == "none":
+        if cfg.model.adapter_path is not None:
+            raise UserError(f"model.adapter_path={cfg.model.adapter_path} needs adapter=lora (it is a LoRA adapter "
+                            f"to continue from)")
+        return
+    if a.r <= 0:
+        raise UserError(f"adapter.r={a.r} must be > 0 (the LoRA rank, e.g. 16)")
+    if not a.alpha > 0:
+        raise UserError(f"adapter.alpha={a.alpha} must be > 0 (scaling = alpha / r; e.g. 2 x r)")
+    if not 0 <= a.dropout < 1:
+        raise UserError(f"adapter.dropout={a.dropout} must be in [0, 1)")
+    bad = [t for t in a.targets if t not in TARGET_ROLES]
+    if bad or not a.targets:
+        raise UserError(f"adapter.targets={list(a.targets)}: {'unknown ' + str(bad) if bad else 'empty'}; choose "
+                        f"from {', '.join(TARGET_ROLES)}")
+    bad = [t for t in a.train_modules if t not in TRAIN_MODULES]
+    if bad:
+        raise UserError(f"adapter.train_modules={list(a.train_modules)}: unknown {bad}; choose from "
+                        f"{', '.join(TRAIN_MODULES)} (or [])")
+    if cfg.optim.mup:
+        raise UserError("optim.mup=true with adapter=lora: muP scales a model's own weights by width, an adapter "
+                        "has none of that; set optim.mup=false")
+    if cfg.trainer.compile:
+        raise UserError("trainer.compile=true with adapter=lora is not supported yet (the adapted linears are not "
+                        "in the compiled modules' graphs); set trainer.compile=false")
+    if cfg.model.adapter_path is not None and not Path(cfg.model.adapter_path).is_dir():
+        raise UserError(f"model.adapter_path={cfg.model.adapter_path} is not a directory; point it at a PEFT adapter "
+                        f"directory (adapter_config.json + adapter_model.safetensors)")
 
 
 def _validate_context_parallel(cfg: RunConfig) -> None:

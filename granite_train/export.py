@@ -1,4 +1,4 @@
-"""`python -m granite_train.export <checkpoint> <out_dir>`: a training checkpoint -> HF layout.
+"""`python -m granite_train.export <checkpoint> <out_dir> [--merge]`: a training checkpoint -> HF layout.
 
 `<checkpoint>` is a `checkpoints/step_<N>` directory, a `checkpoints/` directory or a run's
 output directory (the latest complete checkpoint is taken). The result is config.json +
@@ -12,11 +12,18 @@ checkpoint's `model/` when it holds them (plain data parallel, expert parallelis
 (`parallel/zero_checkpoint.py`). The checkpoint is verified first (its manifest), and every
 weight is checked against config.json, so a damaged checkpoint fails here with one clear line
 rather than in the serving stack.
+
+Adapter runs (`adapter=lora`): their checkpoints hold the adapter, not the base. Without
+`--merge` the export is the PEFT adapter directory; with `--merge` every adapter is folded
+into its weight (in fp32, then the base's dtype) while the base (`base_model_name_or_path`, or
+`--base`) streams through piece by piece: a full HF checkpoint. `<checkpoint>` may also be any
+PEFT adapter directory, e.g. an adapter run's `final/`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -28,7 +35,10 @@ import torch
 from granite_train.errors import UserError
 from granite_train.models.hf_io import checkpoint_pieces, group_keys, has_weights, read_config, save_pieces
 from granite_train.models.config import GraniteConfig
+from granite_train.models.lora import merged_state
 from granite_train.models.model import GraniteForCausalLM
+from granite_train.models.peft_io import ADAPTER_CONFIG, read_adapter
+from granite_train.train.adapter import ADAPTER_DIR
 from granite_train.train.checkpoint import STATE_FILE, checkpoints_dir, latest_checkpoint, verified
 
 log = logging.getLogger("granite_train.export")
@@ -61,7 +71,60 @@ def _zero_pieces(ckpt: Path, cfg: GraniteConfig) -> Iterator[Dict[str, torch.Ten
         yield {k: weights(k) for k in keys}
 
 
-def export(checkpoint: Path, out: Path, max_shard_size: str = "5GB") -> Path:
+def _merged_pieces(adapter_dir: Path, base: Path, cfg: GraniteConfig) -> Iterator[Dict[str, torch.Tensor]]:
+    """The base checkpoint's pieces with the adapter of `adapter_dir` folded in."""
+    experts = cfg.num_local_experts or 0
+    spec, _, adapters, full_rank = read_adapter(adapter_dir, cfg, experts)
+    log.info("merging LoRA r=%d alpha=%g (%d factors%s) into %s", spec.r, spec.alpha, len(adapters),
+             f", full-rank {', '.join(full_rank)}" if full_rank else "", base)
+    used = set()
+    for piece in checkpoint_pieces(base, cfg):
+        merged = merged_state(piece, adapters, spec.scaling)
+        for key, t in full_rank.items():
+            if key in merged:
+                merged[key] = t.to(piece[key].dtype)
+        used |= {k for k in adapters if k.rsplit(".", 2)[0] + ".weight" in piece} | (set(full_rank) & set(piece))
+        yield merged
+    left = sorted((set(adapters) | set(full_rank)) - used)
+    if left:
+        raise UserError(f"{adapter_dir}: {len(left)} adapter tensors match no weight of {base} ({left[0]}, ...); "
+                        f"the adapter was trained on another model")
+
+
+def _adapter_base(adapter_dir: Path, base: Optional[Path]) -> Path:
+    if base is not None:
+        return base
+    saved = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not saved:
+        raise UserError(f"{adapter_dir / ADAPTER_CONFIG} names no base model (the run trained a random init, "
+                        f"model.arch); pass --base <HF-layout checkpoint> to merge onto one")
+    if not Path(saved).is_dir():
+        raise UserError(f"the adapter's base model {saved} is not a local directory here; pass --base <HF-layout "
+                        f"checkpoint of that model>")
+    return Path(saved)
+
+
+def export_adapter(adapter_dir: Path, out: Path, merge: bool, base: Optional[Path], max_shard_size: str) -> None:
+    """A PEFT adapter directory -> the same (copied), or merged into its base (full HF layout)."""
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; choose a new output directory")
+    if not merge:
+        shutil.copytree(adapter_dir, out, dirs_exist_ok=True)
+        return
+    base = _adapter_base(adapter_dir, base)
+    cfg = read_config(base)
+    save_pieces(cfg, _merged_pieces(adapter_dir, base, cfg), out, max_shard_size)
+    tokenizer_from = adapter_dir if (adapter_dir / "tokenizer.json").is_file() else base
+    for f in tokenizer_from.iterdir():
+        if f.is_file() and not f.name.startswith(("model", "adapter_")) and f.name != "config.json":
+            shutil.copy2(f, out / f.name)
+
+
+def export(checkpoint: Path, out: Path, max_shard_size: str = "5GB", merge: bool = False,
+           base: Optional[Path] = None) -> Path:
+    if (checkpoint / ADAPTER_CONFIG).is_file():  # a PEFT adapter directory (an adapter run's final/)
+        export_adapter(checkpoint, out, merge, base, max_shard_size)
+        return checkpoint
     ckpt = checkpoint
     if not (ckpt / STATE_FILE).is_file():
         ckpt = latest_checkpoint(checkpoint) or latest_checkpoint(checkpoints_dir(checkpoint))
@@ -69,6 +132,17 @@ def export(checkpoint: Path, out: Path, max_shard_size: str = "5GB") -> Path:
             raise UserError(f"{checkpoint} is not a checkpoint and holds none; pass "
                             f"<output_dir>/checkpoints/step_<N> (or the run's output_dir)")
     verified(ckpt)  # a damaged checkpoint fails here, naming the file
+    if (ckpt / ADAPTER_DIR / ADAPTER_CONFIG).is_file():  # an adapter run: the adapter, or merged
+        if base is None and (ckpt / "model" / "config.json").is_file():
+            saved = json.loads((ckpt / ADAPTER_DIR / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+            base = Path(saved) if saved else None
+        export_adapter(ckpt / ADAPTER_DIR, out, merge, base, max_shard_size)
+        for f in (ckpt / "model").iterdir():  # the tokenizer travels with it
+            if f.is_file() and f.name != "config.json" and not (out / f.name).exists():
+                shutil.copy2(f, out / f.name)
+        return ckpt
+    if merge:
+        raise UserError(f"{ckpt} holds no adapter (a full fine-tuning checkpoint): export it without --merge")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose a new output directory")
     model_dir = ckpt / "model"
@@ -88,10 +162,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="checkpoints/step_<N>, checkpoints/ or a run's output_dir")
     parser.add_argument("out", type=Path, help="new directory for config.json + safetensors + tokenizer")
     parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--merge", action="store_true",
+                        help="adapter runs: fold the LoRA adapter into its base and write the full model")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="with --merge: the base model (default: the adapter's base_model_name_or_path)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        ckpt = export(args.checkpoint, args.out, args.max_shard_size)
+        ckpt = export(args.checkpoint, args.out, args.max_shard_size, merge=args.merge, base=args.base)
     except UserError as exc:
         print(f"granite-train: error: {exc}", file=sys.stderr)
         return 2

@@ -134,6 +134,10 @@ class GraniteForCausalLM(nn.Module):
         self.mamba_backend = mamba_backend
         self._mamba_by_device: Dict[str, str] = {}  # like _backend_by_device, for Mamba-2 layers
         self.activation_checkpointing = activation_checkpointing
+        # Make the embedding output require grad, so every layer's backward runs even when the
+        # weights below it are frozen (adapters): ZeRO-3 releases a leaf module's weights when
+        # its inputs' gradients are done, which never happens for an input without grad.
+        self.input_grads = False
         self._backend_by_device: Dict[str, str] = {}  # resolved once per device type, logged once
         # Built on the meta device, then allocated and drawn once by `reset_parameters`: the
         # random init is that pass alone (no default inits drawn first), so a model drawn piece
@@ -360,6 +364,8 @@ class GraniteForCausalLM(nn.Module):
         shifted = context is not None
 
         h_BTC = self.model.embed_tokens(input_ids) * self.config.embedding_multiplier
+        if self.input_grads and torch.is_grad_enabled() and not h_BTC.requires_grad:
+            h_BTC = h_BTC.detach().requires_grad_()
         stats = []
         for layer in self.model.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():

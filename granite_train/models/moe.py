@@ -58,6 +58,30 @@ class ExpertWeight(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
         mark(self, "weight", HIDDEN)  # per expert a hidden matrix (fan-in grows with width)
 
+    def forward(self, x_MC: torch.Tensor, counts_E: torch.Tensor, sizes: Optional[list]) -> torch.Tensor:
+        """Rows sorted by expert (`counts_E` each) times their expert's matrix."""
+        return grouped_expert_matmul(x_MC, self.weight, counts_E, sizes)
+
+    def stacks(self) -> List[nn.Parameter]:
+        """The parameters stacked over experts (sliced and gathered along dim 0 by expert
+        parallelism): the weight, and a LoRA's factors (`lora.LoraExpertWeight`)."""
+        return [self.weight]
+
+    def keep(self, start: int, stop: int) -> None:
+        """Hold only experts [start, stop) of the ones held now."""
+        for p in self.stacks():
+            owner, name = self._owner_of(p)
+            # (the muP role is kept by the owning module, so it survives the new Parameter)
+            setattr(owner, name, nn.Parameter(p.detach()[start:stop].clone(), requires_grad=p.requires_grad))
+        self.num_experts = stop - start
+
+    def _owner_of(self, p: nn.Parameter):
+        for module in self.modules():
+            for name, q in module._parameters.items():
+                if q is p:
+                    return module, name
+        raise KeyError("parameter not held by this expert stack")
+
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}"
 
@@ -144,18 +168,13 @@ class MoE(nn.Module):
         if experts.step != 1 or not held.start <= experts.start < experts.stop <= held.stop:
             raise ValueError(f"experts {experts} are not a contiguous range of the experts held here ({held})")
         for w in (self.input_linear, self.output_linear):
-            old = w.weight
-            # (the muP role is kept by the module, so it survives the new Parameter)
-            w.weight = nn.Parameter(old.detach()[experts.start - held.start:experts.stop - held.start].clone(),
-                                    requires_grad=old.requires_grad)
-            w.num_experts = len(experts)
+            w.keep(experts.start - held.start, experts.stop - held.start)
         self.held_experts, self.dispatch = experts, dispatch
 
     def _experts(self, x_MC: torch.Tensor, counts_E: torch.Tensor, sizes: Optional[list]) -> torch.Tensor:
         """The experts held here on rows sorted by held expert."""
-        w_in, w_out = self.input_linear.weight, self.output_linear.weight
-        gate_MI, up_MI = grouped_expert_matmul(x_MC, w_in, counts_E, sizes).chunk(2, dim=-1)
-        return grouped_expert_matmul(F.silu(gate_MI) * up_MI, w_out, counts_E, sizes)
+        gate_MI, up_MI = self.input_linear(x_MC, counts_E, sizes).chunk(2, dim=-1)
+        return self.output_linear(F.silu(gate_MI) * up_MI, counts_E, sizes)
 
     def forward(self, x_BTC: torch.Tensor, real_tokens: Optional[int] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +189,7 @@ class MoE(nn.Module):
         x_NC = x_BTC.reshape(-1, C)
         N, E, k = x_NC.shape[0], self.num_experts, self.top_k
 
-        logits_NE = F.linear(x_NC, self.router.layer.weight).float()
+        logits_NE = self.router.layer(x_NC).float()  # a module call: a LoRA on the router applies
         topk_logits_NK, topk_idx_NK = logits_NE.topk(k, dim=-1)
         combine_NK = torch.softmax(topk_logits_NK, dim=-1).type_as(x_NC)
 

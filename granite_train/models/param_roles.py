@@ -13,6 +13,7 @@ The optimizer (weight decay, muP learning-rate scale) and the muP init read the 
 | `norm`      | RMSNorm / gated RMSNorm gains                 | lr            | ones                      | no              |
 | `bias`      | every bias                                    | lr            | zeros (conv bias: default)| no              |
 | `ssm`       | Mamba `A_log`, `D`, `dt_bias` (per head)      | lr            | transformers' init        | no              |
+| `adapter`   | LoRA factors `lora_A` / `lora_B` (`lora.py`)  | (muP is off with adapters) | PEFT's: A kaiming-uniform, B zeros | yes |
 
 Why (Yang et al. 2022, "Tensor Programs V", Table 8, Adam): a matrix whose fan-in grows with
 width gets lr 1/fan_in and init variance 1/fan_in, i.e. lr / m_width and std / sqrt(m_width)
@@ -47,7 +48,8 @@ CONV = "conv"
 NORM = "norm"
 BIAS = "bias"
 SSM = "ssm"
-ROLES = (HIDDEN, EMBEDDING, OUTPUT, CONV, NORM, BIAS, SSM)
+ADAPTER = "adapter"
+ROLES = (HIDDEN, EMBEDDING, OUTPUT, CONV, NORM, BIAS, SSM, ADAPTER)
 # Roles whose lr and init std muP scales with the width multiplier.
 MUP_SCALED_ROLES = (HIDDEN,)
 # Default `optim.no_decay_roles`: decaying gains, biases and the SSM's per-head scalars only

@@ -216,6 +216,7 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=config)
         use_safe_checkpoint_loads(self.engine, safe_load)  # DeepSpeed's own loader would unpickle anything
         self.model = model  # the same module (ZeRO-3: its weights sharded)
+        self._frozen_base = any(not p.requires_grad for p in model.parameters())
         self._deepspeed = deepspeed
         self._dummy: Optional[Dict[str, Any]] = None
         self._ep_read: Optional[tuple] = None
@@ -313,7 +314,9 @@ class DeepSpeedEngine:
         if self.plan.expert is not None:
             self._save_expert_parallel_state(directory / DS_STATE_DIR)
             return
-        self.engine.save_checkpoint(str(directory / DS_STATE_DIR), tag=_DS_TAG, save_latest=False)
+        # A frozen base (adapter runs) is not state: it is rebuilt from model.path on resume.
+        self.engine.save_checkpoint(str(directory / DS_STATE_DIR), tag=_DS_TAG, save_latest=False,
+                                    exclude_frozen_parameters=self._frozen_base)
 
     # Expert parallelism: DeepSpeed's own checkpoint code only knows its own MoE layer's
     # parameter names, so each rank writes its optimizer (ZeRO: its shard, fp32 masters included)
@@ -378,7 +381,8 @@ class DeepSpeedEngine:
             return
         state = ckpt / DS_STATE_DIR
         load_path, _ = self.engine.load_checkpoint(str(state), tag=_DS_TAG, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
+                                                   load_lr_scheduler_states=False,
+                                                   load_module_strict=not self._frozen_base)
         if load_path is None:
             raise UserError(f"cannot resume {ckpt}: DeepSpeed could not load {state} (saved with another "
                             f"number of ranks or ZeRO stage?)")

@@ -149,8 +149,8 @@ def apply_expert_parallel(model: nn.Module, size: int, env: Env, source: str) ->
         layer.keep_experts(held, dispatch)  # a layer loaded with only this slice keeps it
     plan = ExpertParallelPlan(size=size, rank=groups.rank, group=groups.group, group_name=groups.name,
                               num_experts=num_experts,
-                              params=tuple(p for layer in layers for p in (layer.input_linear.weight,
-                                                                           layer.output_linear.weight)))
+                              params=tuple(p for layer in layers for w in (layer.input_linear, layer.output_linear)
+                                           for p in w.stacks()))
     if env.is_main:
         local = plan.local_experts
         log.info("expert parallel: %d experts per MoE layer over %d ranks (%d each; this rank: experts "
@@ -162,12 +162,12 @@ def apply_expert_parallel(model: nn.Module, size: int, env: Env, source: str) ->
 @contextlib.contextmanager
 def gathered_experts(model: nn.Module, plan: ExpertParallelPlan) -> Iterator[nn.Module]:
     """Every rank of each expert-parallel group must enter: all of a layer's experts on every
-    rank inside, this rank's own weights (untouched) again after."""
+    rank inside (their weights and any LoRA factors), this rank's own (untouched) again after."""
     swapped = []
     try:
         with torch.no_grad():
             for layer in moe_layers(model):
-                for p in (layer.input_linear.weight, layer.output_linear.weight):
+                for p in (p for w in (layer.input_linear, layer.output_linear) for p in w.stacks()):
                     parts = [torch.empty_like(p) for _ in range(plan.size)]
                     dist.all_gather(parts, p.detach().contiguous(), group=plan.group)
                     swapped.append((p, p.data))

@@ -82,6 +82,8 @@ def parallelize(model: nn.Module, cfg: RunConfig, env: Env) -> Engine:
     context = apply_context_parallel(cfg.distributed.context_parallel_size, env, cfg.trainer.micro_batch_tokens)
     # 4. Activation checkpointing.
     model.set_activation_checkpointing(cfg.model.activation_checkpointing)
+    # ZeRO-3 with a frozen base: gradients from the first layer on (see `input_grads`).
+    model.input_grads = cfg.distributed.zero_stage == 3 and any(not p.requires_grad for p in model.parameters())
     # 5. torch.compile.
     compiled = _compile(model, env) if cfg.trainer.compile else {}
     plan = ParallelPlan(world_size=env.world_size, zero_stage=cfg.distributed.zero_stage, expert=expert,

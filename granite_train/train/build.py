@@ -32,12 +32,20 @@ def loads_sharded(cfg: RunConfig) -> bool:
 
 def weights_dtype(cfg: RunConfig, env: Env) -> torch.dtype:
     """The dtype the weights train in: bf16 under DeepSpeed's bf16 mode (fp32 masters and Adam
-    state live in its optimizer), else fp32 (bf16 compute comes from autocast)."""
-    deepspeed_bf16 = cfg.distributed.zero_stage is not None and env.autocast_dtype == torch.bfloat16
-    return torch.bfloat16 if deepspeed_bf16 else torch.float32
+    state live in its optimizer), else fp32 (bf16 compute comes from autocast). An adapter run's
+    frozen base is bf16 whenever the run computes in bf16 (it never updates: no master copy)."""
+    bf16 = env.autocast_dtype == torch.bfloat16
+    deepspeed_bf16 = cfg.distributed.zero_stage is not None and bf16
+    return torch.bfloat16 if deepspeed_bf16 or (bf16 and cfg.adapter.name != "none") else torch.float32
 
 
 def precision_line(cfg: RunConfig, env: Env) -> str:
+    if cfg.adapter.name != "none":
+        base = "bf16" if weights_dtype(cfg, env) == torch.bfloat16 else "fp32"
+        adapters = ("bf16 working copies, fp32 master weights and Adam state (DeepSpeed)"
+                    if cfg.distributed.zero_stage is not None and base == "bf16" else "fp32 with fp32 Adam state")
+        compute = "bf16 autocast" if env.autocast_dtype else "fp32"
+        return f"{compute}: frozen base {base}, adapters {adapters}"
     if weights_dtype(cfg, env) == torch.bfloat16:
         return "bf16 (DeepSpeed: bf16 weights and gradients, fp32 master weights and Adam state)"
     return "bf16 autocast (fp32 weights)" if env.autocast_dtype else "fp32"
@@ -76,6 +84,8 @@ def build_run_model(cfg: RunConfig, tokenizer: Any, env: Env) -> GraniteForCausa
                 setattr(arch, key, token_id)
         model = _init(cfg, arch, env, sharded)
     model.set_router_aux_loss(cfg.model.router_aux_loss, cfg.model.router_z_loss_coef)
+    if cfg.adapter.name != "none" and not sharded:
+        model = model.to(weights_dtype(cfg, env))  # the frozen base in the run's dtype (a random init was fp32)
     if not sharded:  # a sharded model's pieces are already where DeepSpeed put them
         model = model.to(env.device)
     if cfg.optim.mup and cfg.model.path is not None:  # loaded weights are never re-drawn

@@ -62,7 +62,8 @@ CRITICAL_KEYS = ("model.arch", "model.path", "data.path", "data.format", "data.s
                  "data.messages_field", "data.text_field", "data.columns", "data.tokenizer",
                  "data.chat_template", "data.train_on", "data.max_length", "data.overlong",
                  "data.packing", "data.max_examples", "trainer.tokens_per_step", "trainer.seed",
-                 "trainer.epochs")
+                 "trainer.epochs", "adapter.name", "adapter.r", "adapter.alpha", "adapter.use_rslora",
+                 "adapter.targets", "adapter.train_modules", "model.adapter_path")
 
 
 def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
@@ -78,10 +79,24 @@ def _allowed(key: str, allow: List[str]) -> bool:
     return any(key == a or key.startswith(a + ".") for a in allow)
 
 
+def _schema_defaults() -> Dict[str, Any]:
+    from granite_train.config import RunConfig
+
+    return _flatten(OmegaConf.to_container(OmegaConf.structured(RunConfig), resolve=True))
+
+
+def _under_saved(key: str, old: Dict[str, Any]) -> bool:
+    """Whether a parent of `key` is a saved leaf (e.g. a None-valued group)."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in old for i in range(1, len(parts)))
+
+
 def config_changes(saved: Dict[str, Any], now: Dict[str, Any], allow: List[str]) -> List[str]:
     """`key old -> new` for every critical key that differs and is not allowed to (a key is
     allowed when it equals or lies under an entry of `allow`)."""
     old, new = _flatten(saved), _flatten(now)
+    # A key the saved config predates (a newer setting) counts as its default then.
+    old = {**{k: v for k, v in _schema_defaults().items() if k not in old and not _under_saved(k, old)}, **old}
     changed = []
     for key in sorted(set(old) | set(new)):
         if _allowed(key, list(CRITICAL_KEYS)) and not _allowed(key, allow) and old.get(key) != new.get(key):

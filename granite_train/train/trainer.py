@@ -31,6 +31,8 @@ from granite_train.errors import Preempted, UserError
 from granite_train.models.hf_io import save_pieces
 from granite_train.parallel.env import agree, init_env, main_rank_first
 from granite_train.parallel.parallelize import parallelize
+from granite_train.models.model import full_size
+from granite_train.train.adapter import AdapterState, AdapterSummary, adapt_model, save_adapter_dir
 from granite_train.train.build import build_run_model, describe, loads_sharded
 from granite_train.train.evaluate import evaluate
 from granite_train.train.memory import MemoryMeter, log_weights_loaded
@@ -108,16 +110,24 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.path)
         model = build_run_model(cfg, self.tokenizer, env)
-        model_state = ModelState(model, self.tokenizer, allow, env,
-                                 sharded=loads_sharded(cfg))
+        self.adapter: Optional[AdapterSummary] = None
+        if cfg.adapter.name != "none":  # adapters on the whole model; the checkpoints hold them, not the base
+            self.adapter = adapt_model(model, cfg)
+            model_state: Any = AdapterState(model, self.adapter, self.tokenizer, cfg.model.path, env)
+        else:
+            model_state = ModelState(model, self.tokenizer, allow, env, sharded=loads_sharded(cfg))
         ck.add("model", model_state)
         ck.restore(resume, "model")  # into the whole model, before it is cut over ranks
         log_weights_loaded(env)  # before the optimizer and its state exist
         if env.is_main:
             describe(cfg, model, self.tokenizer, env, resumed_from=resume)
+            if self.adapter is not None:
+                log.info(self.adapter.line(full_size(model.config)[0]))
         self.engine = parallelize(model, cfg, env)
-        model_state.full_pieces, model_state.shard_size = self.engine.full_pieces, self.engine.export_shard_size
-        model_state.hf_weights = not self.engine.state_holds_weights or cfg.trainer.checkpoint_hf_weights == "always"
+        model_state.full_pieces = self.engine.full_pieces
+        if self.adapter is None:
+            model_state.shard_size = self.engine.export_shard_size
+            model_state.hf_weights = not self.engine.state_holds_weights or cfg.trainer.checkpoint_hf_weights == "always"
         context = self.engine.plan.context
         # Context parallelism: the data is planned for one rank per group, in rows of the group's tokens.
         rows_cfg, data_rank, data_world = cfg.trainer, env.rank, env.world_size
@@ -302,12 +312,17 @@ class Trainer:
         final = self.out / "final"
         self.engine.release_optimizer_state()  # training is over and checkpointed
         # Every rank iterates the pieces (ZeRO-3 / expert parallelism gather); rank 0 writes.
-        save_pieces(self.engine.model.config, self.engine.full_pieces(), final, self.engine.export_shard_size,
-                    write=self.env.is_main)
+        if self.adapter is not None:
+            save_adapter_dir(final, self.engine.full_pieces(), self.adapter.spec, self.engine.model,
+                             self.cfg.model.path, self.env.is_main)
+        else:
+            save_pieces(self.engine.model.config, self.engine.full_pieces(), final, self.engine.export_shard_size,
+                        write=self.env.is_main)
         if self.env.is_main:
             self.tokenizer.save(final)
-            log.info("done: %d steps, %d tokens, final loss %.4f | HF checkpoint: %s",
-                     self.counters.step, self.counters.tokens_seen, self.last_loss, final)
+            what = "PEFT adapter" if self.adapter is not None else "HF checkpoint"
+            log.info("done: %d steps, %d tokens, final loss %.4f | %s: %s",
+                     self.counters.step, self.counters.tokens_seen, self.last_loss, what, final)
 
     def _close(self, error: Optional[BaseException] = None) -> None:
         """Idempotent. A UserError or preemption line also goes to train.log (the CLI prints it)."""

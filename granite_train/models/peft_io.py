@@ -1,0 +1,245 @@
+"""LoRA adapters in PEFT's on-disk format, both ways.
+
+A PEFT adapter directory is `adapter_config.json` (a `peft.LoraConfig`, written by PEFT itself)
+plus `adapter_model.safetensors`, whose keys are the module paths of *transformers'* model under
+`base_model.model.`. Ours are the same paths except where transformers (v5) names the MoE parts
+differently, and PEFT stores expert stacks in its own layout:
+
+| ours (`lora.py`)                                   | PEFT key (transformers >= 5 names)                        |
+|----------------------------------------------------|-----------------------------------------------------------|
+| `<m>.lora_A.weight` [r, in], `lora_B` [out, r]     | `base_model.model.<m>.lora_A.weight`, same shapes         |
+| `...block_sparse_moe.router.layer.lora_*`          | `...block_sparse_moe.router.lora_*` (target_parameters `router.weight`) |
+| `...block_sparse_moe.input_linear.lora_A` [E, r, H]| `...block_sparse_moe.experts[.base_layer].lora_A.weight` [E*r, H] (target_parameters `experts.gate_up_proj`) |
+| `...block_sparse_moe.input_linear.lora_B` [E, 2I, r]| `...lora_B.weight` [2I, r*E], column j*E + e = expert e's column j |
+| `...block_sparse_moe.output_linear.lora_*`         | the same under `experts` (`experts.down_proj`)            |
+| `lm_head.weight` / `model.embed_tokens.weight` (train_modules) | `base_model.model.lm_head.weight` / `...model.embed_tokens.weight` (modules_to_save) |
+
+PEFT wraps several parameters of one module by nesting its wrappers in `target_parameters`
+order: every wrapper but the last adds a `base_layer.` to the keys of the ones inside it
+(`experts.base_layer.lora_A` is gate_up_proj's when down_proj is targeted too). Adapters saved
+against transformers 4.x (`...block_sparse_moe.input_linear.lora_A.weight`, the same layout)
+are read too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from granite_train.errors import UserError
+from granite_train.models.config import GraniteConfig
+from granite_train.models.lora import TARGET_ROLES, TRAIN_MODULES, LoraSpec, role_of_module
+
+log = logging.getLogger("granite_train.models")
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+# Our expert stacks -> (transformers' module, its parameter), and the router.
+_EXPERT_PARAMS = {"block_sparse_moe.input_linear": "gate_up_proj", "block_sparse_moe.output_linear": "down_proj"}
+_ROUTER = "block_sparse_moe.router.layer"
+# PEFT's modules_to_save names of our full-rank train_modules.
+_SAVED_MODULES = {"lm_head": "lm_head", "model.embed_tokens": "embed_tokens"}
+# adapter_config.json fields whose non-default values change the math in ways we do not run.
+_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "layers_to_transform": None,
+                "layer_replication": None, "rank_pattern": {}, "alpha_pattern": {}, "trainable_token_indices": None,
+                "use_qalora": False}
+
+
+def _module_of(key: str) -> Tuple[str, str]:
+    """(module path, "A" or "B") of one of our adapter keys."""
+    module, factor, _ = key.rsplit(".", 2)
+    return module, factor[-1]
+
+
+def _expert_suffix(module: str) -> Optional[str]:
+    for suffix in _EXPERT_PARAMS:
+        if module.endswith(suffix) and not module.endswith("shared_mlp." + suffix.rsplit(".", 1)[1]):
+            return suffix
+    return None
+
+
+def _target_lists(modules: List[str]) -> Tuple[List[str], List[str]]:
+    """PEFT's (target_modules, target_parameters) for our adapted module paths."""
+    target_modules, target_parameters = set(), []
+    for module in modules:
+        expert = _expert_suffix(module)
+        if expert is not None:
+            name = f"block_sparse_moe.experts.{_EXPERT_PARAMS[expert]}"
+        elif module.endswith(_ROUTER):
+            name = "block_sparse_moe.router.weight"
+        else:
+            target_modules.add(".".join(module.split(".")[-2:]))  # e.g. self_attn.q_proj
+            continue
+        if name not in target_parameters:
+            target_parameters.append(name)
+    # gate_up before down: the order PEFT nests them in, which sets their keys (module doc).
+    target_parameters.sort(key=lambda n: ("gate_up_proj" not in n, "down_proj" not in n, n))
+    return sorted(target_modules), target_parameters
+
+
+def _nesting(target_parameters: List[str]) -> Dict[str, str]:
+    """Expert parameter name -> the `base_layer.` prefix its keys carry under `experts`."""
+    wrapped = [t.rsplit(".", 1)[1] for t in target_parameters if t.rsplit(".", 1)[0].endswith("experts")]
+    return {p: "base_layer." * (len(wrapped) - 1 - i) for i, p in enumerate(wrapped)}
+
+
+def to_peft(adapters: Dict[str, torch.Tensor], full_rank: Dict[str, torch.Tensor], tied: bool
+            ) -> Tuple[Dict[str, torch.Tensor], List[str], List[str], List[str]]:
+    """Our adapter state (experts whole, [E, ...]) and full-rank modules -> (PEFT state dict,
+    target_modules, target_parameters, modules_to_save)."""
+    modules = sorted({_module_of(k)[0] for k in adapters})
+    target_modules, target_parameters = _target_lists(modules)
+    nest = _nesting(target_parameters)
+    out: Dict[str, torch.Tensor] = {}
+    for key, t in adapters.items():
+        module, factor = _module_of(key)
+        expert = _expert_suffix(module)
+        if expert is not None:
+            param = _EXPERT_PARAMS[expert]
+            peft_module = module[: -len(expert)] + "block_sparse_moe.experts." + nest[param].rstrip(".")
+            peft_module = peft_module.rstrip(".")
+            E = t.shape[0]
+            t = t.reshape(-1, t.shape[-1]) if factor == "A" else t.permute(1, 2, 0).reshape(t.shape[1], -1)
+            assert t.shape[-1 if factor == "B" else 0] % E == 0
+        elif module.endswith(_ROUTER):
+            peft_module = module[: -len(".layer")]
+        else:
+            peft_module = module
+        out[f"{PREFIX}{peft_module}.lora_{factor}.weight"] = t.contiguous()
+    saved = []
+    for key, t in full_rank.items():
+        module = key.rsplit(".", 1)[0]
+        saved.append(_SAVED_MODULES[module])
+        out[f"{PREFIX}{key}"] = t.contiguous()
+    if tied and saved:  # one matrix: PEFT copies each module it saves, so both carry it
+        matrix = next(iter(full_rank.values())).contiguous()
+        out[f"{PREFIX}lm_head.weight"] = matrix
+        out[f"{PREFIX}model.embed_tokens.weight"] = matrix.clone()
+        saved = ["embed_tokens", "lm_head"]
+    return out, target_modules, target_parameters, sorted(set(saved))
+
+
+def save_adapter(path: Union[str, Path], spec: LoraSpec, adapters: Dict[str, torch.Tensor],
+                 full_rank: Dict[str, torch.Tensor], cfg: GraniteConfig, base_model: Optional[str]) -> None:
+    """Write a PEFT adapter directory (config through PEFT's own `LoraConfig`)."""
+    import peft
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state, target_modules, target_parameters, modules_to_save = to_peft(
+        {k: v.detach().to("cpu") for k, v in adapters.items()}, {k: v.detach().to("cpu") for k, v in full_rank.items()},
+        cfg.tie_word_embeddings)
+    dropout = spec.dropout
+    if target_parameters and dropout:
+        # PEFT's parameter wrappers (experts, router) refuse dropout (it cannot be factored out of
+        # a weight delta); it only acts in training, so the file says 0 and loads.
+        dropout = 0.0
+    config = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=dropout, use_rslora=spec.use_rslora,
+                             target_modules=target_modules or None, target_parameters=target_parameters or None,
+                             modules_to_save=modules_to_save or None, bias="none", task_type="CAUSAL_LM",
+                             # a tied matrix trained full-rank stays one matrix in PEFT too
+                             ensure_weight_tying=bool(cfg.tie_word_embeddings and modules_to_save),
+                             base_model_name_or_path=base_model, inference_mode=True)
+    config.save_pretrained(str(path))
+    save_file(state, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def _peft_to_ours(key: str, nest_inverse: Dict[str, str]) -> Optional[Tuple[str, str, Optional[str]]]:
+    """A PEFT key -> (our module path, factor "A"/"B", expert param or None); None: not an
+    adapter factor."""
+    m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key)
+    if m is None:
+        return None
+    module, factor = m.group(1), m.group(2)
+    em = re.fullmatch(r"(.+\.block_sparse_moe)\.experts((?:\.base_layer)*)", module)
+    if em is not None:
+        param = nest_inverse.get(em.group(2).count("base_layer"))
+        if param is None:
+            return module, factor, "?"
+        ours = {v: k for k, v in _EXPERT_PARAMS.items()}[param]
+        return f"{em.group(1)}.{ours.rsplit('.', 1)[1]}", factor, param
+    if module.endswith("block_sparse_moe.router"):
+        return module + ".layer", factor, None
+    return module, factor, None
+
+
+def read_adapter(path: Union[str, Path], cfg: GraniteConfig, experts: int
+                 ) -> Tuple[LoraSpec, List[str], Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """A PEFT adapter directory -> (its LoraSpec, our adapted module paths, our adapter state
+    (experts whole, [E, ...]), full-rank module weights by our key). One UserError line for
+    anything we cannot run exactly."""
+    path = Path(path)
+    config_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    if not config_file.is_file() or not weights.is_file():
+        hint = " (adapter_model.bin is not read: re-save it with safe_serialization)" if (path / "adapter_model.bin").exists() else ""
+        raise UserError(f"{path} is not a PEFT adapter directory: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}{hint}")
+    try:
+        c = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config_file} is not valid JSON ({e}); fix or replace the file") from None
+    if c.get("peft_type") != "LORA":
+        raise UserError(f"{config_file}: peft_type {c.get('peft_type')!r} is not LORA; only LoRA adapters load")
+    bad = [f"{k}={c[k]!r}" for k, default in _UNSUPPORTED.items() if c.get(k, default) not in (default, None) or
+           (k in c and default == {} and c[k])]
+    if bad:
+        raise UserError(f"{config_file}: {', '.join(bad)} is not supported (plain LoRA only); merge that adapter "
+                        f"with PEFT and train from the merged model (model.path)")
+    saved_modules = [m for m in (c.get("modules_to_save") or [])]
+    unknown = [m for m in saved_modules if m not in _SAVED_MODULES.values()]
+    if unknown:
+        raise UserError(f"{config_file}: modules_to_save {unknown} are not supported (only lm_head, embed_tokens)")
+    nest = _nesting(list(c.get("target_parameters") or []))
+    nest_inverse = {prefix.count("base_layer"): p for p, prefix in nest.items()}
+    r, alpha = int(c["r"]), float(c["lora_alpha"])
+    adapters: Dict[str, torch.Tensor] = {}
+    full_rank: Dict[str, torch.Tensor] = {}
+    strays: List[str] = []
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                inner = key[len(PREFIX):] if key.startswith(PREFIX) else key
+                if inner in ("lm_head.weight", "model.embed_tokens.weight"):
+                    full_rank[inner] = f.get_tensor(key).float()
+                    continue
+                found = _peft_to_ours(inner, nest_inverse)
+                if found is None or found[2] == "?" or role_of_module(found[0]) is None:
+                    strays.append(key)
+                    continue
+                module, factor, param = found
+                t = f.get_tensor(key).float()
+                if param is not None or _expert_suffix(module) is not None:  # PEFT's stacked layout
+                    if factor == "A":
+                        t = t.reshape(experts, -1, t.shape[-1])
+                    else:
+                        t = t.reshape(t.shape[0], -1, experts).permute(2, 0, 1)
+                adapters[f"{module}.lora_{factor}.weight"] = t.contiguous()
+    except SafetensorError as e:
+        raise UserError(f"{weights} is not a readable safetensors file ({e}); re-copy the adapter") from None
+    if strays:
+        raise UserError(f"{weights} has keys that match no LoRA target of this {cfg.model_type} model: "
+                        f"{', '.join(strays[:4])}{' ...' if len(strays) > 4 else ''}; use an adapter trained on "
+                        f"this model family")
+    if not adapters:
+        raise UserError(f"{weights} holds no LoRA factors; it is not a LoRA adapter")
+    modules = sorted({_module_of(k)[0] for k in adapters})
+    ranks = {adapters[f"{m}.lora_A.weight"].shape[-2] for m in modules if f"{m}.lora_A.weight" in adapters}
+    if ranks != {r}:
+        raise UserError(f"{weights}: LoRA ranks {sorted(ranks)} differ from adapter_config.json's r={r}; the "
+                        f"adapter is damaged or mixed")
+    roles = tuple(t for t in TARGET_ROLES if any(role_of_module(m) == t for m in modules))
+    train = tuple(name for name, ours in TRAIN_MODULES.items() if f"{ours}.weight" in full_rank)
+    if cfg.tie_word_embeddings and len(full_rank) > 1:
+        full_rank = {"model.embed_tokens.weight": full_rank.get("lm_head.weight", full_rank["model.embed_tokens.weight"])}
+        train = ("embeddings",)
+    spec = LoraSpec(r=r, alpha=alpha, dropout=float(c.get("lora_dropout") or 0.0), targets=roles,
+                    use_rslora=bool(c.get("use_rslora", False)), train_modules=train)
+    return spec, modules, adapters, full_rank
+
