@@ -169,6 +169,16 @@ def fill_sharded(model: nn.Module, path: Path, env: Env) -> None:
                     p.data.copy_(read(name))
 
 
+def copy_into_sharded(pairs: List[Tuple[torch.Tensor, torch.Tensor]], env: Env) -> None:
+    """`param.copy_(value)` for ZeRO-3 partitioned params (every rank calls; each is gathered,
+    written by rank 0, re-sharded)."""
+    deepspeed = import_deepspeed(env.device)
+    for p, value in pairs:
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+            if env.is_main:
+                p.data.copy_(value.to(p.dtype))
+
+
 def _prepare_zero3(model: nn.Module, deepspeed) -> None:
     """ZeRO-3 fetches a module's own weights before its forward. Some of ours use weights held
     by a child whose forward they never call: fetch those with the parent."""

@@ -67,7 +67,7 @@ class AdapterSummary:
                 f"trainable parameters, {100.0 * self.trainable / max(total, 1):.3g}% of {total / 1e6:.2f}M")
 
 
-def adapt_model(model: nn.Module, cfg: RunConfig) -> AdapterSummary:
+def adapt_model(model: nn.Module, cfg: RunConfig, env: Optional[Env] = None) -> AdapterSummary:
     """Adapters onto the whole (unsharded, or ZeRO-3 sharded as loaded) model, in place."""
     spec = run_spec(cfg)
     tied = model.config.tie_word_embeddings
@@ -100,7 +100,7 @@ def adapt_model(model: nn.Module, cfg: RunConfig) -> AdapterSummary:
     for path in _train_module_paths(spec):
         model.get_submodule(path).float()  # full-rank training keeps fp32 weights
     if loaded is not None:
-        load_adapter_weights(model, *loaded, where=cfg.model.adapter_path)
+        load_adapter_weights(model, *loaded, where=cfg.model.adapter_path, env=env)
     return AdapterSummary(spec, counts, trainable, source)
 
 
@@ -110,9 +110,10 @@ def _train_module_paths(spec: LoraSpec) -> List[str]:
 
 @torch.no_grad()
 def load_adapter_weights(model: nn.Module, adapters: Dict[str, torch.Tensor], full_rank: Dict[str, torch.Tensor],
-                         where: Any) -> None:
+                         where: Any, env: Optional[Env] = None) -> None:
     """Copy adapter factors (experts whole: a rank holding a slice takes its slice) and full-rank
-    modules into `model`; every key and shape checked first, one UserError for all."""
+    modules into `model`; every key and shape checked first, one UserError for all. ZeRO-3
+    partitioned weights (a sharded base's full-rank train_modules) need `env` (every rank calls)."""
     params = dict(model.named_parameters())
     held = {path: m for path, m in model.named_modules() if hasattr(m, "held_experts")}
     wrong, missing = [], []
@@ -136,8 +137,15 @@ def load_adapter_weights(model: nn.Module, adapters: Dict[str, torch.Tensor], fu
         raise UserError(f"the adapter in {where} does not fit this model: "
                         f"{'missing ' + ', '.join(missing[:4]) + '; ' if missing else ''}"
                         f"{'wrong ' + ', '.join(wrong[:4]) if wrong else ''}; use an adapter trained on this model")
+    sharded = [(p, t) for p, t in plan if hasattr(p, "ds_id")]
     for p, t in plan:
-        p.copy_(t.to(p.dtype))
+        if not hasattr(p, "ds_id"):
+            p.copy_(t.to(p.dtype))
+    if sharded:
+        from granite_train.parallel.deepspeed_engine import copy_into_sharded
+
+        assert env is not None, "ZeRO-3 partitioned weights need the env to be loaded"
+        copy_into_sharded(sharded, env)
 
 
 def full_adapter_state(pieces: Iterable[Dict[str, torch.Tensor]], spec: LoraSpec, tied: bool):
@@ -195,4 +203,4 @@ class AdapterState:
         if sorted(paths) != mine or spec.r != self.summary.spec.r:
             raise UserError(f"cannot resume {ckpt}: its adapter (r={spec.r}, {len(paths)} modules) is not this run's "
                             f"(r={self.summary.spec.r}, {len(mine)} modules); use the adapter settings it was saved with")
-        load_adapter_weights(self.model, adapters, full_rank, where=ckpt / ADAPTER_DIR)
+        load_adapter_weights(self.model, adapters, full_rank, where=ckpt / ADAPTER_DIR, env=self.env)

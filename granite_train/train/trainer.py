@@ -112,7 +112,7 @@ class Trainer:
         model = build_run_model(cfg, self.tokenizer, env)
         self.adapter: Optional[AdapterSummary] = None
         if cfg.adapter.name != "none":  # adapters on the whole model; the checkpoints hold them, not the base
-            self.adapter = adapt_model(model, cfg)
+            self.adapter = adapt_model(model, cfg, env)
             model_state: Any = AdapterState(model, self.adapter, self.tokenizer, cfg.model.path, env)
         else:
             model_state = ModelState(model, self.tokenizer, allow, env, sharded=loads_sharded(cfg))

@@ -1,0 +1,204 @@
+"""Adapter runs end to end (fp32, CPU): what they save, that final/ loads in PEFT on
+transformers' model, resume, `export --merge`, `model.adapter_path`, and ZeRO-3 / expert
+parallelism on 2 ranks equal to 1."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from granite_train.serialization import safe_load
+
+pytestmark = pytest.mark.slow
+
+VOCAB = 50260  # the bundled tokenizer's
+ARCH = dict(model_type="granitemoehybrid", vocab_size=VOCAB, hidden_size=64, intermediate_size=32,
+            shared_intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            num_local_experts=4, num_experts_per_tok=2, layer_types=["mamba", "attention", "mamba"],
+            mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
+            mamba_chunk_size=16, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
+            logits_scaling=6.0, initializer_range=0.1, tie_word_embeddings=True, max_position_embeddings=1024)
+RUN = ["recipe=sft_tiny", "data.max_examples=300", "data.max_length=512", "trainer.tokens_per_step=4096",
+       "trainer.micro_batch_tokens=2048", "trainer.dtype=fp32", "trainer.max_steps=4", "trainer.progress=false",
+       "adapter=lora", "adapter.dropout=0", "adapter.targets=[attention,shared_mlp,mamba,experts,router]",
+       "adapter.train_modules=[lm_head]", "optim.lr=2e-3"]
+
+
+def curve(out):
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["loss"], r["grad_norm"]) for r in rows if r.get("split") != "eval"]
+
+
+def assert_same_curve(a, b, rel):
+    assert len(a) == len(b) == 4
+    for (la, ga), (lb, gb) in zip(a, b):
+        assert la == pytest.approx(lb, rel=rel) and ga == pytest.approx(gb, rel=rel)
+
+
+def assert_same_adapter(a, b, rel):
+    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    assert x.keys() == y.keys()
+    for k in x:
+        assert (x[k] - y[k]).abs().max() <= rel * x[k].abs().max(), k
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A small hybrid checkpoint with the bundled tokenizer: what an adapter run fine-tunes."""
+    from granite_train.data import load_tokenizer
+    from granite_train.models import GraniteConfig, build_model, save_model
+
+    path = tmp_path_factory.mktemp("base") / "granite-4.0-h-test"
+    torch.manual_seed(0)
+    save_model(build_model(GraniteConfig(**ARCH)), path)
+    load_tokenizer("gpt2-bundled", None).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def straight(base, tmp_path_factory, cli_at):
+    root = tmp_path_factory.mktemp("straight")
+    out = root / "run"
+    proc = cli_at(root, *RUN, f"model.path={base}", "trainer.save_every=2", f"trainer.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, out, proc.stderr
+
+
+def _ours_adapted(base, adapter_dir):
+    from granite_train.models import load_model
+    from granite_train.models.lora import attach_lora
+    from granite_train.models.peft_io import read_adapter
+    from granite_train.train.adapter import load_adapter_weights
+
+    model = load_model(base).eval()
+    spec, paths, adapters, full = read_adapter(adapter_dir, model.config, model.config.num_local_experts)
+    attach_lora(model, spec, paths=paths)
+    load_adapter_weights(model, adapters, full, where=adapter_dir)
+    return model
+
+
+def test_an_adapter_run_saves_adapters_not_the_base(straight, base):
+    _, out, log = straight
+    assert "adapter: LoRA r=16 alpha=32" in log and "trainable parameters" in log
+    final = out / "final"
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in final.iterdir()}
+    assert not list(final.glob("model*.safetensors"))
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base) and config["modules_to_save"] == ["embed_tokens", "lm_head"]
+    ckpt = out / "checkpoints" / "step_4"
+    assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list(ckpt.rglob("model*.safetensors"))  # the frozen base is never copied
+    weights = load_file(final / "adapter_model.safetensors")
+    n_trainable = sum(t.numel() for k, t in weights.items() if "lora_" in k) + VOCAB * 64
+    # the optimizer holds state for the trainable parameters only (Adam: exp_avg + exp_avg_sq)
+    state = safe_load(ckpt / "optimizer.pt")["state"]
+    assert sum(s["exp_avg"].numel() for s in state.values()) == n_trainable
+    assert all(k.startswith("base_model.model.") for k in weights)
+
+
+def test_final_loads_in_peft_on_transformers_with_equal_logits(straight, base):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    _, out, _ = straight
+    theirs = transformers.GraniteMoeHybridForCausalLM.from_pretrained(base, attn_implementation="eager").eval()
+    untouched = transformers.GraniteMoeHybridForCausalLM.from_pretrained(base, attn_implementation="eager").eval()
+    theirs = peft.PeftModel.from_pretrained(theirs, out / "final").eval()
+    ours = _ours_adapted(base, out / "final")
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b, c = ours(ids).logits, theirs(input_ids=ids).logits, untouched(input_ids=ids).logits
+    assert (a - b).abs().max() <= 1e-4
+    assert (a - c).abs().max() > 1e-3  # training moved it
+
+
+def test_resume_reproduces_the_straight_run(straight, base, tmp_path, cli_at):
+    root, ref, _ = straight
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)
+    shutil.rmtree(out / "checkpoints" / "step_4")
+    shutil.rmtree(out / "final")
+    proc = cli_at(tmp_path, *RUN, f"model.path={base}", "trainer.save_every=2", f"trainer.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stderr and "step_2" in proc.stderr
+    assert_same_curve(curve(out), curve(ref), rel=1e-6)
+    assert_same_adapter(out / "final", ref / "final", rel=1e-6)
+
+
+def test_export_merge_equals_the_adapted_model(straight, base, tmp_path):
+    from granite_train.export import main as export_main
+    from granite_train.models import load_model
+
+    _, out, _ = straight
+    assert export_main([str(out), str(tmp_path / "merged"), "--merge"]) == 0
+    assert export_main([str(out / "final"), str(tmp_path / "merged2"), "--merge"]) == 0
+    merged, merged2 = load_model(tmp_path / "merged").eval(), load_model(tmp_path / "merged2").eval()
+    ours = _ours_adapted(base, out / "final")
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = ours(ids).logits
+        assert (merged(ids).logits - a).abs().max() <= 1e-5
+        assert torch.equal(merged2(ids).logits, merged(ids).logits)
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    # without --merge: the adapter itself; a full fine-tuning checkpoint refuses --merge
+    assert export_main([str(out), str(tmp_path / "adapter")]) == 0
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_model_adapter_path_continues_from_a_peft_adapter(straight, base, tmp_path, cli_at):
+    """lr 0: the run's final adapter is the one it started from, and its r and targets are the file's."""
+    _, out, _ = straight
+    cont = tmp_path / "cont"
+    proc = cli_at(tmp_path, *RUN, f"model.path={base}", f"model.adapter_path={out / 'final'}", "adapter.r=4",
+                  "optim.lr=0", "optim.weight_decay=0", "trainer.max_steps=1", f"trainer.output_dir={cont}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "its r=16" in proc.stderr and f"from {out / 'final'}" in proc.stderr
+    assert_same_adapter(cont / "final", out / "final", rel=0.0)
+
+
+def _torchrun(args, cwd, timeout=900):
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "granite_train", *args], cwd=cwd, env=dict(os.environ, WANDB_MODE="disabled"),
+        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("parallel", [["distributed.zero_stage=3"],
+                                      ["distributed.zero_stage=2", "distributed.expert_parallel_size=2"]],
+                         ids=["zero3", "zero2-ep2"])
+def test_two_ranks_equal_one(straight, base, tmp_path, parallel):
+    """ZeRO-3 (the frozen base sharded) and expert parallelism (each rank trains its own experts'
+    adapters) on 2 ranks: the straight run's curve and adapter; then resumed from step 2."""
+    _, ref, _ = straight
+    out = tmp_path / "two"
+    args = [*RUN, f"model.path={base}", *parallel, "trainer.save_every=2", f"trainer.output_dir={out}"]
+    proc = _torchrun(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_curve(curve(out), curve(ref), rel=1e-5)
+    assert_same_adapter(out / "final", ref / "final", rel=1e-3)  # Adam on near-zero gradients
+    assert not list((out / "checkpoints" / "step_4").rglob("model*.safetensors"))
+    shutil.rmtree(out / "checkpoints" / "step_4")
+    shutil.rmtree(out / "final")
+    proc = _torchrun(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stderr
+    assert_same_curve(curve(out), curve(ref), rel=1e-5)
+
+
+def test_adapter_settings_errors(cli, tmp_path, base):
+    cases = [(["adapter.r=0"], "adapter.r=0 must be > 0"),
+             (["adapter.targets=[attn]"], "adapter.targets=['attn']: unknown"),
+             (["adapter.train_modules=[norm]"], "adapter.train_modules=['norm']"),
+             (["optim.mup=true"], "optim.mup=true with adapter=lora"),
+             ([f"model.adapter_path={tmp_path / 'nope'}"], "is not a directory"),
+             (["model=granite-tiny", "model.path=null", "adapter.targets=[experts]"], "match no module")]
+    for extra, message in cases:
+        proc = cli(*RUN, f"model.path={base}", *extra, f"trainer.output_dir={tmp_path / 'e'}")
+        assert proc.returncode == 2, (extra, proc.stderr[-2000:])
+        assert message in proc.stderr, (extra, proc.stderr[-2000:])
+    proc = cli("recipe=sft_tiny", f"model.adapter_path={base}", f"trainer.output_dir={tmp_path / 'f'}")
+    assert proc.returncode == 2 and "needs adapter=lora" in proc.stderr
