@@ -483,6 +483,12 @@ def _validate_adapter(cfg: RunConfig) -> None:
         if cfg.model.adapter_path is not None:
             raise UserError(f"model.adapter_path={cfg.model.adapter_path} needs adapter=lora (it is a LoRA adapter "
                             f"to continue from)")
+        default = AdapterConfig()
+        set_ = [f"adapter.{k}" for k in ("r", "alpha", "dropout", "use_rslora", "targets", "train_modules")
+                if getattr(a, k) != getattr(default, k)]
+        if set_:
+            raise UserError(f"{', '.join(set_)} set but adapter=none (full fine-tuning): add adapter=lora to train "
+                            f"LoRA adapters, or drop those overrides")
         return
     if a.r <= 0:
         raise UserError(f"adapter.r={a.r} must be > 0 (the LoRA rank, e.g. 16)")

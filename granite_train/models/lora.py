@@ -127,10 +127,13 @@ class LoraExpertWeight(ExpertWeight):
 
     def forward(self, x_MC: torch.Tensor, counts_E: torch.Tensor, sizes: Optional[list]) -> torch.Tensor:
         base_MO = grouped_expert_matmul(x_MC, self.weight, counts_E, sizes)
-        if sizes is None and not _grouped_mm_fits(self.lora_A.weight.shape[-2]):
-            sizes = counts_E.tolist()  # grouped GEMM wants 16-byte rows: a rank that is no multiple of 8 loops
-        h_MR = grouped_expert_matmul(self.lora_dropout(x_MC), self.lora_A.weight, counts_E, sizes)
-        return base_MO + grouped_expert_matmul(h_MR, self.lora_B.weight, counts_E, sizes) * self.scaling
+        A, B = self.lora_A.weight, self.lora_B.weight
+        if sizes is None:  # the grouped-GEMM path (CUDA, bf16): one dtype, as autocast would cast
+            A, B = A.to(x_MC.dtype), B.to(x_MC.dtype)
+            if not _grouped_mm_fits(A.shape[-2]):
+                sizes = counts_E.tolist()  # grouped GEMM wants 16-byte rows: a rank that is no multiple of 8 loops
+        h_MR = grouped_expert_matmul(self.lora_dropout(x_MC), A, counts_E, sizes)
+        return base_MO + grouped_expert_matmul(h_MR, B, counts_E, sizes) * self.scaling
 
     def stacks(self) -> List[nn.Parameter]:
         return [self.weight, self.lora_A.weight, self.lora_B.weight]

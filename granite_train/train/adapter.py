@@ -182,7 +182,8 @@ class AdapterState:
         save_adapter_dir(tmp / ADAPTER_DIR, self.full_pieces(), self.summary.spec, self.model, self.base_model,
                          self.env.is_main)
         if self.env.is_main:
-            save_config(self.model.config, tmp / "model", next(p for p in self.model.parameters()).dtype)
+            base_dtype = next((p.dtype for p in self.model.parameters() if not p.requires_grad), torch.float32)
+            save_config(self.model.config, tmp / "model", base_dtype)
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp / "model")
         meta["adapter"] = {"base_model": self.base_model, "trainable_parameters": self.summary.trainable}

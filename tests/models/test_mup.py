@@ -7,7 +7,7 @@ import torch
 
 from granite_train.errors import UserError
 from granite_train.models import GraniteConfig, build_model, load_model, save_model
-from granite_train.models.param_roles import (BIAS, CONV, EMBEDDING, HIDDEN, NORM, OUTPUT, ROLES, SSM,
+from granite_train.models.param_roles import (ADAPTER, BIAS, CONV, EMBEDDING, HIDDEN, NORM, OUTPUT, ROLES, SSM,
                                               mup_width_multiplier, named_param_roles, role_of)
 
 BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -126,4 +126,4 @@ def test_mup_width_multiplier():
             mup_width_multiplier(cfg, base)
     with pytest.raises(UserError, match="mup_base_width"):
         mup_width_multiplier(_config("granite", logits_scaling=1.0), None)
-    assert set(ROLES) == {HIDDEN, EMBEDDING, OUTPUT, CONV, NORM, BIAS, SSM}
+    assert set(ROLES) == {HIDDEN, EMBEDDING, OUTPUT, CONV, NORM, BIAS, SSM, ADAPTER}

@@ -202,3 +202,5 @@ def test_adapter_settings_errors(cli, tmp_path, base):
         assert message in proc.stderr, (extra, proc.stderr[-2000:])
     proc = cli("recipe=sft_tiny", f"model.adapter_path={base}", f"trainer.output_dir={tmp_path / 'f'}")
     assert proc.returncode == 2 and "needs adapter=lora" in proc.stderr
+    proc = cli("recipe=sft_tiny", "adapter.r=8", f"trainer.output_dir={tmp_path / 'g'}")
+    assert proc.returncode == 2 and "adapter.r set but adapter=none" in proc.stderr
