@@ -143,8 +143,9 @@ def tag_expert_params(params: Iterable[nn.Parameter], group_name: str) -> None:
 
 
 def zero_saved_ranks(state_dir) -> int:
-    """How many ranks wrote ZeRO optimizer shards into DeepSpeed checkpoint folder `state_dir`."""
-    return len(list(state_dir.glob("zero_pp_rank_*_optim_states.pt")))
+    """How many ranks wrote ZeRO optimizer shards into DeepSpeed checkpoint folder `state_dir`
+    (`zero_pp_rank_*`, and `bf16_zero_pp_rank_*` when DeepSpeed trains in bf16)."""
+    return len(list(state_dir.glob("*zero_pp_rank_*_optim_states.pt")))
 
 
 class GuardedAdamW(torch.optim.AdamW):

@@ -327,8 +327,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"model.router_z_loss_coef={cfg.model.router_z_loss_coef} must be >= 0 (or null)")
     if cfg.trainer.epochs is not None and cfg.trainer.epochs < 1:
         raise UserError(f"trainer.epochs={cfg.trainer.epochs} must be >= 1 (or null: as many as max_steps needs)")
-    _validate_mup(cfg)
     _validate_adapter(cfg)
+    _validate_mup(cfg)
     _validate_distributed(cfg)
     uncatchable = [n for n in cfg.trainer.preemption_signals
                    if n not in signal.Signals.__members__ or n in ("SIGKILL", "SIGSTOP")]

@@ -71,6 +71,28 @@ def _zero_pieces(ckpt: Path, cfg: GraniteConfig) -> Iterator[Dict[str, torch.Ten
         yield {k: weights(k) for k in keys}
 
 
+def _check_fits(piece: Dict[str, torch.Tensor], adapters: Dict[str, torch.Tensor],
+                full_rank: Dict[str, torch.Tensor], r: int, adapter_dir: Path, base: Path) -> None:
+    """Every factor and full-rank tensor that lands in `piece` against its weight's shape."""
+    wrong = []
+    for key, A in adapters.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")]
+        w = piece.get(f"{module}.weight")
+        if w is None:
+            continue
+        B = adapters[f"{module}.lora_B.weight"]
+        want_A, want_B = (*w.shape[:-2], r, w.shape[-1]), (*w.shape[:-1], r)
+        if tuple(A.shape) != want_A or tuple(B.shape) != want_B:
+            wrong.append(f"{module} (A {list(A.shape)}, B {list(B.shape)} vs weight {list(w.shape)})")
+    wrong += [f"{k} ({list(t.shape)} vs {list(piece[k].shape)})" for k, t in full_rank.items()
+              if k in piece and t.shape != piece[k].shape]
+    if wrong:
+        raise UserError(f"{adapter_dir} does not fit the base {base}: {', '.join(wrong[:3])}; merge it onto the "
+                        f"model it was trained on (--base)")
+
+
 def _merged_pieces(adapter_dir: Path, base: Path, cfg: GraniteConfig) -> Iterator[Dict[str, torch.Tensor]]:
     """The base checkpoint's pieces with the adapter of `adapter_dir` folded in."""
     experts = cfg.num_local_experts or 0
@@ -79,6 +101,7 @@ def _merged_pieces(adapter_dir: Path, base: Path, cfg: GraniteConfig) -> Iterato
              f", full-rank {', '.join(full_rank)}" if full_rank else "", base)
     used = set()
     for piece in checkpoint_pieces(base, cfg):
+        _check_fits(piece, adapters, full_rank, spec.r, adapter_dir, base)
         merged = merged_state(piece, adapters, spec.scaling)
         for key, t in full_rank.items():
             if key in merged:
@@ -104,20 +127,43 @@ def _adapter_base(adapter_dir: Path, base: Optional[Path]) -> Path:
     return Path(saved)
 
 
-def export_adapter(adapter_dir: Path, out: Path, merge: bool, base: Optional[Path], max_shard_size: str) -> None:
-    """A PEFT adapter directory -> the same (copied), or merged into its base (full HF layout)."""
+# What travels with exported weights besides config.json: the tokenizer, its chat template,
+# generation defaults (never another copy of weights).
+_TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "chat_template",
+                    "generation_config")
+
+
+def _copy_tokenizer(src: Path, out: Path) -> None:
+    for f in src.iterdir():
+        if f.is_file() and f.name.startswith(_TOKENIZER_FILES):
+            shutil.copy2(f, out / f.name)
+
+
+def export_adapter(adapter_dir: Path, out: Path, merge: bool, base: Optional[Path], max_shard_size: str,
+                   tokenizer_dir: Optional[Path] = None, trained_on: Optional[Path] = None) -> None:
+    """A PEFT adapter directory -> the same (copied), or merged into its base (full HF layout).
+    `tokenizer_dir`: the tokenizer the run trained with (it wins over the base's);
+    `trained_on`: the config.json directory of the model the adapter was trained on."""
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; choose a new output directory")
     if not merge:
         shutil.copytree(adapter_dir, out, dirs_exist_ok=True)
+        if tokenizer_dir is not None:
+            _copy_tokenizer(tokenizer_dir, out)
         return
     base = _adapter_base(adapter_dir, base)
     cfg = read_config(base)
+    if trained_on is not None:
+        trained = read_config(trained_on).to_hf_dict()
+        diff = sorted(k for k in set(trained) | set(cfg.to_hf_dict()) if trained.get(k) != cfg.to_hf_dict().get(k))
+        if diff:
+            raise UserError(f"the base {base} is not the model the adapter was trained on ({trained_on / 'config.json'} "
+                            f"differs in {', '.join(diff[:6])}); pass --base <that model>")
     save_pieces(cfg, _merged_pieces(adapter_dir, base, cfg), out, max_shard_size)
-    tokenizer_from = adapter_dir if (adapter_dir / "tokenizer.json").is_file() else base
-    for f in tokenizer_from.iterdir():
-        if f.is_file() and not f.name.startswith(("model", "adapter_")) and f.name != "config.json":
-            shutil.copy2(f, out / f.name)
+    _copy_tokenizer(base, out)
+    _copy_tokenizer(adapter_dir, out)  # an adapter run's final/ carries the run's tokenizer
+    if tokenizer_dir is not None:
+        _copy_tokenizer(tokenizer_dir, out)
 
 
 def export(checkpoint: Path, out: Path, max_shard_size: str = "5GB", merge: bool = False,
@@ -136,10 +182,8 @@ def export(checkpoint: Path, out: Path, max_shard_size: str = "5GB", merge: bool
         if base is None and (ckpt / "model" / "config.json").is_file():
             saved = json.loads((ckpt / ADAPTER_DIR / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
             base = Path(saved) if saved else None
-        export_adapter(ckpt / ADAPTER_DIR, out, merge, base, max_shard_size)
-        for f in (ckpt / "model").iterdir():  # the tokenizer travels with it
-            if f.is_file() and f.name != "config.json" and not (out / f.name).exists():
-                shutil.copy2(f, out / f.name)
+        export_adapter(ckpt / ADAPTER_DIR, out, merge, base, max_shard_size, tokenizer_dir=ckpt / "model",
+                       trained_on=ckpt / "model")
         return ckpt
     if merge:
         raise UserError(f"{ckpt} holds no adapter (a full fine-tuning checkpoint): export it without --merge")

@@ -86,6 +86,15 @@ DEEPSPEED_CONTRACTS = textwrap.dedent("""
     out = pathlib.Path(sys.argv[1])
     engine1.save_checkpoint(str(out), tag="t", save_latest=False)
     assert compat.zero_saved_ranks(out / "t") == 1, sorted(p.name for p in (out / "t").iterdir())
+    # ... in bf16 too (DeepSpeed prefixes those shards with bf16_)
+    zero1b = nn.Linear(4, 4)
+    engine1b, _, _, _ = deepspeed.initialize(model=zero1b, optimizer=torch.optim.AdamW(zero1b.parameters()),
+                                             config={**config, "bf16": {"enabled": True},
+                                                     "zero_optimization": {"stage": 1}})
+    engine1b.backward(engine1b(x.bfloat16()).float().sum())
+    engine1b.step()
+    engine1b.save_checkpoint(str(out / "b"), tag="t", save_latest=False)
+    assert compat.zero_saved_ranks(out / "b" / "t") == 1, sorted(p.name for p in (out / "b" / "t").iterdir())
 
     # 5. DeepSpeed's loader reads its files through ours: its ZeRO shards load, a planted one is refused.
     from granite_train.errors import UserError

@@ -227,7 +227,7 @@ def freeze_base(model: nn.Module, train_modules: Sequence[str] = ()) -> int:
         p.requires_grad_(keep)
         if keep and id(p) not in seen:
             seen.add(id(p))
-            trainable += p.numel()
+            trainable += getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partition's full size
     return trainable
 
 
@@ -256,7 +256,8 @@ def merged_state(base: Dict[str, torch.Tensor], adapters: Dict[str, torch.Tensor
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its weight and put the plain modules back (in place)."""
     for path, module in list(adapted_modules(model)):
-        module.weight.add_(delta(module.lora_A.weight, module.lora_B.weight, module.scaling).to(module.weight.dtype))
+        w = module.weight
+        w.copy_((w.float() + delta(module.lora_A.weight, module.lora_B.weight, module.scaling)).to(w.dtype))
         parent_path, _, name = path.rpartition(".")
         if isinstance(module, LoraExpertWeight):
             plain: nn.Module = ExpertWeight.__new__(ExpertWeight)

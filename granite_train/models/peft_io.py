@@ -47,10 +47,12 @@ _EXPERT_PARAMS = {"block_sparse_moe.input_linear": "gate_up_proj", "block_sparse
 _ROUTER = "block_sparse_moe.router.layer"
 # PEFT's modules_to_save names of our full-rank train_modules.
 _SAVED_MODULES = {"lm_head": "lm_head", "model.embed_tokens": "embed_tokens"}
-# adapter_config.json fields whose non-default values change the math in ways we do not run.
+# adapter_config.json fields whose non-default values change the math in ways we do not run
+# (besides PEFT's LoRA variants, found by their field metadata in `_refused_fields`).
 _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "layers_to_transform": None,
                 "layer_replication": None, "rank_pattern": {}, "alpha_pattern": {}, "trainable_token_indices": None,
-                "use_qalora": False}
+                "use_qalora": False, "alora_invocation_tokens": None, "use_bdlora": None, "arrow_config": None,
+                "monteclora_config": None, "kasa_config": None, "velora_config": None}
 
 
 def _module_of(key: str) -> Tuple[str, str]:
@@ -86,8 +88,11 @@ def _target_lists(modules: List[str]) -> Tuple[List[str], List[str]]:
 
 
 def _nesting(target_parameters: List[str]) -> Dict[str, str]:
-    """Expert parameter name -> the `base_layer.` prefix its keys carry under `experts`."""
-    wrapped = [t.rsplit(".", 1)[1] for t in target_parameters if t.rsplit(".", 1)[0].endswith("experts")]
+    """Expert parameter name -> the `base_layer.` prefix its keys carry under `experts`. PEFT
+    wraps an expert module's targeted parameters in the order the module registers them
+    (gate_up_proj, then down_proj), whatever order target_parameters lists them in; each later
+    wrapper is the outer one."""
+    wrapped = [p for p in ("gate_up_proj", "down_proj") if any(t == p or t.endswith("." + p) for t in target_parameters)]
     return {p: "base_layer." * (len(wrapped) - 1 - i) for i, p in enumerate(wrapped)}
 
 
@@ -152,7 +157,7 @@ def save_adapter(path: Union[str, Path], spec: LoraSpec, adapters: Dict[str, tor
     save_file(state, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
-def _peft_to_ours(key: str, nest_inverse: Dict[str, str]) -> Optional[Tuple[str, str, Optional[str]]]:
+def _peft_to_ours(key: str, nest_inverse: Dict[int, str]) -> Optional[Tuple[str, str, Optional[str]]]:
     """A PEFT key -> (our module path, factor "A"/"B", expert param or None); None: not an
     adapter factor."""
     m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key)
@@ -171,6 +176,57 @@ def _peft_to_ours(key: str, nest_inverse: Dict[str, str]) -> Optional[Tuple[str,
     return module, factor, None
 
 
+def _refused_fields(c: Dict) -> List[str]:
+    """adapter_config.json fields that change the math in ways we do not run: PEFT's LoRA
+    variants (fields its LoraConfig marks `is_lora_variant`), patterns, biases, ..."""
+    bad = [f"{k}={c[k]!r}" for k, default in _UNSUPPORTED.items() if c.get(k) not in (default, None)]
+    try:
+        import dataclasses
+
+        import peft
+
+        defaults = peft.LoraConfig()
+        for f in dataclasses.fields(peft.LoraConfig):
+            if f.metadata.get("is_lora_variant") and c.get(f.name) not in (None, getattr(defaults, f.name)):
+                bad.append(f"{f.name}={c[f.name]!r}")
+    except ImportError:  # peft is a dependency; without it the explicit list above still holds
+        pass
+    if c.get("bias", "none") != "none":
+        bad.append(f"bias={c['bias']!r}")
+    return sorted(set(bad))
+
+
+def _full_rank(found: Dict[str, torch.Tensor], c: Dict, cfg: GraniteConfig, config_file: Path) -> Dict[str, torch.Tensor]:
+    """modules_to_save weights by our key. A tied base holds one matrix: the file must hold it
+    once (PEFT's `ensure_weight_tying`), or twice and equal."""
+    if not cfg.tie_word_embeddings or not found:
+        return found
+    tied_in_file = bool(c.get("ensure_weight_tying"))
+    if len(found) == 2:
+        a, b = found["lm_head.weight"], found["model.embed_tokens.weight"]
+        if a.shape != b.shape or not torch.equal(a, b):
+            raise UserError(f"{config_file}: the adapter trains lm_head and embed_tokens as two matrices, but this "
+                            f"model ties them (tie_word_embeddings=true): it cannot hold both; use it on an untied base")
+        return {"model.embed_tokens.weight": b}
+    if not tied_in_file:
+        name = next(iter(found)).rsplit(".", 1)[0]
+        raise UserError(f"{config_file}: the adapter trains {name} alone (PEFT unties it from the other matrix without "
+                        f"ensure_weight_tying), but this model ties lm_head and embed_tokens: it cannot hold both; "
+                        f"re-save it with ensure_weight_tying=true, or use it on an untied base")
+    return {"model.embed_tokens.weight": next(iter(found.values()))}
+
+
+def _stacked(t: torch.Tensor, factor: str, experts: int, r: int, key: str, weights: Path) -> torch.Tensor:
+    """PEFT's expert stack layout -> ours ([E, r, in] for A, [E, out, r] for B)."""
+    rows = t.shape[0] if factor == "A" else t.shape[-1]
+    if experts <= 0 or t.dim() != 2 or rows != experts * r:
+        raise UserError(f"{weights}: {key} has shape {list(t.shape)}, not a stack of {experts} experts of rank {r}; "
+                        f"use an adapter trained on a model with this model's experts")
+    if factor == "A":
+        return t.reshape(experts, r, t.shape[-1])
+    return t.reshape(t.shape[0], r, experts).permute(2, 0, 1)
+
+
 def read_adapter(path: Union[str, Path], cfg: GraniteConfig, experts: int
                  ) -> Tuple[LoraSpec, List[str], Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """A PEFT adapter directory -> (its LoraSpec, our adapted module paths, our adapter state
@@ -185,29 +241,32 @@ def read_adapter(path: Union[str, Path], cfg: GraniteConfig, experts: int
         c = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{config_file} is not valid JSON ({e}); fix or replace the file") from None
-    if c.get("peft_type") != "LORA":
-        raise UserError(f"{config_file}: peft_type {c.get('peft_type')!r} is not LORA; only LoRA adapters load")
-    bad = [f"{k}={c[k]!r}" for k, default in _UNSUPPORTED.items() if c.get(k, default) not in (default, None) or
-           (k in c and default == {} and c[k])]
+    if not isinstance(c, dict) or c.get("peft_type") != "LORA":
+        raise UserError(f"{config_file}: peft_type {c.get('peft_type') if isinstance(c, dict) else None!r} is not LORA; "
+                        f"only LoRA adapters load")
+    bad = _refused_fields(c)
     if bad:
         raise UserError(f"{config_file}: {', '.join(bad)} is not supported (plain LoRA only); merge that adapter "
                         f"with PEFT and train from the merged model (model.path)")
-    saved_modules = [m for m in (c.get("modules_to_save") or [])]
-    unknown = [m for m in saved_modules if m not in _SAVED_MODULES.values()]
+    try:
+        r, alpha = int(c["r"]), float(c["lora_alpha"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{config_file} has no usable r / lora_alpha ({type(e).__name__}: {e}); it is damaged") from None
+    saved_modules = list(c.get("modules_to_save") or [])
+    unknown = [m for m in saved_modules if m.rsplit(".", 1)[-1] not in _SAVED_MODULES.values()]
     if unknown:
         raise UserError(f"{config_file}: modules_to_save {unknown} are not supported (only lm_head, embed_tokens)")
     nest = _nesting(list(c.get("target_parameters") or []))
     nest_inverse = {prefix.count("base_layer"): p for p, prefix in nest.items()}
-    r, alpha = int(c["r"]), float(c["lora_alpha"])
     adapters: Dict[str, torch.Tensor] = {}
-    full_rank: Dict[str, torch.Tensor] = {}
+    found_full: Dict[str, torch.Tensor] = {}
     strays: List[str] = []
     try:
         with safe_open(str(weights), framework="pt") as f:
             for key in f.keys():
                 inner = key[len(PREFIX):] if key.startswith(PREFIX) else key
                 if inner in ("lm_head.weight", "model.embed_tokens.weight"):
-                    full_rank[inner] = f.get_tensor(key).float()
+                    found_full[inner] = f.get_tensor(key).float()
                     continue
                 found = _peft_to_ours(inner, nest_inverse)
                 if found is None or found[2] == "?" or role_of_module(found[0]) is None:
@@ -216,10 +275,7 @@ def read_adapter(path: Union[str, Path], cfg: GraniteConfig, experts: int
                 module, factor, param = found
                 t = f.get_tensor(key).float()
                 if param is not None or _expert_suffix(module) is not None:  # PEFT's stacked layout
-                    if factor == "A":
-                        t = t.reshape(experts, -1, t.shape[-1])
-                    else:
-                        t = t.reshape(t.shape[0], -1, experts).permute(2, 0, 1)
+                    t = _stacked(t, factor, experts, r, key, weights)
                 adapters[f"{module}.lora_{factor}.weight"] = t.contiguous()
     except SafetensorError as e:
         raise UserError(f"{weights} is not a readable safetensors file ({e}); re-copy the adapter") from None
@@ -230,16 +286,14 @@ def read_adapter(path: Union[str, Path], cfg: GraniteConfig, experts: int
     if not adapters:
         raise UserError(f"{weights} holds no LoRA factors; it is not a LoRA adapter")
     modules = sorted({_module_of(k)[0] for k in adapters})
-    ranks = {adapters[f"{m}.lora_A.weight"].shape[-2] for m in modules if f"{m}.lora_A.weight" in adapters}
-    if ranks != {r}:
-        raise UserError(f"{weights}: LoRA ranks {sorted(ranks)} differ from adapter_config.json's r={r}; the "
-                        f"adapter is damaged or mixed")
-    roles = tuple(t for t in TARGET_ROLES if any(role_of_module(m) == t for m in modules))
+    unpaired = [m for m in modules if f"{m}.lora_A.weight" not in adapters or f"{m}.lora_B.weight" not in adapters]
+    ranks = {adapters[f"{m}.lora_A.weight"].shape[-2] for m in modules if m not in unpaired}
+    if unpaired or ranks != {r}:
+        raise UserError(f"{weights}: {'unpaired factors at ' + unpaired[0] if unpaired else f'LoRA ranks {sorted(ranks)}'} "
+                        f"(adapter_config.json says r={r}); the adapter is damaged or mixed")
+    full_rank = _full_rank(found_full, c, cfg, config_file)
     train = tuple(name for name, ours in TRAIN_MODULES.items() if f"{ours}.weight" in full_rank)
-    if cfg.tie_word_embeddings and len(full_rank) > 1:
-        full_rank = {"model.embed_tokens.weight": full_rank.get("lm_head.weight", full_rank["model.embed_tokens.weight"])}
-        train = ("embeddings",)
+    roles = tuple(t for t in TARGET_ROLES if any(role_of_module(m) == t for m in modules))
     spec = LoraSpec(r=r, alpha=alpha, dropout=float(c.get("lora_dropout") or 0.0), targets=roles,
                     use_rslora=bool(c.get("use_rslora", False)), train_modules=train)
     return spec, modules, adapters, full_rank
-

@@ -298,19 +298,28 @@ class DeepSpeedEngine:
         total = sum(full_numel(p) * p.element_size() for p in self.model.parameters())
         return max(1, min(limit, total // self.world))
 
-    def full_pieces(self) -> Iterator[Dict[str, torch.Tensor]]:
+    def full_pieces(self, select: Optional[Callable[[str], bool]] = None) -> Iterator[Dict[str, torch.Tensor]]:
         """The whole model's state in pieces (every rank must iterate: the weights are gathered).
         ZeRO-3 gathers one piece (a layer, the embedding, ...) at a time and copies it out, so
-        no rank ever holds the whole model; expert parallelism gathers the experts."""
+        no rank ever holds the whole model; expert parallelism gathers the experts. `select`:
+        only the tensors whose names it accepts are gathered and returned."""
+        keep = (lambda name: True) if select is None else select
         if self.plan.expert is not None:
-            with gathered_experts(self.model, self.plan.expert) as model:
-                yield model.state_dict()
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            wanted = {id(p) for p in self.plan.expert.params if keep(names.get(id(p), ""))}
+            with gathered_experts(self.model, self.plan.expert, only=wanted) as model:
+                yield {k: v for k, v in model.state_dict().items() if keep(k)}
         elif self.stage == 3:
             for prefix, piece in weight_groups(self.model):
-                with self._deepspeed.zero.GatheredParameters(list(piece.parameters()), modifier_rank=None):
-                    yield {f"{prefix}.{k}": v.detach().to("cpu", copy=True) for k, v in piece.state_dict().items()}
+                named = [(f"{prefix}.{k}", p) for k, p in piece.named_parameters()]
+                params = [p for name, p in named if keep(name)]
+                if not params and select is not None:
+                    continue
+                with self._deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                    yield {f"{prefix}.{k}": v.detach().to("cpu", copy=True) for k, v in piece.state_dict().items()
+                           if keep(f"{prefix}.{k}")}
         else:
-            yield self.model.state_dict()
+            yield {k: v for k, v in self.model.state_dict().items() if keep(k)}
 
     def release_optimizer_state(self) -> None:
         # Adam's m and v of this rank's shard (ZeRO keeps its fp32 masters elsewhere; those stay).

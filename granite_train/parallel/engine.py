@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import torch
 import torch.distributed as dist
@@ -60,9 +60,10 @@ class Engine(Protocol):
     # keeps the writer (rank 0) at about its share of the model.
     export_shard_size: int
 
-    def full_pieces(self) -> Iterator[Dict[str, torch.Tensor]]:
+    def full_pieces(self, select: Optional[Callable[[str], bool]] = None) -> Iterator[Dict[str, torch.Tensor]]:
         """The whole model's state dict in pieces, full names (every rank must iterate; a
-        sharded engine gathers one piece at a time)."""
+        sharded engine gathers one piece at a time). `select(name)`: only those tensors (and
+        only those are gathered: an adapter run's checkpoint never gathers its frozen base)."""
 
     def release_optimizer_state(self) -> None:
         """Free the optimizer's moment estimates (after the last checkpoint: the final export
@@ -139,8 +140,8 @@ class PlainEngine:
     export_shard_size = 5 * 10 ** 9  # transformers' default
     state_holds_weights = False  # optimizer.pt: the weights are model/
 
-    def full_pieces(self) -> Iterator[Dict[str, torch.Tensor]]:
-        yield self.model.state_dict()
+    def full_pieces(self, select: Optional[Callable[[str], bool]] = None) -> Iterator[Dict[str, torch.Tensor]]:
+        yield {k: v for k, v in self.model.state_dict().items() if select is None or select(k)}
 
     def release_optimizer_state(self) -> None:
         self.optimizer.state.clear()

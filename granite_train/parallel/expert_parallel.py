@@ -160,14 +160,17 @@ def apply_expert_parallel(model: nn.Module, size: int, env: Env, source: str) ->
 
 
 @contextlib.contextmanager
-def gathered_experts(model: nn.Module, plan: ExpertParallelPlan) -> Iterator[nn.Module]:
+def gathered_experts(model: nn.Module, plan: ExpertParallelPlan, only: Optional[set] = None) -> Iterator[nn.Module]:
     """Every rank of each expert-parallel group must enter: all of a layer's experts on every
-    rank inside (their weights and any LoRA factors), this rank's own (untouched) again after."""
+    rank inside (their weights and any LoRA factors; `only`: the ids of the stacks to gather),
+    this rank's own (untouched) again after."""
     swapped = []
     try:
         with torch.no_grad():
             for layer in moe_layers(model):
                 for p in (p for w in (layer.input_linear, layer.output_linear) for p in w.stacks()):
+                    if only is not None and id(p) not in only:
+                        continue  # (`only`: ids of the stacks to gather; the others stay this rank's slice)
                     parts = [torch.empty_like(p) for _ in range(plan.size)]
                     dist.all_gather(parts, p.detach().contiguous(), group=plan.group)
                     swapped.append((p, p.data))

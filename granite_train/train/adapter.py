@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -97,8 +97,7 @@ def adapt_model(model: nn.Module, cfg: RunConfig, env: Optional[Env] = None) -> 
                         f"model; choose roles it has (attention, and mlp for dense models; shared_mlp, experts, "
                         f"mamba where the family has them)")
     trainable = freeze_base(model, spec.train_modules)
-    for path in _train_module_paths(spec):
-        model.get_submodule(path).float()  # full-rank training keeps fp32 weights
+    _set_trainable_dtype(model, spec, cfg)
     if loaded is not None:
         load_adapter_weights(model, *loaded, where=cfg.model.adapter_path, env=env)
     return AdapterSummary(spec, counts, trainable, source)
@@ -107,6 +106,20 @@ def adapt_model(model: nn.Module, cfg: RunConfig, env: Optional[Env] = None) -> 
 def _train_module_paths(spec: LoraSpec) -> List[str]:
     return [TRAIN_MODULES[n] for n in spec.train_modules]
 
+
+def _set_trainable_dtype(model: nn.Module, spec: LoraSpec, cfg: RunConfig) -> None:
+    """Without DeepSpeed the trainable weights are fp32 (the optimizer updates them in place).
+    Under DeepSpeed they take the base's dtype, as DeepSpeed's bf16 mode wants its working
+    copies (it keeps fp32 masters of them); a ZeRO-3 partition is never re-cast in place."""
+    frozen = next((p for p in model.parameters() if not p.requires_grad), None)
+    if cfg.distributed.zero_stage is None or frozen is None:
+        for path in _train_module_paths(spec):
+            model.get_submodule(path).float()
+        return
+    dtype = frozen.dtype
+    for _, module in adapted_modules(model):
+        module.lora_A.to(dtype)
+        module.lora_B.to(dtype)
 
 @torch.no_grad()
 def load_adapter_weights(model: nn.Module, adapters: Dict[str, torch.Tensor], full_rank: Dict[str, torch.Tensor],
@@ -148,6 +161,13 @@ def load_adapter_weights(model: nn.Module, adapters: Dict[str, torch.Tensor], fu
         copy_into_sharded(sharded, env)
 
 
+def trainable_keys(spec: LoraSpec) -> Callable[[str], bool]:
+    """What an adapter run saves: the factors and the full-rank modules (`Engine.full_pieces`
+    gathers only these)."""
+    keep = {f"{TRAIN_MODULES[n]}.weight" for n in spec.train_modules}
+    return lambda key: is_adapter_key(key) or key in keep
+
+
 def full_adapter_state(pieces: Iterable[Dict[str, torch.Tensor]], spec: LoraSpec, tied: bool):
     """(adapter factors, full-rank module weights) out of the engine's full state pieces."""
     adapters: Dict[str, torch.Tensor] = {}
@@ -176,11 +196,13 @@ class AdapterState:
     def __init__(self, model: nn.Module, summary: AdapterSummary, tokenizer: Any, base_model: Optional[str],
                  env: Env) -> None:
         self.model, self.summary, self.tokenizer, self.base_model, self.env = model, summary, tokenizer, base_model, env
-        self.full_pieces = lambda: [self.model.state_dict()]  # the engine's, once there is one
+        self.full_pieces: Callable[..., Iterable[Dict[str, torch.Tensor]]] = \
+            lambda select=None: [self.model.state_dict()]  # the engine's, once there is one
 
     def save(self, tmp: Path, meta: Dict[str, Any]) -> None:
-        save_adapter_dir(tmp / ADAPTER_DIR, self.full_pieces(), self.summary.spec, self.model, self.base_model,
-                         self.env.is_main)
+        spec = self.summary.spec
+        save_adapter_dir(tmp / ADAPTER_DIR, self.full_pieces(trainable_keys(spec)), spec, self.model,
+                         self.base_model, self.env.is_main)
         if self.env.is_main:
             base_dtype = next((p.dtype for p in self.model.parameters() if not p.requires_grad), torch.float32)
             save_config(self.model.config, tmp / "model", base_dtype)
@@ -200,8 +222,9 @@ class AdapterState:
 
     def load(self, ckpt: Path, meta: Dict[str, Any]) -> None:
         spec, paths, adapters, full_rank = read_adapter(ckpt / ADAPTER_DIR, self.model.config, _num_experts(self.model))
-        mine = sorted(p for p, _ in adapted_modules(self.model))
-        if sorted(paths) != mine or spec.r != self.summary.spec.r:
-            raise UserError(f"cannot resume {ckpt}: its adapter (r={spec.r}, {len(paths)} modules) is not this run's "
-                            f"(r={self.summary.spec.r}, {len(mine)} modules); use the adapter settings it was saved with")
+        mine, now = sorted(p for p, _ in adapted_modules(self.model)), self.summary.spec
+        if sorted(paths) != mine or (spec.r, spec.scaling) != (now.r, now.scaling):
+            raise UserError(f"cannot resume {ckpt}: its adapter (r={spec.r}, alpha={spec.alpha:g}, rslora="
+                            f"{spec.use_rslora}, {len(paths)} modules) is not this run's (r={now.r}, alpha={now.alpha:g}, "
+                            f"rslora={now.use_rslora}, {len(mine)} modules); use the adapter settings it was saved with")
         load_adapter_weights(self.model, adapters, full_rank, where=ckpt / ADAPTER_DIR, env=self.env)

@@ -32,7 +32,7 @@ from granite_train.models.hf_io import save_pieces
 from granite_train.parallel.env import agree, init_env, main_rank_first
 from granite_train.parallel.parallelize import parallelize
 from granite_train.models.model import full_size
-from granite_train.train.adapter import AdapterState, AdapterSummary, adapt_model, save_adapter_dir
+from granite_train.train.adapter import AdapterState, AdapterSummary, adapt_model, save_adapter_dir, trainable_keys
 from granite_train.train.build import build_run_model, describe, loads_sharded
 from granite_train.train.evaluate import evaluate
 from granite_train.train.memory import MemoryMeter, log_weights_loaded
@@ -111,9 +111,11 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.path)
         model = build_run_model(cfg, self.tokenizer, env)
         self.adapter: Optional[AdapterSummary] = None
+        # What an adapter names as its base (absolute: export --merge may run from elsewhere).
+        self.base_model = str(Path(cfg.model.path).expanduser().resolve()) if cfg.model.path else None
         if cfg.adapter.name != "none":  # adapters on the whole model; the checkpoints hold them, not the base
             self.adapter = adapt_model(model, cfg, env)
-            model_state: Any = AdapterState(model, self.adapter, self.tokenizer, cfg.model.path, env)
+            model_state: Any = AdapterState(model, self.adapter, self.tokenizer, self.base_model, env)
         else:
             model_state = ModelState(model, self.tokenizer, allow, env, sharded=loads_sharded(cfg))
         ck.add("model", model_state)
@@ -313,8 +315,9 @@ class Trainer:
         self.engine.release_optimizer_state()  # training is over and checkpointed
         # Every rank iterates the pieces (ZeRO-3 / expert parallelism gather); rank 0 writes.
         if self.adapter is not None:
-            save_adapter_dir(final, self.engine.full_pieces(), self.adapter.spec, self.engine.model,
-                             self.cfg.model.path, self.env.is_main)
+            spec = self.adapter.spec
+            save_adapter_dir(final, self.engine.full_pieces(trainable_keys(spec)), spec, self.engine.model,
+                             self.base_model, self.env.is_main)
         else:
             save_pieces(self.engine.model.config, self.engine.full_pieces(), final, self.engine.export_shard_size,
                         write=self.env.is_main)

@@ -131,6 +131,24 @@ def test_grouped_expert_update_equals_a_per_expert_reference():
     torch.testing.assert_close(grouped, torch.cat(rows), rtol=1e-5, atol=1e-6)
 
 
+def test_expert_dropout_drops_the_adapters_input_only():
+    model = model_of("granitemoe")
+    attach_lora(model, LoraSpec(r=4, alpha=8, dropout=0.5, targets=("experts",)), seed=1)
+    randomize_b(model)
+    w = model.model.layers[0].block_sparse_moe.input_linear
+    counts = torch.tensor([3, 1, 5, 2])
+    x = torch.randn(int(counts.sum()), w.in_features)
+    torch.manual_seed(0)
+    y = w(x, counts, counts.tolist())
+    torch.manual_seed(0)
+    dropped = F.dropout(x, 0.5)
+    rows = [c @ w.weight[e].T + w.scaling * d @ w.lora_A.weight[e].T @ w.lora_B.weight[e].T
+            for e, (c, d) in enumerate(zip(x.split(counts.tolist()), dropped.split(counts.tolist())))]
+    torch.testing.assert_close(y, torch.cat(rows), rtol=1e-5, atol=1e-6)
+    w.eval()
+    assert not torch.equal(w(x, counts, counts.tolist()), y)
+
+
 def test_linear_adapter_is_peft_math_with_rslora_and_dropout():
     lin = torch.nn.Linear(16, 8)
     spec = LoraSpec(r=4, alpha=6, dropout=0.5, use_rslora=True)

@@ -26,9 +26,11 @@ TARGETS = {"granite": ("attention", "mlp"), "granitemoe": ("attention", "experts
            "granitemoehybrid": ("attention", "shared_mlp", "mamba", "experts")}
 # What PEFT users write for the same targets on transformers' modules.
 PEFT_TARGETS = {
-    "granite": (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], None),
-    "granitemoeshared": (["q_proj", "v_proj", "shared_mlp.input_linear"], ["experts.gate_up_proj", "experts.down_proj"]),
-    "granitemoehybrid": (["in_proj", "out_proj", "o_proj"], ["experts.down_proj"]),
+    "granite": (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], None, None),
+    # listed down before gate_up, short names: PEFT nests by the module's own parameter order
+    "granitemoeshared": (["q_proj", "v_proj", "shared_mlp.input_linear"], ["down_proj", "gate_up_proj"],
+                         ["embed_tokens"]),
+    "granitemoehybrid": (["in_proj", "out_proj", "o_proj"], ["experts.down_proj", "router.weight"], None),
 }
 
 
@@ -80,14 +82,17 @@ def test_our_adapter_loads_in_peft_with_equal_logits(tmp_path, family):
 def test_peft_saved_adapter_loads_into_ours_with_equal_logits(tmp_path, family):
     ours = model_of(family).eval()
     save_model(ours, tmp_path / "base")
-    modules, params = PEFT_TARGETS[family]
-    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=modules, target_parameters=params)
+    modules, params, saved = PEFT_TARGETS[family]
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=modules, target_parameters=params,
+                             modules_to_save=saved, ensure_weight_tying=saved is not None)
     theirs = peft.get_peft_model(hf_model(tmp_path / "base", family), config).eval()
     with torch.no_grad():  # PEFT starts B at zero too
         g = torch.Generator().manual_seed(2)
         for name, p in theirs.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            elif "modules_to_save" in name:
+                p.add_(0.02)
     theirs.save_pretrained(tmp_path / "adapter")
 
     spec, paths, adapters, full = read_adapter(tmp_path / "adapter", ours.config, ours.config.num_local_experts)
@@ -98,6 +103,9 @@ def test_peft_saved_adapter_loads_into_ours_with_equal_logits(tmp_path, family):
         assert "model.layers.0.mamba.out_proj" in paths and "mamba" in spec.targets
         assert "model.layers.1.block_sparse_moe.output_linear" in paths
         assert "model.layers.1.block_sparse_moe.input_linear" not in paths  # only down_proj was targeted
+        assert "model.layers.1.block_sparse_moe.router.layer" in paths
+    if saved:
+        assert spec.train_modules == ("embeddings",) and list(full) == ["model.embed_tokens.weight"]
     with torch.no_grad():
         a, b = ours(ids()).logits, theirs(input_ids=ids()).logits
     assert (a - b).abs().max() <= HF_TOL
@@ -123,9 +131,13 @@ def _peft_dir(tmp_path, **config_changes):
 
 @pytest.mark.parametrize("changes,match", [
     ({"use_dora": True}, "use_dora=True is not supported"),
+    ({"alora_invocation_tokens": [1, 2]}, "alora_invocation_tokens"),
+    ({"bias": "all"}, "bias='all'"),
     ({"peft_type": "IA3"}, "not LORA"),
     ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
-    ({"r": 8}, "differ from adapter_config.json's r=8"),
+    ({"layers_to_transform": [0]}, "layers_to_transform"),
+    ({"r": 8}, "r=8"),
+    ({"r": None}, "no usable r"),
 ])
 def test_adapters_we_cannot_run_exactly_are_refused(tmp_path, changes, match):
     d, ours = _peft_dir(tmp_path, **changes)
@@ -144,3 +156,26 @@ def test_a_foreign_or_incomplete_adapter_is_refused(tmp_path):
     (d / ADAPTER_WEIGHTS).unlink()
     with pytest.raises(UserError, match="is not a PEFT adapter directory"):
         read_adapter(d, hybrid_cfg, 4)
+
+
+def test_expert_adapters_onto_a_model_without_those_experts_are_one_line(tmp_path):
+    moe = model_of("granitemoe")
+    spec = LoraSpec(r=4, alpha=8, targets=("experts",))
+    attach_lora(moe, spec, seed=1)
+    save_adapter(tmp_path / "a", spec, adapter_state(moe), {}, moe.config, None)
+    with pytest.raises(UserError, match="not a stack of 0 experts"):
+        read_adapter(tmp_path / "a", model_of("granite").config, 0)
+    with pytest.raises(UserError, match="not a stack of 3 experts"):
+        read_adapter(tmp_path / "a", moe.config, 3)
+
+
+def test_a_tied_base_refuses_an_untied_full_rank_copy(tmp_path):
+    """PEFT without ensure_weight_tying unties a saved embedding from lm_head: a tied model cannot
+    hold that, so it is refused (never loaded as if it were the one matrix)."""
+    ours = model_of("granitemoe")  # tied
+    save_model(ours, tmp_path / "base")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    theirs = peft.get_peft_model(hf_model(tmp_path / "base", "granitemoe"), config)
+    theirs.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(UserError, match="cannot hold both"):
+        read_adapter(tmp_path / "adapter", ours.config, 4)

@@ -4,6 +4,7 @@ parallelism on 2 ranks equal to 1."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -144,6 +145,8 @@ def test_export_merge_equals_the_adapted_model(straight, base, tmp_path):
         assert (merged(ids).logits - a).abs().max() <= 1e-5
         assert torch.equal(merged2(ids).logits, merged(ids).logits)
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    run_tokenizer = json.loads((out / "checkpoints" / "step_4" / "model" / "tokenizer_config.json").read_text())
+    assert json.loads((tmp_path / "merged" / "tokenizer_config.json").read_text()) == run_tokenizer
     # without --merge: the adapter itself; a full fine-tuning checkpoint refuses --merge
     assert export_main([str(out), str(tmp_path / "adapter")]) == 0
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
@@ -168,11 +171,13 @@ def _torchrun(args, cwd, timeout=900):
 
 
 @pytest.mark.parametrize("parallel", [["distributed.zero_stage=3"],
-                                      ["distributed.zero_stage=2", "distributed.expert_parallel_size=2"]],
-                         ids=["zero3", "zero2-ep2"])
+                                      ["distributed.zero_stage=2", "distributed.expert_parallel_size=2"],
+                                      ["distributed.context_parallel_size=2", "trainer.micro_batch_tokens=1024"]],
+                         ids=["zero3", "zero2-ep2", "cp2"])
 def test_two_ranks_equal_one(straight, base, tmp_path, parallel):
-    """ZeRO-3 (the frozen base sharded) and expert parallelism (each rank trains its own experts'
-    adapters) on 2 ranks: the straight run's curve and adapter; then resumed from step 2."""
+    """ZeRO-3 (the frozen base sharded), expert parallelism (each rank trains its own experts'
+    adapters) and context parallelism (rows of 2 x 1024 tokens) on 2 ranks: the straight run's
+    curve and adapter; ZeRO-3 and expert parallelism then resumed from step 2."""
     _, ref, _ = straight
     out = tmp_path / "two"
     args = [*RUN, f"model.path={base}", *parallel, "trainer.save_every=2", f"trainer.output_dir={out}"]
@@ -181,6 +186,8 @@ def test_two_ranks_equal_one(straight, base, tmp_path, parallel):
     assert_same_curve(curve(out), curve(ref), rel=1e-5)
     assert_same_adapter(out / "final", ref / "final", rel=1e-3)  # Adam on near-zero gradients
     assert not list((out / "checkpoints" / "step_4").rglob("model*.safetensors"))
+    if "distributed.context_parallel_size=2" in parallel:
+        return  # (its resume is the plain engine's, tested above)
     shutil.rmtree(out / "checkpoints" / "step_4")
     shutil.rmtree(out / "final")
     proc = _torchrun(args, tmp_path)
@@ -189,18 +196,37 @@ def test_two_ranks_equal_one(straight, base, tmp_path, parallel):
     assert_same_curve(curve(out), curve(ref), rel=1e-5)
 
 
-def test_adapter_settings_errors(cli, tmp_path, base):
-    cases = [(["adapter.r=0"], "adapter.r=0 must be > 0"),
-             (["adapter.targets=[attn]"], "adapter.targets=['attn']: unknown"),
-             (["adapter.train_modules=[norm]"], "adapter.train_modules=['norm']"),
-             (["optim.mup=true"], "optim.mup=true with adapter=lora"),
-             ([f"model.adapter_path={tmp_path / 'nope'}"], "is not a directory"),
-             (["model=granite-tiny", "model.path=null", "adapter.targets=[experts]"], "match no module")]
-    for extra, message in cases:
-        proc = cli(*RUN, f"model.path={base}", *extra, f"trainer.output_dir={tmp_path / 'e'}")
-        assert proc.returncode == 2, (extra, proc.stderr[-2000:])
-        assert message in proc.stderr, (extra, proc.stderr[-2000:])
-    proc = cli("recipe=sft_tiny", f"model.adapter_path={base}", f"trainer.output_dir={tmp_path / 'f'}")
-    assert proc.returncode == 2 and "needs adapter=lora" in proc.stderr
-    proc = cli("recipe=sft_tiny", "adapter.r=8", f"trainer.output_dir={tmp_path / 'g'}")
-    assert proc.returncode == 2 and "adapter.r set but adapter=none" in proc.stderr
+@pytest.mark.parametrize("extra,message", [
+    (["adapter.r=0"], "adapter.r=0 must be > 0"),
+    (["adapter.targets=[attn]"], "adapter.targets=['attn']: unknown"),
+    (["adapter.train_modules=[norm]"], "adapter.train_modules=['norm']"),
+    (["optim.mup=true"], "optim.mup=true with adapter=lora"),
+    (["trainer.compile=true"], "trainer.compile=true with adapter=lora"),
+    (["model.adapter_path=/nonexistent/adapter"], "is not a directory"),
+    (["adapter=none", "model.adapter_path=/tmp"], "needs adapter=lora"),
+    (["adapter=none", "adapter.r=8"], "set but adapter=none (full fine-tuning)"),
+])
+def test_adapter_settings_errors(extra, message):
+    from granite_train.cli import compose_config
+    from granite_train.config import validate
+    from granite_train.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate(compose_config([*RUN, *extra]))
+
+
+def test_targets_the_model_lacks_and_a_foreign_base_are_one_line(cli, tmp_path, straight):
+    proc = cli(*RUN, "model=granite-tiny", "adapter.targets=[experts]", "adapter.train_modules=[]",
+               f"trainer.output_dir={tmp_path / 'e'}")
+    assert proc.returncode == 2 and "match no module" in proc.stderr, proc.stderr[-2000:]
+    from granite_train.errors import UserError
+    from granite_train.export import export
+    from granite_train.models import GraniteConfig, build_model, save_model
+
+    other = tmp_path / "other"
+    save_model(build_model(GraniteConfig(**{**ARCH, "hidden_size": 32, "mamba_n_heads": 2})), other)
+    _, out, _ = straight
+    with pytest.raises(UserError, match="is not the model the adapter was trained on"):
+        export(out, tmp_path / "m1", merge=True, base=other)
+    with pytest.raises(UserError, match="does not fit the base"):
+        export(out / "final", tmp_path / "m2", merge=True, base=other)
