@@ -147,7 +147,7 @@ def test_export_merge_equals_the_adapted_model(straight, base, tmp_path):
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
     run_tokenizer = json.loads((out / "checkpoints" / "step_4" / "model" / "tokenizer_config.json").read_text())
     assert json.loads((tmp_path / "merged" / "tokenizer_config.json").read_text()) == run_tokenizer
-    # without --merge: the adapter itself; a full fine-tuning checkpoint refuses --merge
+    # without --merge: the adapter itself
     assert export_main([str(out), str(tmp_path / "adapter")]) == 0
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
