@@ -231,6 +231,20 @@ def freeze_base(model: nn.Module, train_modules: Sequence[str] = ()) -> int:
     return trainable
 
 
+def training_matmul_params(model: nn.Module, base_active: int) -> int:
+    """The matmul parameters a token trains through, weighted by their share of the 6 FLOPs
+    per weight of full training (what MFU counts: 6 x this): a frozen weight costs its forward
+    and its input's gradient (4 of 6), a trainable one also its own gradient. `base_active`:
+    the base model's active matmul parameters (`full_size`); adapters of experts count at the
+    active share (top-k of E), as the experts do. Call before anything is cut over ranks."""
+    c = model.config
+    share = c.num_experts_per_tok / c.num_local_experts if c.num_local_experts else 1.0
+    adapters = sum(p.numel() * (share if isinstance(m, LoraExpertWeight) else 1.0)
+                   for _, m in adapted_modules(model) for p in (m.lora_A.weight, m.lora_B.weight))
+    lm_head = c.vocab_size * c.hidden_size if model.lm_head.weight.requires_grad else 0
+    return round(base_active * 2 / 3 + lm_head / 3 + adapters)
+
+
 def delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """scaling * B @ A in fp32: [out, in], or [E, out, in] for expert stacks."""
     return (B.float() @ A.float()) * scaling

@@ -32,6 +32,7 @@ from granite_train.compat import GuardedAdamW
 from granite_train.config import RunConfig
 from granite_train.errors import UserError
 from granite_train.models.compile import compile_model
+from granite_train.models.lora import training_matmul_params
 from granite_train.models.model import full_size
 from granite_train.parallel.context_parallel import apply_context_parallel
 from granite_train.parallel.deepspeed_engine import DeepSpeedEngine
@@ -73,8 +74,11 @@ def _check(cfg: RunConfig, env: Env) -> None:
 def parallelize(model: nn.Module, cfg: RunConfig, env: Env) -> Engine:
     """Cut `model` over this job's ranks (see the module doc); every rank calls it."""
     _check(cfg, env)
-    # 1. FLOPs of the full model (counted on a meta copy: a ZeRO-3 load may already be sharded).
+    # 1. FLOPs of the full model (counted on a meta copy: a ZeRO-3 load may already be sharded);
+    # with a frozen base (adapters) weighted by the work its backward does.
     matmul_params = full_size(model.config)[1]
+    if any(not p.requires_grad for p in model.parameters()):
+        matmul_params = training_matmul_params(model, matmul_params)
     # 2. Expert parallelism.
     expert = apply_expert_parallel(model, cfg.distributed.expert_parallel_size, env,
                                    source=cfg.model.path or "model.arch")

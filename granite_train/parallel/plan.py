@@ -77,7 +77,8 @@ class ParallelPlan:
     zero_stage: Optional[int]  # None: plain data parallel, no DeepSpeed
     expert: Optional[ExpertParallelPlan]  # None: every rank holds every expert
     # Weights one token multiplies with, counted on the full model before anything was cut
-    # (MFU must not shrink when a rank holds a slice).
+    # (MFU must not shrink when a rank holds a slice); with a frozen base weighted by training
+    # work (`lora.training_matmul_params`: MFU = 6 x this x tokens / time / peak).
     matmul_params: int
     compiled: Dict[str, int] = field(default_factory=dict)  # module kind -> count (trainer.compile)
     context: Optional[ContextPlan] = None  # None: every rank holds whole rows

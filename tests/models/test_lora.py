@@ -203,3 +203,21 @@ def test_unknown_target_and_bad_rank_are_refused():
         attach_lora(model, LoraSpec(targets=("attn",)))
     with pytest.raises(ValueError, match="r=0"):
         attach_lora(model, LoraSpec(r=0))
+
+
+def test_mfu_counts_a_frozen_base_at_four_flops_per_weight():
+    from granite_train.models.lora import training_matmul_params
+    from granite_train.models.model import full_size
+
+    model = model_of("granitemoe")  # tied; 2 of 4 experts active
+    attach_lora(model, LoraSpec(r=4, alpha=8, targets=("attention", "experts")), seed=1)
+    freeze_base(model)
+    base = full_size(model.config)[1]
+    attn = sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for n, m in model.named_modules()
+               if n.endswith("_proj") and hasattr(m, "lora_A"))
+    experts = sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for n, m in model.named_modules()
+                  if n.endswith(("input_linear", "output_linear")) and hasattr(m, "lora_A"))
+    assert training_matmul_params(model, base) == round(base * 2 / 3 + attn + experts * 2 / 4)
+    freeze_base(model, ("lm_head",))
+    lm = model.config.vocab_size * model.config.hidden_size
+    assert training_matmul_params(model, base) == round(base * 2 / 3 + lm / 3 + attn + experts * 2 / 4)
