@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -54,8 +55,6 @@ def run_mode(ckpt: Path, out: Path, mode: str, micro: int, steps: int, dtype: st
             f"trainer.output_dir={out}", "trainer.progress=false"]
     if mode == "lora":
         args += ["adapter=lora", "adapter.r=16", "adapter.alpha=32", f"adapter.targets={TARGETS}"]
-    import shutil
-
     shutil.rmtree(out, ignore_errors=True)
     rc, killed, peak, _, text = _sampled(args, out.parent / f"{out.name}.log", env)
     if rc != 0 or killed:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from granite_train.models.moe import ExpertWeight, grouped_expert_matmul
-from granite_train.models.param_roles import ADAPTER, mark
+from granite_train.models.param_roles import ADAPTER, copy_roles, mark
 
 # Roles a LoRA can target, and the modules (path suffixes, ours) each role covers.
 TARGET_ROLES: Dict[str, Tuple[str, ...]] = {
@@ -97,7 +97,7 @@ class LoraLinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.register_parameter("bias", base.bias)
-        self.__dict__.update({k: dict(v) for k, v in base.__dict__.items() if k == "_granite_param_roles"})
+        copy_roles(base, self)
         self.lora_A = LowRank(_kaiming_a(spec.r, base.in_features, generator))
         self.lora_B = LowRank(torch.zeros(base.out_features, spec.r))
         self.lora_dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
@@ -117,7 +117,7 @@ class LoraExpertWeight(ExpertWeight):
         nn.Module.__init__(self)
         self.num_experts, self.in_features, self.out_features = base.num_experts, base.in_features, base.out_features
         self.weight = base.weight
-        self.__dict__.update({k: dict(v) for k, v in base.__dict__.items() if k == "_granite_param_roles"})
+        copy_roles(base, self)
         held = held if held is not None else range(base.num_experts)
         A = _kaiming_a(spec.r, base.in_features, generator, experts=num_experts or base.num_experts)
         self.lora_A = LowRank(A[held.start:held.stop].clone())
@@ -273,18 +273,14 @@ def merge_lora(model: nn.Module) -> nn.Module:
         w = module.weight
         w.copy_((w.float() + delta(module.lora_A.weight, module.lora_B.weight, module.scaling)).to(w.dtype))
         parent_path, _, name = path.rpartition(".")
-        if isinstance(module, LoraExpertWeight):
-            plain: nn.Module = ExpertWeight.__new__(ExpertWeight)
-            nn.Module.__init__(plain)
-            plain.num_experts, plain.in_features, plain.out_features = (module.num_experts, module.in_features,
-                                                                         module.out_features)
-        else:
-            plain = nn.Linear.__new__(nn.Linear)
-            nn.Module.__init__(plain)
-            plain.in_features, plain.out_features = module.in_features, module.out_features
-            plain.register_parameter("bias", module.bias)
+        with torch.device("meta"):  # the plain module, then the adapted one's Parameters in it
+            if isinstance(module, LoraExpertWeight):
+                plain: nn.Module = ExpertWeight(module.num_experts, module.in_features, module.out_features)
+            else:
+                plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+                plain.bias = module.bias
         plain.weight = module.weight
-        plain.__dict__.update({k: v for k, v in module.__dict__.items() if k == "_granite_param_roles"})
+        copy_roles(module, plain)
         setattr(model.get_submodule(parent_path), name, plain)
     return model
 

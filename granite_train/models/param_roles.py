@@ -84,6 +84,11 @@ def restamp(model: nn.Module) -> None:
                 setattr(param, _PARAM_ATTR, role)
 
 
+def copy_roles(src: nn.Module, dst: nn.Module) -> None:
+    """Give `dst` the roles `src` declared (a module that takes over `src`'s Parameters)."""
+    dst.__dict__[_ROLES_ATTR] = dict(src.__dict__.get(_ROLES_ATTR, {}))
+
+
 def mark_linear(linear: nn.Module, role: str) -> None:
     """`weight` gets `role`, `bias` (if any) gets `bias`."""
     mark(linear, "weight", role)

@@ -23,6 +23,7 @@ are read too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -51,8 +52,7 @@ _SAVED_MODULES = {"lm_head": "lm_head", "model.embed_tokens": "embed_tokens"}
 # (besides PEFT's LoRA variants, found by their field metadata in `_refused_fields`).
 _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "layers_to_transform": None,
                 "layer_replication": None, "rank_pattern": {}, "alpha_pattern": {}, "trainable_token_indices": None,
-                "use_qalora": False, "alora_invocation_tokens": None, "use_bdlora": None, "arrow_config": None,
-                "monteclora_config": None, "kasa_config": None, "velora_config": None}
+                "use_qalora": False}
 
 
 def _module_of(key: str) -> Tuple[str, str]:
@@ -111,9 +111,7 @@ def to_peft(adapters: Dict[str, torch.Tensor], full_rank: Dict[str, torch.Tensor
             param = _EXPERT_PARAMS[expert]
             peft_module = module[: -len(expert)] + "block_sparse_moe.experts." + nest[param].rstrip(".")
             peft_module = peft_module.rstrip(".")
-            E = t.shape[0]
             t = t.reshape(-1, t.shape[-1]) if factor == "A" else t.permute(1, 2, 0).reshape(t.shape[1], -1)
-            assert t.shape[-1 if factor == "B" else 0] % E == 0
         elif module.endswith(_ROUTER):
             peft_module = module[: -len(".layer")]
         else:
@@ -135,7 +133,7 @@ def to_peft(adapters: Dict[str, torch.Tensor], full_rank: Dict[str, torch.Tensor
 def save_adapter(path: Union[str, Path], spec: LoraSpec, adapters: Dict[str, torch.Tensor],
                  full_rank: Dict[str, torch.Tensor], cfg: GraniteConfig, base_model: Optional[str]) -> None:
     """Write a PEFT adapter directory (config through PEFT's own `LoraConfig`)."""
-    import peft
+    import peft  # (imports transformers: only where an adapter is written or checked)
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -180,17 +178,12 @@ def _refused_fields(c: Dict) -> List[str]:
     """adapter_config.json fields that change the math in ways we do not run: PEFT's LoRA
     variants (fields its LoraConfig marks `is_lora_variant`), patterns, biases, ..."""
     bad = [f"{k}={c[k]!r}" for k, default in _UNSUPPORTED.items() if c.get(k) not in (default, None)]
-    try:
-        import dataclasses
+    import peft
 
-        import peft
-
-        defaults = peft.LoraConfig()
-        for f in dataclasses.fields(peft.LoraConfig):
-            if f.metadata.get("is_lora_variant") and c.get(f.name) not in (None, getattr(defaults, f.name)):
-                bad.append(f"{f.name}={c[f.name]!r}")
-    except ImportError:  # peft is a dependency; without it the explicit list above still holds
-        pass
+    defaults = peft.LoraConfig()
+    for f in dataclasses.fields(peft.LoraConfig):
+        if f.metadata.get("is_lora_variant") and c.get(f.name) not in (None, getattr(defaults, f.name)):
+            bad.append(f"{f.name}={c[f.name]!r}")
     if c.get("bias", "none") != "none":
         bad.append(f"bias={c['bias']!r}")
     return sorted(set(bad))

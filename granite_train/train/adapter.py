@@ -129,17 +129,16 @@ def load_adapter_weights(model: nn.Module, adapters: Dict[str, torch.Tensor], fu
     partitioned weights (a sharded base's full-rank train_modules) need `env` (every rank calls)."""
     params = dict(model.named_parameters())
     held = {path: m for path, m in model.named_modules() if hasattr(m, "held_experts")}
-    wrong, missing = [], []
-    want = {k for k in params if is_adapter_key(k)}
-    missing = sorted(want - set(adapters))
+    wrong = []
+    missing = sorted({k for k in params if is_adapter_key(k)} - set(adapters))
     plan = []
     for key, t in {**adapters, **full_rank}.items():
         p = params.get(key)
         if p is None:
             wrong.append(f"{key} (not in the model)")
             continue
-        moe = held.get(key.split(".block_sparse_moe.")[0] + ".block_sparse_moe") if ".block_sparse_moe.input_linear" in key \
-            or ".block_sparse_moe.output_linear" in key else None
+        stack = key.rsplit(".", 2)[0]  # <moe>.input_linear of <moe>.input_linear.lora_A.weight
+        moe = held.get(stack.rpartition(".")[0]) if stack.endswith(("input_linear", "output_linear")) else None
         if moe is not None and len(moe.held_experts) != moe.num_experts:
             t = t[moe.held_experts.start:moe.held_experts.stop]
         shape = tuple(getattr(p, "ds_shape", p.shape))
@@ -168,7 +167,7 @@ def trainable_keys(spec: LoraSpec) -> Callable[[str], bool]:
     return lambda key: is_adapter_key(key) or key in keep
 
 
-def full_adapter_state(pieces: Iterable[Dict[str, torch.Tensor]], spec: LoraSpec, tied: bool):
+def full_adapter_state(pieces: Iterable[Dict[str, torch.Tensor]], spec: LoraSpec):
     """(adapter factors, full-rank module weights) out of the engine's full state pieces."""
     adapters: Dict[str, torch.Tensor] = {}
     full: Dict[str, torch.Tensor] = {}
@@ -185,7 +184,7 @@ def full_adapter_state(pieces: Iterable[Dict[str, torch.Tensor]], spec: LoraSpec
 def save_adapter_dir(path: Path, pieces: Iterable[Dict[str, torch.Tensor]], spec: LoraSpec, model: nn.Module,
                      base_model: Optional[str], is_main: bool) -> None:
     """A PEFT adapter directory from the engine's full state (every rank iterates)."""
-    adapters, full = full_adapter_state(pieces, spec, model.config.tie_word_embeddings)
+    adapters, full = full_adapter_state(pieces, spec)
     if is_main:
         save_adapter(path, spec, adapters, full, model.config, base_model)
 
