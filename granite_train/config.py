@@ -75,6 +75,17 @@ class ColumnMap:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a mixture (data.sources): raw data (any data.path kind) or a prepared
+    directory (`python -m granite_train.prepare`), drawn by its share of the tokens."""
+
+    path: str = ""
+    weight: float = 1.0  # relative: shares are weight / sum of weights
+    name: Optional[str] = None  # how metrics.jsonl names it (null: the directory or file name)
+    format: Optional[str] = None  # this source's data.format (null: data.format)
+
+
+@dataclass
 class DataConfig:
     # Local file(s) (jsonl/json/parquet/csv), a saved Arrow dataset dir, a hub name, or "demo:chitchat".
     path: str = "demo:chitchat"
@@ -100,11 +111,18 @@ class DataConfig:
     chat_template: Optional[str] = None
     train_on: str = "assistant"  # assistant | all
     max_length: int = 2048
-    overlong: str = "truncate"  # truncate | drop
+    # What a document longer than max_length becomes: split (pieces of max_length overlapping by
+    # one token, so none is lost; data.format=text only) | truncate | drop | auto (split for
+    # text, truncate otherwise). Counted in the data report either way.
+    overlong: str = "auto"
     packing: str = "bfd"  # bfd | greedy | none
     skip_bad_rows: bool = False
     max_examples: Optional[int] = None
     num_proc: int = 1
+    # A mixture: [{path: A, weight: 0.7}, {path: B, weight: 0.3}] (data.path is then not read).
+    # Each step takes the sources' tokens in proportion to the weights (exact over the run,
+    # within one document per step); a source that runs out is reshuffled and repeated (counted).
+    sources: List[SourceConfig] = field(default_factory=list)
     # Evaluation (granite_train/data/eval.py): a separate eval set (same kinds of source as
     # `path`) OR a held-out share of `path`'s rows in (0, 0.5], drawn from trainer.seed and never
     # trained on; not both. null/null: no evaluation.
@@ -261,7 +279,7 @@ class RunConfig:
 CHOICES = {
     "data.format": ("auto", "chat", "text", "prompt_completion"),
     "data.train_on": ("assistant", "all"),
-    "data.overlong": ("truncate", "drop"),
+    "data.overlong": ("auto", "split", "truncate", "drop"),
     "data.packing": ("bfd", "greedy", "none"),
     "optim.name": ("adamw",),
     "scheduler.name": ("cosine", "linear", "constant", "power", "wsd"),
@@ -443,6 +461,30 @@ def validate_data(data: DataConfig, trainer: TrainerConfig, context_parallel_siz
             f"data.max_length={data.max_length}: a step must hold the longest example; "
             f"raise trainer.tokens_per_step or lower data.max_length")
     validate_eval(data)
+    validate_sources(data, trainer)
+
+
+def validate_sources(data: DataConfig, trainer: TrainerConfig) -> None:
+    """data.sources: a mixture of map-style sources that runs for max_steps / max_tokens."""
+    if not data.sources:
+        return
+    for k, src in enumerate(data.sources):
+        if not str(src.path).strip():
+            raise UserError(f"data.sources[{k}].path is empty; set it to the source's data (raw or prepared)")
+        if src.format is not None and src.format not in CHOICES["data.format"]:
+            raise UserError(f"data.sources[{k}].format={src.format!r} is not one of {', '.join(CHOICES['data.format'])}")
+        if not (isinstance(src.weight, (int, float)) and math.isfinite(src.weight) and src.weight > 0):
+            raise UserError(f"data.sources[{k}].weight={src.weight} must be a positive number (weights are "
+                            f"relative: each source's share is its weight / their sum)")
+    if trainer.epochs is not None:
+        raise UserError(f"trainer.epochs={trainer.epochs} counts passes over one data set; a data.sources mixture "
+                        f"repeats each source as needed and runs for trainer.max_steps / trainer.max_tokens: set "
+                        f"trainer.epochs=null")
+    if data.streaming:
+        raise UserError("data.sources mixes map-style sources (raw or prepared); set data.streaming=false")
+    if data.eval_fraction is not None:
+        raise UserError("data.eval_fraction holds out rows of data.path, which a data.sources mixture does not "
+                        "read; set data.eval_path to a held-out set")
 
 
 def validate_eval(data: DataConfig) -> None:

@@ -19,7 +19,9 @@ import numpy as np
 
 from granite_train.config import DataConfig, TrainerConfig, validate_data
 from granite_train.data.collator import MicroBatch, collate_packed, collate_padded, empty_micro_batch
-from granite_train.data.pipeline import HeldOut, TrainData, _open, _tokenize, heldout_rows
+from granite_train.data.docs import ArrowDocs, Examples, pieces_for
+from granite_train.data.load import HeldOut, heldout_rows, open_source, tokenize
+from granite_train.data.pipeline import TrainData
 from granite_train.data.plan import StepPlan, packing_efficiency, plan_step
 from granite_train.data.stats import PrepStats, Status
 from granite_train.data.tokenizer import Tokenizer
@@ -31,11 +33,10 @@ log = logging.getLogger("granite_train.data")
 class EvalData:
     """The eval examples of one run and this rank's share of their packed micro-batches."""
 
-    def __init__(self, examples: datasets.Dataset, lengths: np.ndarray, n_trained: np.ndarray,
-                 stats: PrepStats, data_cfg: DataConfig, trainer_cfg: TrainerConfig, rank: int,
-                 world_size: int, pad_id: int) -> None:
-        # input_ids/labels of the kept eval examples, in row order (numpy format)
-        self.examples = examples.select_columns(["input_ids", "labels"]).with_format("numpy")
+    def __init__(self, examples: Examples, stats: PrepStats, data_cfg: DataConfig, trainer_cfg: TrainerConfig,
+                 rank: int, world_size: int, pad_id: int) -> None:
+        self.examples = examples  # the kept eval examples (pieces of long documents), in row order
+        lengths, n_trained = examples.lengths, examples.n_trained
         self.lengths = lengths
         self.n_trained = n_trained
         self.stats = stats
@@ -71,9 +72,8 @@ class EvalData:
             if not mb:
                 yield empty_micro_batch(self._padded)
                 continue
-            batch = self.examples[list(mb)]
-            rows: List[Dict[str, Any]] = [{"input_ids": x, "labels": y}
-                                          for x, y in zip(batch["input_ids"], batch["labels"])]
+            fetched = self.examples.fetch(mb)
+            rows: List[Dict[str, Any]] = [fetched[i] for i in mb]
             yield collate_padded(rows, self._pad_id) if self._padded else collate_packed(rows)
 
 
@@ -87,24 +87,25 @@ def _eval_source_cfg(data_cfg: DataConfig) -> DataConfig:
 def _prepare_eval_path(data_cfg: DataConfig, tokenizer: Tokenizer) -> HeldOut:
     cfg = _eval_source_cfg(data_cfg)
     try:
-        source, stats, ds, encoder = _open(cfg, tokenizer)
+        source, stats, ds, encoder = open_source(cfg, tokenizer)
     except UserError as e:  # the source's errors name data.path; here it is data.eval_path
         raise UserError(str(e).replace("data.path=", "data.eval_path=")) from None
     if cfg.max_examples is not None:
         ds = ds.select(range(min(len(ds), cfg.max_examples)))
-    tokenized, status, lengths, n_trained = _tokenize(ds, encoder, cfg)
-    return HeldOut(tokenized, status, lengths, n_trained, source.name, stats.malformed_lines)
+    tokenized, status, lengths, n_trained = tokenize(ds, encoder, cfg)
+    return HeldOut(tokenized, status, lengths, n_trained, source.name, stats.malformed_lines, encoder.overlong)
 
 
 def _prepare_fraction(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer: Tokenizer) -> HeldOut:
     """The held-out rows without a TrainData at hand: the same (cached) tokenization and split
     as build_train_data."""
-    source, _, ds, encoder = _open(data_cfg, tokenizer)
+    source, _, ds, encoder = open_source(data_cfg, tokenizer)
     if data_cfg.max_examples is not None:
         ds = ds.select(range(min(len(ds), data_cfg.max_examples)))
-    tokenized, status, lengths, n_trained = _tokenize(ds, encoder, data_cfg)
+    tokenized, status, lengths, n_trained = tokenize(ds, encoder, data_cfg)
     held = heldout_rows(len(status), data_cfg.eval_fraction, trainer_cfg.seed)
-    return HeldOut(tokenized.select(held), status[held], lengths[held], n_trained[held], source.name)
+    return HeldOut(tokenized.select(held), status[held], lengths[held], n_trained[held], source.name,
+                   overlong=encoder.overlong)
 
 
 def build_eval_data(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer: Tokenizer, rank: int,
@@ -138,9 +139,11 @@ def build_eval_data(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer:
     if keep.size == 0:
         raise UserError(f"no eval examples left in {what} after preparation ({stats.report()}); "
                         f"check the eval data, data.train_on and data.max_length")
-    examples = held.examples.select(keep) if keep.size < len(held.examples) else held.examples
-    data = EvalData(examples, held.lengths[keep].astype(np.int64), held.n_trained[keep].astype(np.int64),
-                    stats, data_cfg, trainer_cfg, rank, world_size, tokenizer.eos_token_id)
+    docs = held.examples.select(keep) if keep.size < len(held.examples) else held.examples
+    pieces = pieces_for(held.lengths[keep], held.n_trained[keep], held.overlong, data_cfg.max_length)
+    stats.pieces = pieces.split_pieces
+    data = EvalData(Examples(pieces, ArrowDocs(docs)), stats, data_cfg, trainer_cfg, rank, world_size,
+                    tokenizer.eos_token_id)
     stats.set_lengths(data.lengths)
     stats.packing_efficiency = packing_efficiency([data.plan])
     stats.seconds = time.perf_counter() - t0

@@ -156,14 +156,32 @@ def plan_step(parts: Parts, lengths: np.ndarray, n_trained: np.ndarray, *, epoch
     return StepPlan(epoch, step_in_epoch, ranks, int(n_trained[flat].sum()), int(lengths[flat].sum()), slots)
 
 
+class EpochPlan(Sequence[StepPlan]):
+    """One epoch's steps: selected up front (`select_steps`), each split over ranks and
+    micro-batches only when asked for (an epoch of a large corpus has tens of thousands)."""
+
+    def __init__(self, steps: List[Parts], lengths: np.ndarray, n_trained: np.ndarray, *, epoch: int,
+                 micro_batch_tokens: int, world_size: int, padded: bool) -> None:
+        self.steps, self.lengths, self.n_trained = steps, lengths, n_trained
+        self._args = dict(epoch=epoch, micro_batch_tokens=micro_batch_tokens, world_size=world_size, padded=padded)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, k):  # type: ignore[override]
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        return plan_step(self.steps[k], self.lengths, self.n_trained, step_in_epoch=k, **self._args)
+
+
 def plan_epoch(lengths: np.ndarray, n_trained: np.ndarray, *, seed: int, epoch: int, tokens_per_step: int,
-               max_length: int, packing: str, micro_batch_tokens: int, world_size: int) -> List[StepPlan]:
+               max_length: int, packing: str, micro_batch_tokens: int, world_size: int) -> EpochPlan:
     steps = select_steps(lengths, seed=seed, epoch=epoch, tokens_per_step=tokens_per_step,
                          max_length=max_length, packing=packing)
-    return [plan_step(parts, lengths, n_trained, epoch=epoch, step_in_epoch=k,
-                      micro_batch_tokens=micro_batch_tokens, world_size=world_size,
-                      padded=packing == "none")
-            for k, parts in enumerate(steps)]
+    return EpochPlan(steps, lengths, n_trained, epoch=epoch, micro_batch_tokens=micro_batch_tokens,
+                     world_size=world_size, padded=packing == "none")
 
 
 def packing_efficiency(plans: Sequence[StepPlan]) -> float:

@@ -24,7 +24,8 @@ IGNORE = -100
 # Part of the map's cache key (datasets fingerprints the Encoder's fields, not this module's
 # code): bump it when tokenization output changes, so no stale cached result is reused.
 # 2: drops without labels carry their reason (Status.NO_ASSISTANT/NO_COMPLETION/NO_TARGET).
-PREP_VERSION = 2
+# 3: data.overlong=split keeps long documents whole (Status.SPLIT).
+PREP_VERSION = 3
 
 _List = getattr(datasets, "List", datasets.Sequence)  # datasets >= 4 renamed Sequence to List
 FEATURES = datasets.Features({
@@ -34,6 +35,16 @@ FEATURES = datasets.Features({
     "n_trained": datasets.Value("int32"),
     "status": datasets.Value("int8"),
 })
+
+
+def overlong_policy(overlong: str, row_format: RowFormat, source: str) -> str:
+    """data.overlong as applied to this source: auto is split for text, truncate otherwise."""
+    if overlong == "auto":
+        return "split" if row_format.kind == "text" else "truncate"
+    if overlong == "split" and row_format.kind != "text":
+        raise UserError(f"data.overlong=split cuts documents into pieces and needs data.format=text; {source} "
+                        f"reads as {row_format.name}: use data.overlong=truncate or drop for it")
+    return overlong
 
 
 @dataclass(frozen=True)
@@ -59,8 +70,8 @@ class Encoder:
     @classmethod
     def from_config(cls, cfg: DataConfig, tokenizer: Tokenizer, renderer: Optional[Renderer],
                     row_format: RowFormat, source: str) -> "Encoder":
-        return cls(tokenizer, renderer, row_format, cfg.train_on, cfg.max_length, cfg.overlong,
-                   cfg.skip_bad_rows, source)
+        return cls(tokenizer, renderer, row_format, cfg.train_on, cfg.max_length,
+                   overlong_policy(cfg.overlong, row_format, source), cfg.skip_bad_rows, source)
 
     def _bad(self, index: int, err: BadRow) -> None:
         if not self.skip_bad_rows:
@@ -73,6 +84,8 @@ class Encoder:
     def _finish(self, ids: np.ndarray, labels: np.ndarray) -> Encoded:
         status = Status.OK
         if len(ids) > self.max_length:
+            if self.overlong == "split":  # kept whole: docs.split_documents cuts it into pieces
+                return Encoded(Status.SPLIT, ids, labels, int(np.count_nonzero(labels[1:] != IGNORE)))
             if self.overlong == "drop":
                 return _dropped(Status.OVERLONG)
             ids, labels, status = ids[: self.max_length], labels[: self.max_length], Status.TRUNCATED

@@ -21,10 +21,12 @@ class Status(IntEnum):
     NO_ASSISTANT = 5  # a conversation without an assistant turn
     NO_COMPLETION = 6  # an empty completion
     NO_TARGET = 7  # no trained token even untruncated (e.g. an empty document)
+    SPLIT = 8  # kept whole, longer than max_length: trained as pieces (data.overlong=split)
 
     @staticmethod
     def kept(status: np.ndarray) -> np.ndarray:
-        return status <= Status.TRUNCATED
+        status = np.asarray(status)
+        return (status <= Status.TRUNCATED) | (status == Status.SPLIT)
 
 
 # Why rows were dropped without labels, as the report says it.
@@ -41,6 +43,8 @@ class PrepStats:
     tokens: int = 0
     trained_tokens: int = 0
     truncated: int = 0
+    split: int = 0  # documents longer than max_length, trained as `pieces` pieces (data.overlong=split)
+    pieces: int = 0
     dropped_overlong: int = 0
     dropped_no_labels: int = 0  # all reasons; by reason (NO_LABEL_REASONS' words) in no_labels
     no_labels: Dict[str, int] = field(default_factory=dict)
@@ -60,6 +64,7 @@ class PrepStats:
         self.tokens += int(np.asarray(lengths)[kept].sum())
         self.trained_tokens += int(np.asarray(n_trained)[kept].sum())
         self.truncated += int((status == Status.TRUNCATED).sum())
+        self.split += int((status == Status.SPLIT).sum())
         self.bad_rows += int((status == Status.BAD_ROW).sum())
         self.dropped_overlong += int((status == Status.OVERLONG).sum())
         for code, reason in NO_LABEL_REASONS.items():
@@ -89,6 +94,9 @@ class PrepStats:
         fmt = f" (format {self.format})" if self.format else ""
         parts = [f"data {self.source}{fmt}: {self.rows_read} rows read -> {self.examples} examples, "
                  f"{self.tokens} tokens ({self.trained_tokens} trained)"]
+        if self.split:
+            parts.append(f"split {self.split} documents longer than max_length into {self.pieces} pieces "
+                         f"(no token lost)")
         parts.append(f"truncated {self.truncated}; dropped {self.dropped_overlong} over-long, "
                      f"{self._no_labels_text()}, {self.bad_rows} bad rows, "
                      f"{self.malformed_lines} malformed lines")

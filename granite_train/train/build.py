@@ -123,8 +123,10 @@ def describe(cfg: RunConfig, model: GraniteForCausalLM, tokenizer: Any, env: Env
     log.info("model: %s from %s | %.2fM parameters | %d layers, hidden %d, heads %d/%d kv, vocab %d",
              c.model_type, source, n_params / 1e6, c.num_hidden_layers, c.hidden_size,
              c.num_attention_heads, c.num_key_value_heads, c.vocab_size)
+    what = (" + ".join(f"{s.path} x{s.weight:g}" for s in cfg.data.sources) if cfg.data.sources
+            else cfg.data.path)
     log.info("data: %s (format %s, packing %s, max_length %d) | tokenizer: %s (%d tokens)",
-             cfg.data.path, cfg.data.format, cfg.data.packing, cfg.data.max_length,
+             what, cfg.data.format, cfg.data.packing, cfg.data.max_length,
              cfg.data.tokenizer or cfg.model.path or "gpt2-bundled", tokenizer.vocab_size)
     log.info("batch: %d tokens/step over %d rank(s), micro-batches of <= %d tokens | device %s, %s",
              cfg.trainer.tokens_per_step, env.world_size, cfg.trainer.micro_batch_tokens,

@@ -225,4 +225,15 @@ def step_record(step: Any, outcome: Any, *, step_no: int, lr: float, tokens_seen
         "skipped_steps": skipped_steps,
         **({"aux_loss": outcome.aux_loss} if outcome.aux_loss is not None else {}),
         **(expert_load(outcome.expert_counts) if outcome.expert_counts is not None else {}),
+        **source_mix(step),
     }
+
+
+def source_mix(step: Any) -> Dict[str, Any]:
+    """data.sources: each source's input tokens in this step and through it (flat keys, so W&B
+    groups them as panels)."""
+    mix: Dict[str, Any] = {}
+    for name, n in getattr(step, "source_tokens", {}).items():
+        mix[f"source_tokens/{name}"] = n
+        mix[f"source_tokens_seen/{name}"] = step.source_tokens_seen[name]
+    return mix

@@ -1,0 +1,219 @@
+"""data.sources: several sources mixed by weight into one deterministic sequence of steps.
+
+Each source is read in its own shuffled order (a permutation per pass, from trainer.seed, the
+source's position and the pass; a source that runs out starts another pass, counted). The
+sources are interleaved into one sequence: the next example always comes from the source
+furthest behind its share of the tokens so far (the least tokens / share), so after every
+example each source's tokens are within about one document of its share. Steps cut that
+sequence greedily at trainer.tokens_per_step. None of this sees micro_batch_tokens or the number
+of ranks; `plan_step` then splits each step over ranks as for single sources.
+
+The position is the whole state: per source (pass, examples taken in it, tokens taken), so
+resume is exact and costs O(sources). A mixture has no epochs: it runs for trainer.max_steps /
+trainer.max_tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+from granite_train.config import DataConfig, SourceConfig, TrainerConfig
+from granite_train.data.docs import Example, Examples
+from granite_train.data.load import load_examples
+from granite_train.data.plan import plan_step
+from granite_train.data.stats import PrepStats
+from granite_train.data.steps import TrainStep, check_fingerprint, materialize
+from granite_train.data.tokenizer import Tokenizer
+from granite_train.errors import UserError
+
+log = logging.getLogger("granite_train.data")
+MIX_SALT = 0x6D6978  # "mix": the sources' pass orders, apart from single-source epoch orders
+
+
+@dataclass
+class MixSource:
+    name: str
+    share: float  # weight / sum of weights
+    examples: Examples
+    stats: PrepStats
+    offset: int  # global example ids of this source start here
+
+
+def source_name(cfg: SourceConfig) -> str:
+    if cfg.name:
+        return cfg.name
+    path = cfg.path.rstrip("/")
+    return path.split(":", 1)[1] if path.startswith("demo:") else (Path(path).stem or path)
+
+
+class _Cursor:
+    """One source's position: its pass, the examples taken in that pass, the tokens taken overall."""
+
+    def __init__(self, n: int, seed: int, index: int) -> None:
+        self.n, self.seed, self.index = n, seed, index
+        self.passes, self.taken, self.tokens = 0, 0, 0
+        self._order: Optional[np.ndarray] = None
+
+    def order(self) -> np.ndarray:
+        if self._order is None:
+            self._order = np.random.default_rng([self.seed, MIX_SALT, self.index, self.passes]).permutation(self.n)
+        return self._order
+
+    def peek(self) -> int:
+        return int(self.order()[self.taken])
+
+    def advance(self, length: int) -> bool:
+        """Take the peeked example; True when that ended a pass (the next one starts reshuffled)."""
+        self.taken += 1
+        self.tokens += length
+        if self.taken == self.n:
+            self.passes, self.taken, self._order = self.passes + 1, 0, None
+            return True
+        return False
+
+
+class MixtureTrainData:
+    """Steps of a weighted mixture of map-style sources (raw or prepared)."""
+
+    num_steps_per_epoch: Optional[int] = None
+
+    def __init__(self, sources: List[MixSource], data_cfg: DataConfig, trainer_cfg: TrainerConfig, rank: int,
+                 world_size: int, pad_id: int) -> None:
+        self.sources = sources
+        self.rank, self.world_size = rank, world_size
+        self._pad_id = pad_id
+        self._padded = data_cfg.packing == "none"
+        self._budget = trainer_cfg.tokens_per_step
+        self._micro = trainer_cfg.micro_batch_tokens
+        self._seed = trainer_cfg.seed
+        self._slack = data_cfg.max_length  # "one document": the longest an example can be
+        self._cursors = [_Cursor(len(s.examples), self._seed, k) for k, s in enumerate(sources)]
+        self._step = 0
+        self.lengths = np.concatenate([s.examples.lengths for s in sources])
+        self.n_trained = np.concatenate([s.examples.n_trained for s in sources])
+        self._offsets = np.array([s.offset for s in sources] + [self.lengths.size], dtype=np.int64)
+        self.stats = sources[0].stats if len(sources) == 1 else _combined(sources)
+        self._fingerprint_now = {
+            "seed": self._seed, "tokens_per_step": self._budget, "max_length": data_cfg.max_length,
+            "sources": [[s.name, s.share, len(s.examples), s.examples.pieces.num_tokens] for s in sources]}
+
+    def _fits_shares(self, k: int, n: int) -> bool:
+        """Whether taking n tokens from source k keeps every source within one document
+        (data.max_length tokens) of its share of all tokens taken."""
+        total = sum(c.tokens for c in self._cursors) + n
+        return all(abs(c.tokens + (n if j == k else 0) - s.share * total) <= self._slack
+                   for j, (s, c) in enumerate(zip(self.sources, self._cursors)))
+
+    def _select(self) -> List[List[int]]:
+        """The next step's examples per source (local ids), advancing the cursors. The next
+        example comes from the source furthest behind its share; when that one does not fit the
+        step, one of the others may fill in if the shares stay within one document."""
+        picked: List[List[int]] = [[] for _ in self.sources]
+        used = 0
+        while True:
+            order = sorted(range(len(self.sources)), key=lambda j: (self._cursors[j].tokens / self.sources[j].share, j))
+            chosen = None
+            for rank_in_order, k in enumerate(order):
+                n = int(self.sources[k].examples.lengths[self._cursors[k].peek()])
+                if used + n > self._budget:
+                    continue
+                if not used or rank_in_order == 0 or self._fits_shares(k, n):
+                    chosen = (k, n)
+                    break
+            if chosen is None:
+                return picked  # the step is full
+            k, n = chosen
+            c = self._cursors[k]
+            picked[k].append(c.peek())
+            used += n
+            if c.advance(n):
+                log.info("data.sources: %s ran out at step %d (%d tokens so far); pass %d starts, reshuffled",
+                         self.sources[k].name, self._step, c.tokens, c.passes + 1)
+
+    def _fetch(self, ids: Sequence[int]) -> Dict[int, Example]:
+        out: Dict[int, Example] = {}
+        ids = np.asarray(ids, dtype=np.int64)
+        which = np.searchsorted(self._offsets, ids, side="right") - 1
+        for k in np.unique(which).tolist():
+            mine = ids[which == k]
+            got = self.sources[k].examples.fetch((mine - self._offsets[k]).tolist())
+            out.update({int(g): got[int(g - self._offsets[k])] for g in mine})
+        return out
+
+    def steps(self) -> Iterator[TrainStep]:
+        while True:
+            before = [c.tokens for c in self._cursors]
+            picked = self._select()
+            flat = [int(self._offsets[k]) + i for k, ids in enumerate(picked) for i in ids]
+            p = plan_step([[i] for i in flat], self.lengths, self.n_trained, epoch=0, step_in_epoch=self._step,
+                          micro_batch_tokens=self._micro, world_size=self.world_size, padded=self._padded)
+            self._step += 1
+            names = [s.name for s in self.sources]
+            yield TrainStep(self._step - 1, 0, self._step - 1,
+                            materialize(p, self.rank, self._fetch, self._padded, self._pad_id),
+                            p.num_trained_tokens, p.num_input_tokens, p.num_slots, p.example_ids,
+                            source_tokens={n: c.tokens - b for n, c, b in zip(names, self._cursors, before)},
+                            source_tokens_seen={n: c.tokens for n, c in zip(names, self._cursors)})
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"kind": "mixture", "step": self._step, "global_step": self._step,
+                "sources": [{"name": s.name, "passes": c.passes, "taken": c.taken, "tokens": c.tokens}
+                            for s, c in zip(self.sources, self._cursors)],
+                "fingerprint": self._fingerprint_now}
+
+    def check_state_dict(self, state: Dict[str, Any]) -> None:
+        if state.get("kind") != "mixture":
+            raise UserError("the checkpoint's data state is not from a data.sources mixture; resume with its "
+                            "data settings (data.path / data.streaming), or start a fresh run")
+        check_fingerprint(state.get("fingerprint", {}), self._fingerprint_now)
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.check_state_dict(state)
+        self._step = int(state["step"])
+        for c, saved in zip(self._cursors, state["sources"]):
+            c.passes, c.taken, c.tokens = int(saved["passes"]), int(saved["taken"]), int(saved["tokens"])
+            c._order = None
+
+
+def _combined(sources: List[MixSource]) -> PrepStats:
+    stats = PrepStats(source="mixture of " + ", ".join(f"{s.name} ({s.share:.3g})" for s in sources))
+    for s in sources:
+        for key in ("rows_read", "examples", "tokens", "trained_tokens", "truncated", "split", "pieces",
+                    "dropped_overlong", "dropped_no_labels", "bad_rows", "malformed_lines"):
+            setattr(stats, key, getattr(stats, key) + getattr(s.stats, key))
+    return stats
+
+
+def build_mixture(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer: Tokenizer, rank: int,
+                  world_size: int) -> MixtureTrainData:
+    t0 = time.perf_counter()
+    total = sum(float(s.weight) for s in data_cfg.sources)
+    sources: List[MixSource] = []
+    offset = 0
+    names = [source_name(src) for src in data_cfg.sources]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"data.sources: two sources are named {twice[0]!r}; give them distinct names "
+                        f"(data.sources[k].name)")
+    for k, src in enumerate(data_cfg.sources):
+        cfg = replace(data_cfg, path=src.path, sources=[], format=src.format or data_cfg.format)
+        try:
+            loaded = load_examples(cfg, trainer_cfg, tokenizer)
+        except UserError as e:  # name the source as the config does
+            raise UserError(str(e).replace(f"data.path={src.path}", f"data.sources[{k}].path={src.path}")) from None
+        name = names[k]
+        sources.append(MixSource(name, float(src.weight) / total, loaded.examples, loaded.stats, offset))
+        offset += len(loaded.examples)
+        loaded.stats.set_lengths(loaded.examples.lengths)
+        log.info("data.sources[%d] %s, share %.4g: %s", k, name, float(src.weight) / total, loaded.stats.report())
+    data = MixtureTrainData(sources, data_cfg, trainer_cfg, rank, world_size, tokenizer.eos_token_id)
+    data.stats.set_lengths(data.lengths)
+    data.stats.seconds = time.perf_counter() - t0
+    log.info(data.stats.report())
+    return data

@@ -1,0 +1,53 @@
+"""One optimizer step of data, as every data source yields it, and what all sources share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+from granite_train.data.collator import MicroBatch, collate_packed, collate_padded, empty_micro_batch
+from granite_train.data.plan import StepPlan
+from granite_train.errors import UserError
+
+
+@dataclass
+class TrainStep:
+    index: int  # optimizer steps yielded before this one since training began (0-based, all epochs)
+    epoch: int
+    step_in_epoch: int
+    micro_batches: List[MicroBatch]  # this rank's, CPU tensors; the same count on every rank
+    num_trained_tokens: int  # GLOBAL over ranks and micro-batches
+    num_input_tokens: int  # GLOBAL
+    num_slots: int  # GLOBAL
+    # GLOBAL: ids of this step's examples (pieces; streams: raw row numbers; mixtures: offset by source).
+    example_ids: List[int] = field(default_factory=list)
+    # Mixtures (data.sources): GLOBAL input tokens of this step per source, and through this step.
+    source_tokens: Dict[str, int] = field(default_factory=dict)
+    source_tokens_seen: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def packing_efficiency(self) -> float:
+        return self.num_input_tokens / self.num_slots if self.num_slots else 0.0
+
+
+def materialize(plan: StepPlan, rank: int, fetch, padded: bool, pad_id: int) -> List[MicroBatch]:
+    """This rank's micro-batch tensors; `fetch(ids)` returns {id: example dict}."""
+    mine = plan.ranks[rank]
+    examples = fetch(sorted({i for mb in mine for i in mb}))
+    out = []
+    for mb in mine:
+        if not mb:
+            out.append(empty_micro_batch(padded))
+        elif padded:
+            out.append(collate_padded([examples[i] for i in mb], pad_id))
+        else:
+            out.append(collate_packed([examples[i] for i in mb]))
+    return out
+
+
+def check_fingerprint(saved: Dict[str, Any], now: Dict[str, Any]) -> None:
+    changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in now if saved.get(k) != now[k]]
+    if changed:
+        raise UserError(f"cannot resume the data position: {', '.join(changed)} changed since the "
+                        f"checkpoint; restore those settings (data, data.eval_fraction, trainer.seed, "
+                        f"tokens_per_step, max_length, packing) or start a fresh run")
