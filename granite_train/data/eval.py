@@ -19,8 +19,9 @@ import numpy as np
 
 from granite_train.config import DataConfig, TrainerConfig, validate_data
 from granite_train.data.collator import MicroBatch, collate_packed, collate_padded, empty_micro_batch
-from granite_train.data.docs import ArrowDocs, Examples, pieces_for
-from granite_train.data.load import HeldOut, heldout_rows, open_source, tokenize
+from granite_train.data.docs import ArrowDocs, Examples, Pieces, pieces_for
+from granite_train.data.load import HeldOut, heldout_rows, load_prepared, open_source, tokenize
+from granite_train.data.prepared import is_prepared
 from granite_train.data.pipeline import TrainData
 from granite_train.data.plan import StepPlan, packing_efficiency, plan_step
 from granite_train.data.stats import PrepStats, Status
@@ -108,6 +109,28 @@ def _prepare_fraction(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenize
                    overlong=encoder.overlong)
 
 
+def _prepared_eval(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer: Tokenizer, rank: int,
+                   world_size: int, t0: float) -> EvalData:
+    """data.eval_path is a prepared directory: its documents (pieces at this run's max_length)."""
+    cfg = dataclasses.replace(data_cfg, path=data_cfg.eval_path, streaming=False, max_examples=None,
+                              eval_path=None, eval_fraction=None)
+    try:
+        loaded = load_prepared(cfg, tokenizer)
+    except UserError as e:
+        raise UserError(str(e).replace("data.path=", "data.eval_path=")) from None
+    examples, stats = loaded.examples, loaded.stats
+    stats.source = f"{data_cfg.eval_path} (eval, data.eval_path, prepared)"
+    if data_cfg.max_eval_examples is not None and len(examples) > data_cfg.max_eval_examples:
+        p, n = examples.pieces, data_cfg.max_eval_examples
+        examples = Examples(Pieces(p.doc[:n], p.start[:n], p.lengths[:n], p.n_trained[:n]), examples.store)
+    data = EvalData(examples, stats, data_cfg, trainer_cfg, rank, world_size, tokenizer.eos_token_id)
+    stats.set_lengths(data.lengths)
+    stats.packing_efficiency = packing_efficiency([data.plan])
+    stats.seconds = time.perf_counter() - t0
+    log.info("%s Eval: %d micro-batch(es) per rank.", stats.report(), len(data))
+    return data
+
+
 def build_eval_data(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer: Tokenizer, rank: int,
                     world_size: int, train_data: Optional[TrainData] = None) -> Optional[EvalData]:
     """The eval set of data.eval_path or data.eval_fraction (None when neither is set). Every
@@ -119,6 +142,8 @@ def build_eval_data(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     t0 = time.perf_counter()
     validate_data(data_cfg, trainer_cfg)
+    if data_cfg.eval_path is not None and is_prepared(data_cfg.eval_path):
+        return _prepared_eval(data_cfg, trainer_cfg, tokenizer, rank, world_size, t0)
     if data_cfg.eval_path is not None:
         held = _prepare_eval_path(data_cfg, tokenizer)
         name, what = f"{held.source} (eval, data.eval_path)", "data.eval_path"

@@ -125,7 +125,7 @@ def load_examples(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer: T
     """data_cfg.path as examples: a prepared directory memory-mapped (no tokenization), or raw rows
     tokenized (cached) with data.eval_fraction's rows held out. Long documents become pieces."""
     if is_prepared(data_cfg.path):
-        return _load_prepared(data_cfg, tokenizer)
+        return load_prepared(data_cfg, tokenizer)
     source, stats, ds, encoder = open_source(data_cfg, tokenizer)
     if data_cfg.max_examples is not None:
         ds = ds.select(range(min(len(ds), data_cfg.max_examples)))
@@ -150,20 +150,20 @@ def load_examples(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer: T
     return Loaded(Examples(pieces, ArrowDocs(docs)), stats, heldout)
 
 
-def _load_prepared(data_cfg: DataConfig, tokenizer: Tokenizer) -> Loaded:
+def load_prepared(data_cfg: DataConfig, tokenizer: Tokenizer) -> Loaded:
     name = data_cfg.path
     if data_cfg.streaming:
         raise UserError(f"data.path={name} is prepared data, read memory-mapped; set data.streaming=false")
     if data_cfg.eval_fraction is not None:
         raise UserError(f"data.eval_fraction holds out raw rows and data.path={name} is prepared data; set "
                         f"data.eval_path to a held-out set instead")
+    if data_cfg.max_examples is not None:
+        raise UserError(f"data.max_examples applies to raw rows; data.path={name} is prepared data: prepare it "
+                        f"with data.max_examples instead")
     manifest = read_manifest(name)
     policy = check_settings(manifest, data_cfg, tokenizer, name)
     store = ShardDocs(name, manifest)
     stats = prepared_stats(manifest, name)
     pieces = pieces_for(store.lengths, store.n_trained, policy, data_cfg.max_length)
-    if data_cfg.max_examples is not None:
-        raise UserError(f"data.max_examples applies to raw rows; data.path={name} is prepared data: prepare it "
-                        f"with data.max_examples instead")
     stats.split, stats.pieces = pieces.split_docs, pieces.split_pieces
     return Loaded(Examples(pieces, store), stats)

@@ -66,7 +66,8 @@ class _Cursor:
         return self._order
 
     def peek(self) -> int:
-        return int(self.order()[self.taken])
+        order = self._order if self._order is not None else self.order()
+        return int(order[self.taken])
 
     def advance(self, length: int) -> bool:
         """Take the peeked example; True when that ended a pass (the next one starts reshuffled)."""
@@ -103,38 +104,51 @@ class MixtureTrainData:
             "seed": self._seed, "tokens_per_step": self._budget, "max_length": data_cfg.max_length,
             "sources": [[s.name, s.share, len(s.examples), s.examples.pieces.num_tokens] for s in sources]}
 
-    def _fits_shares(self, k: int, n: int) -> bool:
-        """Whether taking n tokens from source k keeps every source within one document
-        (data.max_length tokens) of its share of all tokens taken."""
-        total = sum(c.tokens for c in self._cursors) + n
-        return all(abs(c.tokens + (n if j == k else 0) - s.share * total) <= self._slack
-                   for j, (s, c) in enumerate(zip(self.sources, self._cursors)))
-
     def _select(self) -> List[List[int]]:
         """The next step's examples per source (local ids), advancing the cursors. The next
-        example comes from the source furthest behind its share; when that one does not fit the
-        step, one of the others may fill in if the shares stay within one document."""
-        picked: List[List[int]] = [[] for _ in self.sources]
-        used = 0
+        example comes from the source furthest behind its share (least tokens / share) that fits
+        the step and keeps every source within one document (data.max_length tokens) of its
+        share of all tokens taken; none: the step is full (an empty step takes the furthest
+        behind regardless). Hot (tokens_per_step / mean length picks a step, on every rank):
+        plain Python ints and lists inside the loop."""
+        cursors, budget, slack = self._cursors, self._budget, self._slack
+        sources = range(len(cursors))
+        picked: List[List[int]] = [[] for _ in sources]
+        shares = [s.share for s in self.sources]
+        inv = [1.0 / s for s in shares]
+        lengths = [s.examples.lengths for s in self.sources]
+        toks = [c.tokens for c in cursors]
+        nexts = [int(lengths[j][c.peek()]) for j, c in enumerate(cursors)]
+        total, used = sum(toks), 0
         while True:
-            order = sorted(range(len(self.sources)), key=lambda j: (self._cursors[j].tokens / self.sources[j].share, j))
-            chosen = None
-            for rank_in_order, k in enumerate(order):
-                n = int(self.sources[k].examples.lengths[self._cursors[k].peek()])
-                if used + n > self._budget:
+            chosen = -1
+            for _, k in sorted([(toks[j] * inv[j], j) for j in sources]):
+                n = nexts[k]
+                if used + n > budget:
                     continue
-                if not used or rank_in_order == 0 or self._fits_shares(k, n):
-                    chosen = (k, n)
+                after = total + n
+                ok = True
+                for j in sources:
+                    err = toks[j] + n - shares[j] * after if j == k else toks[j] - shares[j] * after
+                    if err > slack or err < -slack:
+                        ok = False
+                        break
+                if ok:
+                    chosen = k
                     break
-            if chosen is None:
-                return picked  # the step is full
-            k, n = chosen
-            c = self._cursors[k]
-            picked[k].append(c.peek())
+            if chosen < 0:
+                if used:
+                    return picked  # the step is full
+                chosen = min(sources, key=lambda j: (toks[j] * inv[j], j))
+            c, n = cursors[chosen], nexts[chosen]
+            picked[chosen].append(c.peek())
             used += n
+            total += n
+            toks[chosen] += n
             if c.advance(n):
                 log.info("data.sources: %s ran out at step %d (%d tokens so far); pass %d starts, reshuffled",
-                         self.sources[k].name, self._step, c.tokens, c.passes + 1)
+                         self.sources[chosen].name, self._step, c.tokens, c.passes + 1)
+            nexts[chosen] = int(lengths[chosen][c.peek()])
 
     def _fetch(self, ids: Sequence[int]) -> Dict[int, Example]:
         out: Dict[int, Example] = {}
@@ -150,7 +164,8 @@ class MixtureTrainData:
         while True:
             before = [c.tokens for c in self._cursors]
             picked = self._select()
-            flat = [int(self._offsets[k]) + i for k, ids in enumerate(picked) for i in ids]
+            flat = np.concatenate([self._offsets[k] + np.asarray(ids, dtype=np.int64)
+                                   for k, ids in enumerate(picked)]).tolist()
             p = plan_step([[i] for i in flat], self.lengths, self.n_trained, epoch=0, step_in_epoch=self._step,
                           micro_batch_tokens=self._micro, world_size=self.world_size, padded=self._padded)
             self._step += 1

@@ -108,6 +108,14 @@ def select_steps(lengths: np.ndarray, *, seed: int, epoch: int, tokens_per_step:
     return [steps[i] for i in rng.permutation(len(steps))]
 
 
+def _group_sums(groups: Parts, lengths: np.ndarray) -> np.ndarray:
+    """Tokens of each (non-empty) group of example ids, in one vectorized pass."""
+    if not groups:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.cumsum([0] + [len(g) for g in groups[:-1]])
+    return np.add.reduceat(lengths[[i for g in groups for i in g]], starts)
+
+
 def _micro_bins_packed(parts: Parts, lengths: np.ndarray, capacity: int, world_size: int) -> List[List[int]]:
     """Micro-batches (example ids) of at most `capacity` tokens: whole parts by BFD (a part larger
     than `capacity` split by BFD first), or single examples by BFD when that needs fewer
@@ -115,15 +123,15 @@ def _micro_bins_packed(parts: Parts, lengths: np.ndarray, capacity: int, world_s
     a balanced partition of the examples into exactly that many rounds x world_size micro-batches
     is used instead if every one fits: all slots a step pays for, and ranks evenly loaded."""
     units: Parts = []
-    for part in parts:
-        if int(lengths[part].sum()) <= capacity:
+    for part, size in zip(parts, _group_sums(parts, lengths).tolist()):
+        if size <= capacity:
             units.append(part)
         else:
             units += [[part[j] for j in b] for b in best_fit_decreasing(lengths[part], capacity)]
-    unit_sizes = np.fromiter((int(lengths[u].sum()) for u in units), dtype=np.int64, count=len(units))
+    flat = [i for u in units for i in u]
+    unit_sizes = _group_sums(units, lengths)
     bins = [[i for u in b for i in units[u]] for b in best_fit_decreasing(unit_sizes, capacity)]
     cost = lambda bins: (-(-len(bins) // world_size), len(bins))  # noqa: E731
-    flat = [i for u in units for i in u]
     sizes = lengths[flat]
     fewest = -(-int(sizes.sum()) // capacity)  # micro-batches the tokens need
     if len(bins) > fewest and any(len(u) > 1 for u in units):

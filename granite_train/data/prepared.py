@@ -20,6 +20,7 @@ import datetime
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
 from pathlib import Path
@@ -237,8 +238,8 @@ class ShardDocs:
         root = Path(path).expanduser()
         self.name = path
         dtype = np.dtype(manifest["dtype"])
-        self._tokens: List[np.memmap] = []
-        self._masks: List[Optional[np.memmap]] = []
+        self._tokens: List[np.ndarray] = []
+        self._masks: List[Optional[np.ndarray]] = []
         lengths, trained, first_doc = [], [], [0]
         for s in manifest["shards"]:
             n_tokens = int(s["tokens_count"])
@@ -272,13 +273,19 @@ class ShardDocs:
             self._damaged(file, f"shape {arr.shape}, the manifest says {n} documents")
         return arr
 
-    def _map(self, file: Path, dtype: np.dtype, n: int) -> np.memmap:
+    def _map(self, file: Path, dtype: np.dtype, n: int) -> np.ndarray:
         size = file.stat().st_size if file.is_file() else -1
         if size != n * dtype.itemsize:
             self._damaged(file, f"{size} bytes, the manifest says {n} tokens of {dtype.itemsize} bytes")
         if n == 0:
-            return np.zeros(0, dtype=dtype)  # type: ignore[return-value]
-        return np.memmap(file, dtype=dtype, mode="r", shape=(n,))
+            return np.zeros(0, dtype=dtype)
+        mapped = np.memmap(file, dtype=dtype, mode="r", shape=(n,))
+        # Reads are random (a rank's pieces, shuffled): without this the kernel reads ahead and
+        # maps ~128 KiB around every ~1 KiB piece, and resident memory grows with the corpus.
+        if hasattr(mmap, "MADV_RANDOM") and getattr(mapped, "_mmap", None) is not None:
+            mapped._mmap.madvise(mmap.MADV_RANDOM)
+        # a plain ndarray view of the map: slicing it skips np.memmap's per-slice bookkeeping
+        return mapped.view(np.ndarray)
 
     def read(self, docs: Sequence[int], starts: Sequence[int], lengths: Sequence[int]) -> List[Example]:
         shards = np.searchsorted(self._first_doc, np.asarray(docs, dtype=np.int64), side="right") - 1

@@ -61,7 +61,7 @@ class Stateful(Protocol):
 CRITICAL_KEYS = ("model.arch", "model.path", "data.path", "data.format", "data.split", "data.streaming",
                  "data.messages_field", "data.text_field", "data.columns", "data.tokenizer",
                  "data.chat_template", "data.train_on", "data.max_length", "data.overlong",
-                 "data.packing", "data.max_examples", "trainer.tokens_per_step", "trainer.seed",
+                 "data.packing", "data.max_examples", "data.sources", "trainer.tokens_per_step", "trainer.seed",
                  "trainer.epochs", "adapter.name", "adapter.r", "adapter.alpha", "adapter.use_rslora",
                  "adapter.targets", "adapter.train_modules", "model.adapter_path")
 
