@@ -119,6 +119,7 @@ class Loaded:
     examples: Examples
     stats: PrepStats
     heldout: Optional[HeldOut] = None
+    overlong: str = "truncate"  # the policy applied (data.overlong resolved for the format)
 
 
 def load_examples(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer: Tokenizer) -> Loaded:
@@ -147,7 +148,7 @@ def load_examples(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer: T
     docs = tokenized.select(keep) if keep.size < len(tokenized) else tokenized
     pieces = pieces_for(lengths[keep], n_trained[keep], encoder.overlong, data_cfg.max_length)
     stats.pieces = pieces.split_pieces
-    return Loaded(Examples(pieces, ArrowDocs(docs)), stats, heldout)
+    return Loaded(Examples(pieces, ArrowDocs(docs)), stats, heldout, encoder.overlong)
 
 
 def load_prepared(data_cfg: DataConfig, tokenizer: Tokenizer) -> Loaded:
@@ -166,4 +167,4 @@ def load_prepared(data_cfg: DataConfig, tokenizer: Tokenizer) -> Loaded:
     stats = prepared_stats(manifest, name)
     pieces = pieces_for(store.lengths, store.n_trained, policy, data_cfg.max_length)
     stats.split, stats.pieces = pieces.split_docs, pieces.split_pieces
-    return Loaded(Examples(pieces, store), stats)
+    return Loaded(Examples(pieces, store), stats, overlong=policy)

@@ -58,6 +58,7 @@ class _Cursor:
     def __init__(self, n: int, seed: int, index: int) -> None:
         self.n, self.seed, self.index = n, seed, index
         self.passes, self.taken, self.tokens = 0, 0, 0
+        self.base = 0  # tokens when the current weights took effect: shares count from here
         self._order: Optional[np.ndarray] = None
 
     def order(self) -> np.ndarray:
@@ -93,7 +94,6 @@ class MixtureTrainData:
         self._budget = trainer_cfg.tokens_per_step
         self._micro = trainer_cfg.micro_batch_tokens
         self._seed = trainer_cfg.seed
-        self._slack = data_cfg.max_length  # "one document": the longest an example can be
         self._cursors = [_Cursor(len(s.examples), self._seed, k) for k, s in enumerate(sources)]
         self._step = 0
         self.lengths = np.concatenate([s.examples.lengths for s in sources])
@@ -102,53 +102,38 @@ class MixtureTrainData:
         self.stats = sources[0].stats if len(sources) == 1 else _combined(sources)
         self._fingerprint_now = {
             "seed": self._seed, "tokens_per_step": self._budget, "max_length": data_cfg.max_length,
-            "sources": [[s.name, s.share, len(s.examples), s.examples.pieces.num_tokens] for s in sources]}
+            "sources": [[len(s.examples), s.examples.pieces.num_tokens] for s in sources]}
 
     def _select(self) -> List[List[int]]:
-        """The next step's examples per source (local ids), advancing the cursors. The next
-        example comes from the source furthest behind its share (least tokens / share) that fits
-        the step and keeps every source within one document (data.max_length tokens) of its
-        share of all tokens taken; none: the step is full (an empty step takes the furthest
-        behind regardless). Hot (tokens_per_step / mean length picks a step, on every rank):
-        plain Python ints and lists inside the loop."""
-        cursors, budget, slack = self._cursors, self._budget, self._slack
+        """The next step's examples per source (local ids), advancing the cursors: the next
+        example of the sequence is always the source furthest behind its share (least counted
+        tokens / share, ties to the earlier source), and the step ends where the next one does
+        not fit. Hot (tokens_per_step / mean length picks a step, on every rank): plain Python
+        ints and lists inside the loop."""
+        cursors, budget = self._cursors, self._budget
         sources = range(len(cursors))
         picked: List[List[int]] = [[] for _ in sources]
         shares = [s.share for s in self.sources]
-        inv = [1.0 / s for s in shares]
         lengths = [s.examples.lengths for s in self.sources]
-        toks = [c.tokens for c in cursors]
+        counted = [c.tokens - c.base for c in cursors]
         nexts = [int(lengths[j][c.peek()]) for j, c in enumerate(cursors)]
-        total, used = sum(toks), 0
+        used = 0
         while True:
-            chosen = -1
-            for _, k in sorted([(toks[j] * inv[j], j) for j in sources]):
-                n = nexts[k]
-                if used + n > budget:
-                    continue
-                after = total + n
-                ok = True
-                for j in sources:
-                    err = toks[j] + n - shares[j] * after if j == k else toks[j] - shares[j] * after
-                    if err > slack or err < -slack:
-                        ok = False
-                        break
-                if ok:
-                    chosen = k
-                    break
-            if chosen < 0:
-                if used:
-                    return picked  # the step is full
-                chosen = min(sources, key=lambda j: (toks[j] * inv[j], j))
-            c, n = cursors[chosen], nexts[chosen]
-            picked[chosen].append(c.peek())
+            k = 0
+            for j in sources:  # division, not a product with 1/share: no 0 * inf for tiny shares
+                if counted[j] / shares[j] < counted[k] / shares[k]:
+                    k = j
+            n = nexts[k]
+            if used and used + n > budget:
+                return picked  # the step is full; this example opens the next one
+            c = cursors[k]
+            picked[k].append(c.peek())
             used += n
-            total += n
-            toks[chosen] += n
+            counted[k] += n
             if c.advance(n):
                 log.info("data.sources: %s ran out at step %d (%d tokens so far); pass %d starts, reshuffled",
-                         self.sources[chosen].name, self._step, c.tokens, c.passes + 1)
-            nexts[chosen] = int(lengths[chosen][c.peek()])
+                         self.sources[k].name, self._step, c.tokens, c.passes + 1)
+            nexts[k] = int(lengths[k][c.peek()])
 
     def _fetch(self, ids: Sequence[int]) -> Dict[int, Example]:
         out: Dict[int, Example] = {}
@@ -178,8 +163,8 @@ class MixtureTrainData:
 
     def state_dict(self) -> Dict[str, Any]:
         return {"kind": "mixture", "step": self._step, "global_step": self._step,
-                "sources": [{"name": s.name, "passes": c.passes, "taken": c.taken, "tokens": c.tokens}
-                            for s, c in zip(self.sources, self._cursors)],
+                "sources": [{"name": s.name, "share": s.share, "passes": c.passes, "taken": c.taken,
+                             "tokens": c.tokens, "base": c.base} for s, c in zip(self.sources, self._cursors)],
                 "fingerprint": self._fingerprint_now}
 
     def check_state_dict(self, state: Dict[str, Any]) -> None:
@@ -191,9 +176,15 @@ class MixtureTrainData:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.check_state_dict(state)
         self._step = int(state["step"])
+        reweighted = any(abs(float(saved["share"]) - s.share) > 1e-12 for s, saved in zip(self.sources, state["sources"]))
         for c, saved in zip(self._cursors, state["sources"]):
             c.passes, c.taken, c.tokens = int(saved["passes"]), int(saved["taken"]), int(saved["tokens"])
+            c.base = c.tokens if reweighted else int(saved["base"])
             c._order = None
+        if reweighted and self.rank == 0:
+            log.info("data.sources: weights changed since the checkpoint (%s -> %s); every source continues where "
+                     "it was and the new shares count from step %d", [round(float(x["share"]), 4) for x in state["sources"]],
+                     [round(s.share, 4) for s in self.sources], self._step)
 
 
 def _combined(sources: List[MixSource]) -> PrepStats:
@@ -209,6 +200,10 @@ def build_mixture(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer: T
                   world_size: int) -> MixtureTrainData:
     t0 = time.perf_counter()
     total = sum(float(s.weight) for s in data_cfg.sources)
+    tiny = [k for k, s in enumerate(data_cfg.sources) if float(s.weight) / total < 1e-9]
+    if tiny:
+        raise UserError(f"data.sources[{tiny[0]}].weight={data_cfg.sources[tiny[0]].weight} is below 1e-9 of the "
+                        f"weights' sum: raise it or leave the source out")
     sources: List[MixSource] = []
     offset = 0
     names = [source_name(src) for src in data_cfg.sources]

@@ -36,11 +36,13 @@ class TrainData:
     """Prepared (tokenized) map-style data and its deterministic step plan."""
 
     def __init__(self, examples: Examples, stats: PrepStats, data_cfg: DataConfig, trainer_cfg: TrainerConfig,
-                 rank: int, world_size: int, pad_id: int, heldout: Optional[HeldOut] = None) -> None:
+                 rank: int, world_size: int, pad_id: int, heldout: Optional[HeldOut] = None,
+                 overlong: str = "truncate") -> None:
         self._examples = examples
         # data.eval_fraction: the held-out rows (never in `examples`), for build_eval_data.
         self.heldout = heldout
         self._eval_fraction = data_cfg.eval_fraction
+        self._overlong = overlong
         self.lengths = examples.lengths
         self.n_trained = examples.n_trained
         self.stats = stats
@@ -80,7 +82,8 @@ class TrainData:
         # resuming with other values keeps every step's examples.
         keys = ("seed", "tokens_per_step", "max_length", "packing")
         return {**{k: self._plan_args[k] for k in keys}, "num_examples": int(len(self.lengths)),
-                "num_tokens": int(self.lengths.sum()), "eval_fraction": self._eval_fraction}
+                "num_tokens": int(self.lengths.sum()), "eval_fraction": self._eval_fraction,
+                "overlong": self._overlong}
 
     def state_dict(self) -> Dict[str, Any]:
         epoch, step = self._epoch, self._step
@@ -138,7 +141,8 @@ def build_train_data(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer
 
     loaded = load_examples(data_cfg, trainer_cfg, tokenizer)
     stats = loaded.stats
-    data = TrainData(loaded.examples, stats, data_cfg, trainer_cfg, rank, world_size, pad_id, loaded.heldout)
+    data = TrainData(loaded.examples, stats, data_cfg, trainer_cfg, rank, world_size, pad_id, loaded.heldout,
+                     loaded.overlong)
     stats.set_lengths(data.lengths)
     stats.steps_per_epoch = data.num_steps_per_epoch
     stats.packing_efficiency = packing_efficiency(data.plan(0)[:EFFICIENCY_STEPS])

@@ -30,6 +30,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import tokenizers
 
 from granite_train.config import DataConfig
 from granite_train.data.docs import Example
@@ -47,12 +48,23 @@ SHARD_TOKENS = 1 << 28  # 268M tokens (512 MiB of uint16) per shard by default
 _BATCH_ROWS = 8192
 
 
+# Text whose ids check the normalizer and pre-tokenizer too (cases, digits, spaces, accents,
+# emoji, code, a special token).
+_PROBE = "Granite 4.0-H: ÀÉÎ õü  naïve  123456789 \t\n  def f(x):\n    return x**2  # 🚀 <|end_of_text|>"
+
+
 def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
-    """sha256 of what decides token ids: the tokenizer's serialized vocabulary, merges and
-    normalizer, its EOS (appended to documents) and chat template."""
-    h = hashlib.sha256(tokenizer.backend.to_str().encode())
-    h.update(b"\0" + tokenizer.eos_token.encode() + b"\0" + (tokenizer.chat_template or "").encode())
-    return h.hexdigest()
+    """sha256 of what decides token ids: the vocabulary, merges and added tokens (not the whole
+    serialized tokenizer, whose fields change between `tokenizers` releases), the ids of a probe
+    text, the EOS appended to documents and the chat template."""
+    spec = json.loads(tokenizer.backend.to_str())
+    model = spec.get("model") or {}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    core = {"type": model.get("type"), "vocab": model.get("vocab"), "merges": merges,
+            "added": sorted((t.get("id"), t.get("content")) for t in spec.get("added_tokens") or []),
+            "probe": tokenizer.backend.encode(_PROBE, add_special_tokens=False).ids,
+            "eos": tokenizer.eos_token, "chat_template": tokenizer.chat_template or ""}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def is_prepared(path: str) -> bool:
@@ -174,6 +186,7 @@ def write_prepared(tokenized: datasets.Dataset, encoder: Encoder, cfg: DataConfi
     manifest = {
         "kind": KIND, "version": VERSION, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "tokenizer": {"name": tokenizer.name, "sha256": tokenizer_fingerprint(tokenizer),
+                      "tokenizers_version": tokenizers.__version__,
                       "vocab_size": tokenizer.vocab_size, "eos_token_id": tokenizer.eos_token_id},
         "settings": settings_of(cfg, encoder), "dtype": dtype.name, "masked": masked,
         "documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens_count"] for s in shards),
@@ -209,9 +222,11 @@ def check_settings(manifest: Dict[str, Any], cfg: DataConfig, tokenizer: Tokeniz
     again = f"prepare {name} again with this run's settings, or train with the ones it was prepared with"
     tok = manifest["tokenizer"]
     if tok["sha256"] != tokenizer_fingerprint(tokenizer):
+        versions = (f", tokenizers {tok.get('tokenizers_version', '?')} then, {tokenizers.__version__} now"
+                    if tok["name"] == tokenizer.name else "")
         raise UserError(f"data.path={name} was prepared with another tokenizer ({tok['name']}, sha256 "
                         f"{tok['sha256'][:12]}) than this run's ({tokenizer.name}, sha256 "
-                        f"{tokenizer_fingerprint(tokenizer)[:12]}); {again} (data.tokenizer / model.path)")
+                        f"{tokenizer_fingerprint(tokenizer)[:12]}{versions}); {again} (data.tokenizer / model.path)")
     kind = prepared["row_kind"]
     problems = []
     if cfg.format not in ("auto", prepared["data.format"], _format_class(kind)):

@@ -45,9 +45,17 @@ def materialize(plan: StepPlan, rank: int, fetch, padded: bool, pad_id: int) -> 
     return out
 
 
+# Fingerprint keys newer than some saved states, and the value those states had.
+ADDED_KEYS = {"overlong": "truncate"}  # before data.overlong=auto, long documents were truncated
+
+
 def check_fingerprint(saved: Dict[str, Any], now: Dict[str, Any]) -> None:
-    changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in now if saved.get(k) != now[k]]
+    old = {**{k: v for k, v in ADDED_KEYS.items() if k not in saved}, **saved}
+    changed = [f"{k} {old.get(k)} -> {now[k]}" for k in now if old.get(k) != now[k]]
     if changed:
+        hint = ""
+        if any(c.startswith("overlong ") for c in changed):
+            hint = f" (data.overlong={old.get('overlong')} reproduces the checkpoint's examples)"
         raise UserError(f"cannot resume the data position: {', '.join(changed)} changed since the "
-                        f"checkpoint; restore those settings (data, data.eval_fraction, trainer.seed, "
-                        f"tokens_per_step, max_length, packing) or start a fresh run")
+                        f"checkpoint{hint}; restore those settings (data, data.overlong, data.eval_fraction, "
+                        f"trainer.seed, tokens_per_step, max_length, packing) or start a fresh run")

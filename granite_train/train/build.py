@@ -126,7 +126,7 @@ def describe(cfg: RunConfig, model: GraniteForCausalLM, tokenizer: Any, env: Env
     what = (" + ".join(f"{s.path} x{s.weight:g}" for s in cfg.data.sources) if cfg.data.sources
             else cfg.data.path)
     log.info("data: %s (format %s, packing %s, max_length %d) | tokenizer: %s (%d tokens)",
-             what, cfg.data.format, cfg.data.packing, cfg.data.max_length,
+             what, "per source" if cfg.data.sources else cfg.data.format, cfg.data.packing, cfg.data.max_length,
              cfg.data.tokenizer or cfg.model.path or "gpt2-bundled", tokenizer.vocab_size)
     log.info("batch: %d tokens/step over %d rank(s), micro-batches of <= %d tokens | device %s, %s",
              cfg.trainer.tokens_per_step, env.world_size, cfg.trainer.micro_batch_tokens,

@@ -113,3 +113,19 @@ def test_stream_splits_and_resumes_between_pieces(tok, tmp_path):
     assert len(head) + len(rest) == len(full)
     for (n, x), (m, y) in zip(full[5:], rest):
         assert n == m and torch.equal(x, y)
+
+
+def test_checkpoints_from_before_split_name_the_setting(tok, tmp_path):
+    """A data state saved before data.overlong=auto (no overlong in its fingerprint: long text
+    was truncated) is refused under split with the fix named, and resumes with truncate."""
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _docs(8, 60)))
+    trainer = TrainerConfig(tokens_per_step=256, micro_batch_tokens=128)
+    old = build_train_data(DataConfig(path=str(path), max_length=64, format="text", overlong="truncate"),
+                           trainer, tok, 0, 1)
+    state = old.state_dict()
+    del state["fingerprint"]["overlong"]
+    split = build_train_data(DataConfig(path=str(path), max_length=64, format="text"), trainer, tok, 0, 1)
+    with pytest.raises(UserError, match=r"overlong truncate -> split .*data.overlong=truncate reproduces"):
+        split.load_state_dict(state)
+    old.load_state_dict(state)

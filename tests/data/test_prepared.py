@@ -159,3 +159,18 @@ def test_prepared_eval_set_equals_raw(tok, raw, tmp_path):
     with pytest.raises(UserError, match="data.eval_path=.* was prepared with other settings"):
         build_eval_data(DataConfig(format="text", max_length=64, eval_path=str(out), overlong="truncate"),
                         TRAINER, tok, 0, 1)
+
+
+def test_tokenizer_fingerprint_sees_ids_not_serialization(tok):
+    import tokenizers
+
+    from granite_train.data.prepared import tokenizer_fingerprint
+    from granite_train.data.tokenizer import Tokenizer
+
+    same = Tokenizer(tokenizers.Tokenizer.from_str(tok.backend.to_str()), tok.eos_token, name="copy")
+    assert tokenizer_fingerprint(same) == tokenizer_fingerprint(tok)
+    grown = tokenizers.Tokenizer.from_str(tok.backend.to_str())
+    grown.add_tokens(["<|new|>"])
+    assert tokenizer_fingerprint(Tokenizer(grown, tok.eos_token)) != tokenizer_fingerprint(tok)
+    templated = Tokenizer(tokenizers.Tokenizer.from_str(tok.backend.to_str()), tok.eos_token, chat_template="{{ x }}")
+    assert tokenizer_fingerprint(templated) != tokenizer_fingerprint(tok)
