@@ -79,7 +79,7 @@ def reference(model, data):
     loss_sum, count = 0.0, 0
     with torch.no_grad():
         for i in range(data.num_examples):
-            row = data.examples[i]
+            row = data.examples.fetch([i])[i]
             ids = torch.as_tensor(row["input_ids"], dtype=torch.int64)[None]
             labels = torch.as_tensor(row["labels"], dtype=torch.int64)[None].clone()
             labels[0, 0] = -100
