@@ -37,7 +37,10 @@ USAGE = """usage: python -m granite_train recipe=NAME [key=value ...]
 
 Config groups (choose with group=NAME): model, data, optim, scheduler, trainer, distributed,
 tracking. Any field can be overridden with dotted keys, e.g. trainer.max_steps=100
-data.path=my.jsonl model.path=/ckpt/granite. See README.md for the main overrides."""
+data.path=my.jsonl model.path=/ckpt/granite. See README.md for the main overrides.
+
+Tools: python -m granite_train.prepare (tokenize once into shards), .export, .info, .plot_lr,
+.coord_check; each takes --help."""
 
 
 def config_dir() -> Path:
