@@ -44,6 +44,10 @@ class MixSource:
     stats: PrepStats
     offset: int  # global example ids of this source start here
 
+    @property
+    def mean_length(self) -> float:
+        return max(1.0, float(self.examples.pieces.num_tokens) / max(1, len(self.examples)))
+
 
 def source_name(cfg: SourceConfig) -> str:
     if cfg.name:
@@ -59,25 +63,41 @@ class _Cursor:
         self.n, self.seed, self.index = n, seed, index
         self.passes, self.taken, self.tokens = 0, 0, 0
         self.base = 0  # tokens when the current weights took effect: shares count from here
-        self._order: Optional[np.ndarray] = None
+        self._orders: Dict[int, np.ndarray] = {}  # pass -> its order (the current pass and a few ahead)
 
-    def order(self) -> np.ndarray:
-        if self._order is None:
-            self._order = np.random.default_rng([self.seed, MIX_SALT, self.index, self.passes]).permutation(self.n)
-        return self._order
+    def order(self, p: Optional[int] = None) -> np.ndarray:
+        p = self.passes if p is None else p
+        if p not in self._orders:
+            self._orders[p] = np.random.default_rng([self.seed, MIX_SALT, self.index, p]).permutation(self.n)
+        return self._orders[p]
 
     def peek(self) -> int:
-        order = self._order if self._order is not None else self.order()
-        return int(order[self.taken])
+        return int(self.order()[self.taken])
 
     def advance(self, length: int) -> bool:
         """Take the peeked example; True when that ended a pass (the next one starts reshuffled)."""
-        self.taken += 1
-        self.tokens += length
-        if self.taken == self.n:
-            self.passes, self.taken, self._order = self.passes + 1, 0, None
-            return True
-        return False
+        return self.take(1, length) > 0
+
+    def upcoming(self, m: int) -> np.ndarray:
+        """The local ids of the next m examples, across passes."""
+        out, p, t = [], self.passes, self.taken
+        while m > 0:
+            chunk = self.order(p)[t: t + m]
+            out.append(chunk)
+            m, p, t = m - chunk.size, p + 1, 0
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def take(self, count: int, tokens: int) -> int:
+        """Take the next `count` examples (`tokens` in all); returns how many passes that ended."""
+        self.tokens += tokens
+        ended, self.taken = divmod(self.taken + count, self.n)
+        if ended:
+            self.passes += ended
+            self._orders = {p: o for p, o in self._orders.items() if p >= self.passes}
+        return ended
+
+    def reset_orders(self) -> None:
+        self._orders = {}
 
 
 class MixtureTrainData:
@@ -105,7 +125,41 @@ class MixtureTrainData:
             "sources": [[len(s.examples), s.examples.pieces.num_tokens] for s in sources]}
 
     def _select(self) -> List[List[int]]:
-        """The next step's examples per source (local ids), advancing the cursors: the next
+        """The next step's examples per source (local ids), advancing the cursors: the sequence
+        of `_select_one_by_one` computed in bulk. Taking the source with the least counted
+        tokens / share each time is a merge of the sources by key = (counted tokens before the
+        example) / share, ties to the earlier source: sort a window of each source's next
+        examples by (key, source) and cut at the budget. The cut is exact when no source's
+        window is used up; otherwise that window doubles and the step is sorted again."""
+        cursors, budget = self._cursors, self._budget
+        windows = [max(16, int(1.5 * s.share * budget / s.mean_length) + 16) for s in self.sources]
+        while True:
+            ids, lens, keys, src = [], [], [], []
+            for j, (s, c) in enumerate(zip(self.sources, cursors)):
+                u = c.upcoming(windows[j])
+                n = s.examples.lengths[u]
+                before = np.cumsum(n) - n + (c.tokens - c.base)
+                ids.append(u), lens.append(n), keys.append(before / s.share), src.append(np.full(u.size, j))
+            order = np.lexsort((np.concatenate(src), np.concatenate(keys)))
+            cum = np.cumsum(np.concatenate(lens)[order])
+            n_taken = max(1, int(np.searchsorted(cum, budget, side="right")))
+            counts = np.bincount(np.concatenate(src)[order[:n_taken]], minlength=len(cursors))
+            short = [j for j in range(len(cursors)) if counts[j] >= windows[j]]
+            if not short:
+                break
+            for j in short:
+                windows[j] *= 2
+        picked: List[List[int]] = []
+        for j, c in enumerate(cursors):
+            t = int(counts[j])
+            picked.append(ids[j][:t].tolist())
+            if c.take(t, int(lens[j][:t].sum())):
+                log.info("data.sources: %s ran out in step %d; pass %d starts, reshuffled",
+                         self.sources[j].name, self._step, c.passes + 1)
+        return picked
+
+    def _select_one_by_one(self) -> List[List[int]]:
+        """`_select` written as the definition (the exact reference it is tested against): the next
         example of the sequence is always the source furthest behind its share (least counted
         tokens / share, ties to the earlier source), and the step ends where the next one does
         not fit. Hot (tokens_per_step / mean length picks a step, on every rank): plain Python
@@ -180,7 +234,7 @@ class MixtureTrainData:
         for c, saved in zip(self._cursors, state["sources"]):
             c.passes, c.taken, c.tokens = int(saved["passes"]), int(saved["taken"]), int(saved["tokens"])
             c.base = c.tokens if reweighted else int(saved["base"])
-            c._order = None
+            c.reset_orders()
         if reweighted and self.rank == 0:
             log.info("data.sources: weights changed since the checkpoint (%s -> %s); every source continues where "
                      "it was and the new shares count from step %d", [round(float(x["share"]), 4) for x in state["sources"]],

@@ -166,3 +166,17 @@ def test_bad_mixtures_are_refused(tok, sources):
                                                           SourceConfig("/nope/x.jsonl", 1)])
     with pytest.raises(UserError, match=r"data.sources\[1\].path=/nope/x.jsonl does not exist"):
         build_train_data(missing, t, tok, 0, 1)
+
+
+@pytest.mark.parametrize("weights,tokens_per_step", [((0.7, 0.3, 0.0001), 256), ((1, 1, 1), 1024), ((5, 1, 2), 64)])
+def test_bulk_selection_equals_one_by_one(tok, sources, weights, tokens_per_step):
+    """`_select` (sorted windows) gives exactly the steps and positions of the definition, one
+    example at a time, over several passes of every source."""
+    cfg = mixture(sources, weights)
+    t = trainer(tokens_per_step, 64)
+    fast, slow = build_train_data(cfg, t, tok, 0, 1), build_train_data(cfg, t, tok, 0, 1)
+    slow._select = slow._select_one_by_one
+    for _, a, b in zip(range(150), fast.steps(), slow.steps()):
+        assert a.example_ids == b.example_ids and a.source_tokens_seen == b.source_tokens_seen
+    assert fast.state_dict() == slow.state_dict()
+    assert max(c.passes for c in fast._cursors) >= 1  # windows across pass ends
