@@ -14,7 +14,6 @@ import logging
 import time
 from typing import Any, Dict, Iterator, List, Optional
 
-import datasets
 import numpy as np
 
 from granite_train.config import DataConfig, TrainerConfig, validate_data

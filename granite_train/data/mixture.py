@@ -28,7 +28,7 @@ from granite_train.data.docs import Example, Examples
 from granite_train.data.load import load_examples
 from granite_train.data.plan import plan_step
 from granite_train.data.stats import PrepStats
-from granite_train.data.steps import TrainStep, check_fingerprint, materialize
+from granite_train.data.steps import TrainStep, check_state, materialize
 from granite_train.data.tokenizer import Tokenizer
 from granite_train.errors import UserError
 
@@ -222,10 +222,7 @@ class MixtureTrainData:
                 "fingerprint": self._fingerprint_now}
 
     def check_state_dict(self, state: Dict[str, Any]) -> None:
-        if state.get("kind") != "mixture":
-            raise UserError("the checkpoint's data state is not from a data.sources mixture; resume with its "
-                            "data settings (data.path / data.streaming), or start a fresh run")
-        check_fingerprint(state.get("fingerprint", {}), self._fingerprint_now)
+        check_state(state, "mixture", self._fingerprint_now)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.check_state_dict(state)

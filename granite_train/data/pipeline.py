@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
-
-import datasets
-import numpy as np
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 from granite_train.config import DataConfig, TrainerConfig, validate_data
 from granite_train.data.docs import Examples
@@ -22,7 +18,7 @@ from granite_train.data.load import HeldOut, load_examples, open_source
 from granite_train.data.mixture import MixtureTrainData, build_mixture
 from granite_train.data.plan import PLANNER_VERSION, SELECTION_SINCE, StepPlan, packing_efficiency, plan_epoch
 from granite_train.data.prepared import is_prepared
-from granite_train.data.steps import TrainStep, check_fingerprint, materialize
+from granite_train.data.steps import TrainStep, check_state, materialize
 from granite_train.data.stats import PrepStats
 from granite_train.data.stream import StreamTrainData
 from granite_train.data.tokenizer import Tokenizer
@@ -94,10 +90,7 @@ class TrainData:
 
     def check_state_dict(self, state: Dict[str, Any]) -> None:
         """One UserError line when `state` (a checkpoint's) cannot resume this data."""
-        if state.get("kind") != "map":
-            raise UserError("the checkpoint's data state is from a streaming run; resume with "
-                            "data.streaming=true")
-        check_fingerprint(state.get("fingerprint", {}), self._fingerprint())
+        check_state(state, "map", self._fingerprint())
         _check_planner(state.get("planner", 1), self._plan_args["packing"], int(state["step_in_epoch"]))
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:

@@ -59,3 +59,18 @@ def check_fingerprint(saved: Dict[str, Any], now: Dict[str, Any]) -> None:
         raise UserError(f"cannot resume the data position: {', '.join(changed)} changed since the "
                         f"checkpoint{hint}; restore those settings (data, data.overlong, data.eval_fraction, "
                         f"trainer.seed, tokens_per_step, max_length, packing) or start a fresh run")
+
+
+# How a refusal names the kind of data a state came from.
+_KINDS = {"map": "map-style data (data.path, data.streaming=false)", "stream": "a stream (data.streaming=true)",
+          "mixture": "a data.sources mixture"}
+
+
+def check_state(state: Dict[str, Any], kind: str, fingerprint: Dict[str, Any]) -> None:
+    """One UserError line when a checkpoint's data `state` is of another kind or fixed another
+    data order than `fingerprint`."""
+    saved = state.get("kind")
+    if saved != kind:
+        raise UserError(f"the checkpoint's data state is from {_KINDS.get(saved, repr(saved))} and this run reads "
+                        f"{_KINDS[kind]}; resume with the checkpoint's data settings or start a fresh run")
+    check_fingerprint(state.get("fingerprint", {}), fingerprint)

@@ -14,7 +14,7 @@ import numpy as np
 
 from granite_train.config import DataConfig, TrainerConfig
 from granite_train.data.docs import split_documents
-from granite_train.data.steps import TrainStep, check_fingerprint, materialize
+from granite_train.data.steps import TrainStep, check_state, materialize
 from granite_train.data.plan import plan_step
 from granite_train.data.prep import Encoded, Encoder
 from granite_train.data.stats import PrepStats, Status
@@ -138,10 +138,7 @@ class StreamTrainData:
 
     def check_state_dict(self, state: Dict[str, Any]) -> None:
         """One UserError line when `state` (a checkpoint's) cannot resume this stream."""
-        if state.get("kind") != "stream":
-            raise UserError("the checkpoint's data state is from a non-streaming run; resume with "
-                            "data.streaming=false")
-        check_fingerprint(state.get("fingerprint", {}), self._fingerprint)
+        check_state(state, "stream", self._fingerprint)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.check_state_dict(state)

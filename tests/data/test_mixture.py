@@ -141,6 +141,9 @@ def test_resume_is_exact(tok, sources):
             assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["labels"], y["labels"])
         if got.index == 59:
             break
+    single = build_train_data(DataConfig(path=str(sources[0]), max_length=MAX_LENGTH), trainer(), tok, 0, 1)
+    with pytest.raises(UserError, match="from a data.sources mixture and this run reads map-style data"):
+        single.load_state_dict(state)
     other = build_train_data(mixture(sources[:2], (0.5, 0.4)), trainer(), tok, 0, 1)
     with pytest.raises(UserError, match="cannot resume the data position: sources"):
         other.load_state_dict(state)
