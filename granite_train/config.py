@@ -98,6 +98,15 @@ class DataConfig:
     txt_sample_by: str = "document"
     split: str = "train"
     streaming: bool = False
+    # Streams on several ranks: rank = each rank reads and tokenizes its own disjoint share
+    # (datasets' split_dataset_by_node: whole shards when their count divides by the ranks, else
+    # every N-th row) and fills its part of each step; the steps then depend on the number of
+    # ranks. all = every rank reads the whole stream and all compute one plan, as map-style data
+    # (steps independent of the number of ranks, each rank tokenizing everything).
+    stream_share: str = "rank"
+    # Steps made ahead on a background thread while the current one trains (0: none); the same
+    # steps either way.
+    prefetch_steps: int = 2
     messages_field: str = "messages"
     text_field: str = "text"
     columns: ColumnMap = field(default_factory=ColumnMap)
@@ -281,6 +290,7 @@ CHOICES = {
     "data.train_on": ("assistant", "all"),
     "data.overlong": ("auto", "split", "truncate", "drop"),
     "data.packing": ("bfd", "greedy", "none"),
+    "data.stream_share": ("rank", "all"),
     "optim.name": ("adamw",),
     "scheduler.name": ("cosine", "linear", "constant", "power", "wsd"),
     "scheduler.decay": ("exponential", "linear", "cosine"),
@@ -438,6 +448,8 @@ def validate_data(data: DataConfig, trainer: TrainerConfig, context_parallel_siz
             raise UserError(f"{key}={getattr(data, key.split('.', 1)[1])!r} is not one of {', '.join(allowed)}")
     if data.max_length <= 0:
         raise UserError(f"data.max_length={data.max_length} must be > 0")
+    if data.prefetch_steps < 0:
+        raise UserError(f"data.prefetch_steps={data.prefetch_steps} must be >= 0 (0: make each step when it is needed)")
     if data.txt_sample_by not in ("document", "paragraph"):
         raise UserError(f"data.txt_sample_by={data.txt_sample_by!r} is not one of document, paragraph "
                         f"(one example per .txt file, or per blank-line-separated block)")

@@ -27,6 +27,7 @@ from granite_train.config import DataConfig, SourceConfig, TrainerConfig
 from granite_train.data.docs import Example, Examples
 from granite_train.data.load import load_examples
 from granite_train.data.plan import plan_step
+from granite_train.data.prefetch import StepSource
 from granite_train.data.stats import PrepStats
 from granite_train.data.steps import TrainStep, check_state, materialize
 from granite_train.data.tokenizer import Tokenizer
@@ -100,7 +101,7 @@ class _Cursor:
         self._orders = {}
 
 
-class MixtureTrainData:
+class MixtureTrainData(StepSource):
     """Steps of a weighted mixture of map-style sources (raw or prepared)."""
 
     num_steps_per_epoch: Optional[int] = None
@@ -116,6 +117,7 @@ class MixtureTrainData:
         self._seed = trainer_cfg.seed
         self._cursors = [_Cursor(len(s.examples), self._seed, k) for k, s in enumerate(sources)]
         self._step = 0
+        self.prefetch_steps = data_cfg.prefetch_steps
         self.lengths = np.concatenate([s.examples.lengths for s in sources])
         self.n_trained = np.concatenate([s.examples.n_trained for s in sources])
         self._offsets = np.array([s.offset for s in sources] + [self.lengths.size], dtype=np.int64)
@@ -199,7 +201,7 @@ class MixtureTrainData:
             out.update({int(g): got[int(g - self._offsets[k])] for g in mine})
         return out
 
-    def steps(self) -> Iterator[TrainStep]:
+    def _produce(self) -> Iterator[TrainStep]:
         while True:
             before = [c.tokens for c in self._cursors]
             picked = self._select()
@@ -215,7 +217,7 @@ class MixtureTrainData:
                             source_tokens={n: c.tokens - b for n, c, b in zip(names, self._cursors, before)},
                             source_tokens_seen={n: c.tokens for n, c in zip(names, self._cursors)})
 
-    def state_dict(self) -> Dict[str, Any]:
+    def _position(self) -> Dict[str, Any]:
         return {"kind": "mixture", "step": self._step, "global_step": self._step,
                 "sources": [{"name": s.name, "share": s.share, "passes": c.passes, "taken": c.taken,
                              "tokens": c.tokens, "base": c.base} for s, c in zip(self.sources, self._cursors)],
@@ -226,6 +228,9 @@ class MixtureTrainData:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.check_state_dict(state)
+        self._set_position(state)
+
+    def _set_position(self, state: Dict[str, Any]) -> None:
         self._step = int(state["step"])
         reweighted = any(abs(float(saved["share"]) - s.share) > 1e-12 for s, saved in zip(self.sources, state["sources"]))
         for c, saved in zip(self._cursors, state["sources"]):
@@ -241,9 +246,7 @@ class MixtureTrainData:
 def _combined(sources: List[MixSource]) -> PrepStats:
     stats = PrepStats(source="mixture of " + ", ".join(f"{s.name} ({s.share:.3g})" for s in sources))
     for s in sources:
-        for key in ("rows_read", "examples", "tokens", "trained_tokens", "truncated", "split", "pieces",
-                    "dropped_overlong", "dropped_no_labels", "bad_rows", "malformed_lines"):
-            setattr(stats, key, getattr(stats, key) + getattr(s.stats, key))
+        stats.add_counts(s.stats.counts())
     return stats
 
 

@@ -12,15 +12,18 @@ import logging
 import time
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
+from datasets.distributed import split_dataset_by_node
+
 from granite_train.config import DataConfig, TrainerConfig, validate_data
 from granite_train.data.docs import Examples
 from granite_train.data.load import HeldOut, load_examples, open_source
 from granite_train.data.mixture import MixtureTrainData, build_mixture
 from granite_train.data.plan import PLANNER_VERSION, SELECTION_SINCE, StepPlan, packing_efficiency, plan_epoch
+from granite_train.data.prefetch import StepSource
 from granite_train.data.prepared import is_prepared
 from granite_train.data.steps import TrainStep, check_state, materialize
 from granite_train.data.stats import PrepStats
-from granite_train.data.stream import StreamTrainData
+from granite_train.data.stream import Gather, StreamTrainData
 from granite_train.data.tokenizer import Tokenizer
 from granite_train.errors import UserError
 
@@ -28,7 +31,7 @@ log = logging.getLogger("granite_train.data")
 EFFICIENCY_STEPS = 1024  # the data report's packing efficiency: over the first steps of epoch 0
 
 
-class TrainData:
+class TrainData(StepSource):
     """Prepared (tokenized) map-style data and its deterministic step plan."""
 
     def __init__(self, examples: Examples, stats: PrepStats, data_cfg: DataConfig, trainer_cfg: TrainerConfig,
@@ -51,6 +54,7 @@ class TrainData:
                                micro_batch_tokens=trainer_cfg.micro_batch_tokens, world_size=world_size)
         self._cached: Tuple[int, Sequence[StepPlan]] = (-1, [])
         self._epoch, self._step, self._global = 0, 0, 0
+        self.prefetch_steps = data_cfg.prefetch_steps
         self.num_steps_per_epoch: int = len(self.plan(0))
 
     def plan(self, epoch: int) -> Sequence[StepPlan]:
@@ -59,7 +63,7 @@ class TrainData:
             self._cached = (epoch, plan_epoch(self.lengths, self.n_trained, epoch=epoch, **self._plan_args))
         return self._cached[1]
 
-    def steps(self) -> Iterator[TrainStep]:
+    def _produce(self) -> Iterator[TrainStep]:
         """Optimizer steps from the current position; stops after trainer.epochs (None: never)."""
         while self._epochs is None or self._epoch < self._epochs:
             plans = self.plan(self._epoch)
@@ -81,7 +85,7 @@ class TrainData:
                 "num_tokens": int(self.lengths.sum()), "eval_fraction": self._eval_fraction,
                 "overlong": self._overlong}
 
-    def state_dict(self) -> Dict[str, Any]:
+    def _position(self) -> Dict[str, Any]:
         epoch, step = self._epoch, self._step
         if step and step == len(self.plan(epoch)):  # the epoch is done: record the next one's start
             epoch, step = epoch + 1, 0
@@ -95,6 +99,9 @@ class TrainData:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.check_state_dict(state)
+        self._set_position(state)
+
+    def _set_position(self, state: Dict[str, Any]) -> None:
         self._epoch, self._step = int(state["epoch"]), int(state["step_in_epoch"])
         self._global = int(state["global_step"])
 
@@ -112,9 +119,12 @@ def _check_planner(saved: int, packing: str, step_in_epoch: int) -> None:
 
 
 def build_train_data(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer: Tokenizer,
-                     rank: int, world_size: int) -> Union[TrainData, StreamTrainData, MixtureTrainData]:
-    """Load, tokenize and plan. Every rank calls this and computes the same global plan.
-    With data.eval_fraction the held-out rows are excluded here (see `heldout_rows`)."""
+                     rank: int, world_size: int, gather: Optional[Gather] = None
+                     ) -> Union[TrainData, StreamTrainData, MixtureTrainData]:
+    """Load, tokenize and plan. Every rank calls this and computes the same global plan (a
+    stream shared by rank excepted: `gather`, an all-gather over the data ranks, then makes
+    each step's global counts). With data.eval_fraction the held-out rows are excluded here
+    (see `heldout_rows`)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     t0 = time.perf_counter()
@@ -123,14 +133,7 @@ def build_train_data(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer
     if data_cfg.sources:
         return build_mixture(data_cfg, trainer_cfg, tokenizer, rank, world_size)
     if data_cfg.streaming and not is_prepared(data_cfg.path):
-        source, stats, ds, encoder = open_source(data_cfg, tokenizer)
-        if data_cfg.max_examples is not None:
-            ds = ds.take(data_cfg.max_examples)
-        if data_cfg.packing == "bfd":
-            log.info("data.streaming: steps are filled greedily in stream order "
-                     "(bfd needs the whole data set)")
-        log.info("data %s: streaming; examples are tokenized as steps are drawn", source.name)
-        return StreamTrainData(ds, encoder, stats, data_cfg, trainer_cfg, rank, world_size, pad_id)
+        return _build_stream(data_cfg, trainer_cfg, tokenizer, rank, world_size, gather)
 
     loaded = load_examples(data_cfg, trainer_cfg, tokenizer)
     stats = loaded.stats
@@ -143,6 +146,30 @@ def build_train_data(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer
     log.info(stats.report())
     _warn_if_smaller_than_a_step(stats, trainer_cfg)
     return data
+
+
+def _build_stream(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer: Tokenizer, rank: int,
+                  world_size: int, gather: Optional[Gather]) -> StreamTrainData:
+    source, stats, ds, encoder = open_source(data_cfg, tokenizer)
+    by_rank = data_cfg.stream_share == "rank" and world_size > 1
+    if data_cfg.max_examples is not None:  # before the split: max_examples rows over all ranks
+        ds = ds.take(data_cfg.max_examples)
+    if by_rank:
+        n_shards = ds.num_shards
+        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+        if rank == 0:
+            how = (f"{n_shards // world_size} of its {n_shards} shards" if n_shards % world_size == 0 else
+                   f"one row in every {world_size} ({n_shards} shard(s) do not divide over {world_size} "
+                   f"ranks: each rank still reads every row, and tokenizes only its own)")
+            log.info("data.streaming: each of %d ranks reads its own share of %s, %s; steps depend on the "
+                     "number of ranks (data.stream_share=all: every rank reads everything, rank-independent "
+                     "steps)", world_size, source.name, how)
+    if data_cfg.packing == "bfd":
+        log.info("data.streaming: steps are filled greedily in stream order "
+                 "(bfd needs the whole data set)")
+    log.info("data %s: streaming; examples are tokenized as steps are drawn", source.name)
+    return StreamTrainData(ds, encoder, stats, data_cfg, trainer_cfg, rank, world_size,
+                           tokenizer.eos_token_id, gather)
 
 
 def _warn_if_smaller_than_a_step(stats: PrepStats, trainer_cfg: TrainerConfig) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -54,6 +54,24 @@ class PrepStats:
     steps_per_epoch: Optional[int] = None
     packing_efficiency: Optional[float] = None  # real tokens / slots over epoch 0's plan
     seconds: float = 0.0
+
+    # The counters `counts()` lists (with the no-label reasons after them): what ranks that each
+    # read their own share of a stream sum into one report.
+    COUNTERS = ("rows_read", "examples", "tokens", "trained_tokens", "truncated", "split", "pieces",
+                "dropped_overlong", "dropped_no_labels", "bad_rows", "malformed_lines")
+
+    def counts(self) -> List[int]:
+        return [int(getattr(self, k)) for k in self.COUNTERS] + \
+            [int(self.no_labels.get(r, 0)) for r in NO_LABEL_REASONS.values()]
+
+    def add_counts(self, counts: Sequence[int]) -> None:
+        """Add another `counts()` (another rank's or source's)."""
+        n = len(self.COUNTERS)
+        for k, v in zip(self.COUNTERS, counts[:n]):
+            setattr(self, k, getattr(self, k) + int(v))
+        for r, v in zip(NO_LABEL_REASONS.values(), counts[n:]):
+            if v:
+                self.no_labels[r] = self.no_labels.get(r, 0) + int(v)
 
     def count(self, status: np.ndarray, lengths: np.ndarray, n_trained: np.ndarray) -> None:
         """Add one batch of per-row outcomes (lengths/n_trained of every row, 0 where dropped)."""

@@ -46,17 +46,22 @@ def materialize(plan: StepPlan, rank: int, fetch, padded: bool, pad_id: int) -> 
 
 
 # Fingerprint keys newer than some saved states, and the value those states had.
-ADDED_KEYS = {"overlong": "truncate"}  # before data.overlong=auto, long documents were truncated
+ADDED_KEYS = {"overlong": "truncate",  # before data.overlong=auto, long documents were truncated
+              "share": "all"}  # before data.stream_share, every rank read the whole stream
+# The setting a changed fingerprint key names, to reproduce the checkpoint's data.
+SETTING_OF = {"overlong": "data.overlong", "share": "data.stream_share"}
 
 
 def check_fingerprint(saved: Dict[str, Any], now: Dict[str, Any]) -> None:
     old = {**{k: v for k, v in ADDED_KEYS.items() if k not in saved}, **saved}
-    changed = [f"{k} {old.get(k)} -> {now[k]}" for k in now if old.get(k) != now[k]]
+    changed = [k for k in now if old.get(k) != now[k]]
     if changed:
-        hint = ""
-        if any(c.startswith("overlong ") for c in changed):
-            hint = f" (data.overlong={old.get('overlong')} reproduces the checkpoint's examples)"
-        raise UserError(f"cannot resume the data position: {', '.join(changed)} changed since the "
+        named = [f"{SETTING_OF[k]}={old.get(k)}" for k in changed if k in SETTING_OF and k in old]
+        hint = f" ({' '.join(named)} reproduces the checkpoint's examples)" if named else ""
+        if "ranks" in changed and old.get("ranks") is not None:
+            hint += f" (a stream shared by rank resumes on the same {old['ranks']} data-parallel ranks)"
+        text = ", ".join(f"{k} {old.get(k)} -> {now[k]}" for k in changed)
+        raise UserError(f"cannot resume the data position: {text} changed since the "
                         f"checkpoint{hint}; restore those settings (data, data.overlong, data.eval_fraction, "
                         f"trainer.seed, tokens_per_step, max_length, packing) or start a fresh run")
 

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -113,6 +113,22 @@ def agree(env: Env, value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_ints(env: Env) -> Callable[[List[int]], List[List[int]]]:
+    """An all-gather of a short list of ints whose first is the sender's data rank: every data
+    rank's list, in data-rank order (the ranks of a context-parallel group share a data rank
+    and send the same list). A stream shared by rank exchanges its step counts with it."""
+    def gather(values: List[int]) -> List[List[int]]:
+        mine = torch.tensor(values, dtype=torch.int64, device=env.device)
+        every = [torch.empty_like(mine) for _ in range(env.world_size)]
+        dist.all_gather(every, mine)
+        by_rank: Dict[int, List[int]] = {}
+        for t in every:
+            v = t.tolist()
+            by_rank.setdefault(v[0], v)
+        return [by_rank[r] for r in sorted(by_rank)]
+    return gather
 
 
 def barrier(env: Env) -> None:

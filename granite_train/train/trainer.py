@@ -29,7 +29,7 @@ from granite_train.config import RunConfig, validate_model_path
 from granite_train.data import build_eval_data, build_train_data, load_tokenizer
 from granite_train.errors import Preempted, UserError
 from granite_train.models.hf_io import save_pieces
-from granite_train.parallel.env import agree, init_env, main_rank_first
+from granite_train.parallel.env import agree, gather_ints, init_env, main_rank_first
 from granite_train.parallel.parallelize import parallelize
 from granite_train.models.model import full_size
 from granite_train.train.adapter import AdapterState, AdapterSummary, adapt_model, save_adapter_dir, trainable_keys
@@ -137,7 +137,8 @@ class Trainer:
             rows_cfg = dataclasses.replace(cfg.trainer, micro_batch_tokens=context.row_tokens)
             data_rank, data_world = context.data_rank, context.data_world
         with main_rank_first(env):  # tokenize once; the other ranks read the datasets cache
-            self.data = build_train_data(cfg.data, rows_cfg, self.tokenizer, data_rank, data_world)
+            self.data = build_train_data(cfg.data, rows_cfg, self.tokenizer, data_rank, data_world,
+                                         gather=gather_ints(env) if env.distributed else None)
             self.eval_data = build_eval_data(cfg.data, rows_cfg, self.tokenizer, data_rank, data_world,
                                              train_data=self.data)
         ck.add("engine", EngineState(self.engine, env))
