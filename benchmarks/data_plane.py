@@ -11,6 +11,8 @@ Measured, each in a fresh process (so peak RSS is its own):
 * startup + plan, mixture: the corpus as two sources (0.7 / 0.3) of data.sources.
 * reader: rank 0 of 8 drawing steps (its micro-batches as tensors, memory-mapped reads, plus the
   per-step micro-batch packing), in tokens/s of its own; goal >= 100x a training step's tokens/s.
+  Measured with data.prefetch_steps=0: the data thread's own speed (training overlaps it with the
+  step when prefetching, the default).
 * prepare: `granite_train.prepare` on demo:shakespeare (text) and demo:chitchat (chat), no cache,
   data.num_proc=1, in tokens/s per core.
 """
@@ -96,10 +98,10 @@ def _build(corpus: Path, mixture: bool, rank: int = 0):
 
     tok = load_tokenizer("gpt2-bundled", None)
     if mixture:
-        data = DataConfig(format="text", max_length=MAX_LENGTH,
+        data = DataConfig(format="text", max_length=MAX_LENGTH, prefetch_steps=0,
                           sources=[SourceConfig(str(corpus), 0.7, name="a"), SourceConfig(str(corpus), 0.3, name="b")])
     else:
-        data = DataConfig(path=str(corpus), format="text", max_length=MAX_LENGTH)
+        data = DataConfig(path=str(corpus), format="text", max_length=MAX_LENGTH, prefetch_steps=0)
     trainer = TrainerConfig(tokens_per_step=TOKENS_PER_STEP, micro_batch_tokens=MICRO)
     return build_train_data(data, trainer, tok, rank, WORLD)
 
@@ -113,9 +115,10 @@ def measure_startup(corpus: Path, mixture: bool) -> Dict[str, Any]:
     seconds = time.perf_counter() - t0
     out = {"seconds": seconds, "rss_growth_gib": (rss_bytes() - rss0) / 2 ** 30, "peak_rss_gib": hwm_bytes() / 2 ** 30,
            "examples": int(len(data.lengths)), "steps_per_epoch": data.num_steps_per_epoch, **rss_parts()}
-    t0 = time.perf_counter()
     it = data.steps()
-    n_steps, rank_tokens = 4, 0
+    next(it)  # not timed: the first step also draws the sources' first pass orders
+    t0 = time.perf_counter()
+    n_steps, rank_tokens = 8, 0
     for _ in range(n_steps):
         step = next(it)
         rank_tokens += sum(int(mb["input_ids"].numel()) for mb in step.micro_batches)

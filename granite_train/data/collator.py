@@ -16,7 +16,7 @@ Empty micro-batch: a rank with fewer micro-batches than the others in a step get
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,16 +36,25 @@ def _arrays(examples: Sequence[Example]) -> tuple[list[np.ndarray], list[np.ndar
 def collate_packed(examples: Sequence[Example]) -> MicroBatch:
     ids, labels = _arrays(examples)
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    cu = np.zeros(len(ids) + 1, dtype=np.int64)
+    flat_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    return collate_flat(flat_ids, np.concatenate(labels) if labels else np.zeros(0, np.int64), lengths)
+
+
+def collate_flat(input_ids: np.ndarray, labels: Optional[np.ndarray], lengths: np.ndarray) -> MicroBatch:
+    """`collate_packed` of examples given already flattened: int64 `input_ids` and `labels`
+    (None: the ids themselves) of the examples one after another, `lengths` each. Takes
+    ownership of the arrays (labels are written in place)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    cu = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=cu[1:])
     total = int(cu[-1])
-    flat_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    flat_labels = input_ids.copy() if labels is None else labels
     starts = cu[:-1][lengths > 0]
     flat_labels[starts] = IGNORE
     positions = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], lengths)
-    seq_idx = np.repeat(np.arange(len(ids), dtype=np.int32), lengths)
+    seq_idx = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
     return {
-        "input_ids": torch.from_numpy(np.concatenate(ids) if ids else np.zeros(0, np.int64)).view(1, total),
+        "input_ids": torch.from_numpy(input_ids).view(1, total),
         "labels": torch.from_numpy(flat_labels).view(1, total),
         "position_ids": torch.from_numpy(positions).view(1, total),
         "seq_idx": torch.from_numpy(seq_idx).view(1, total),

@@ -14,7 +14,7 @@ reads only the pieces of its own micro-batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Protocol, Sequence
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import datasets
 import numpy as np
@@ -69,6 +69,17 @@ def split_documents(lengths: np.ndarray, n_trained: np.ndarray, max_length: int)
     return Pieces(doc, start, piece_lengths, piece_trained, int(long.sum()), int(counts[long].sum()))
 
 
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenated ranges [starts[i], starts[i] + lengths[i]), in one vectorized pass."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    before = np.cumsum(lengths) - lengths
+    return np.repeat(np.asarray(starts, dtype=np.int64) - before, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+
+
+# A micro-batch's examples flattened: int64 input ids, labels (None: the ids), each one's length.
+Flat = Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]
+
+
 class DocStore(Protocol):
     def read(self, docs: Sequence[int], starts: Sequence[int], lengths: Sequence[int]) -> List[Example]:
         """The pieces' tokens and labels (labels None: every token is its own label)."""
@@ -115,6 +126,27 @@ class Examples:
         p = self.pieces
         got = self.store.read(p.doc[ids].tolist(), p.start[ids].tolist(), p.lengths[ids].tolist())
         return dict(zip(ids, got))
+
+    @property
+    def reads_flat(self) -> bool:
+        """Whether the store gathers pieces without a loop over them (then `fetch_flat` is the fast path)."""
+        return hasattr(self.store, "read_flat")
+
+    def fetch_flat(self, ids: Sequence[int]) -> Flat:
+        """The examples `ids`, in that order, flattened (what `collate_flat` takes): one
+        vectorized gather where the store can (`read_flat`: memory-mapped shards)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        p = self.pieces
+        lengths = p.lengths[ids]
+        read_flat = getattr(self.store, "read_flat", None)
+        if read_flat is not None:
+            tokens, labels = read_flat(p.doc[ids], p.start[ids], lengths)
+            return tokens, labels, lengths
+        got = self.store.read(p.doc[ids].tolist(), p.start[ids].tolist(), lengths.tolist())
+        tokens = [np.asarray(e["input_ids"], dtype=np.int64) for e in got]
+        labels = [tokens[k] if e["labels"] is None else np.asarray(e["labels"], dtype=np.int64) for k, e in enumerate(got)]
+        empty = np.zeros(0, np.int64)
+        return (np.concatenate(tokens) if tokens else empty), (np.concatenate(labels) if labels else empty), lengths
 
 
 def pieces_for(lengths: np.ndarray, n_trained: np.ndarray, overlong: str, max_length: int) -> Pieces:

@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 from granite_train.config import DataConfig, SourceConfig, TrainerConfig
-from granite_train.data.docs import Example, Examples
+from granite_train.data.docs import Example, Examples, Flat, ranges
 from granite_train.data.load import load_examples
 from granite_train.data.plan import plan_step
 from granite_train.data.prefetch import StepSource
@@ -122,6 +122,7 @@ class MixtureTrainData(StepSource):
         self.n_trained = np.concatenate([s.examples.n_trained for s in sources])
         self._offsets = np.array([s.offset for s in sources] + [self.lengths.size], dtype=np.int64)
         self.stats = sources[0].stats if len(sources) == 1 else _combined(sources)
+        self._flat = self._fetch_flat if all(s.examples.reads_flat for s in sources) else None
         self._fingerprint_now = {
             "seed": self._seed, "tokens_per_step": self._budget, "max_length": data_cfg.max_length,
             "sources": [[len(s.examples), s.examples.pieces.num_tokens] for s in sources]}
@@ -201,6 +202,22 @@ class MixtureTrainData(StepSource):
             out.update({int(g): got[int(g - self._offsets[k])] for g in mine})
         return out
 
+    def _fetch_flat(self, ids: Sequence[int]) -> Flat:
+        """The examples `ids` in order, flattened: each source's share in one gather, placed."""
+        ids = np.asarray(ids, dtype=np.int64)
+        lengths = self.lengths[ids]
+        tokens = np.empty(int(lengths.sum()), dtype=np.int64)
+        labels = np.empty_like(tokens)
+        before = np.cumsum(lengths) - lengths
+        which = np.searchsorted(self._offsets, ids, side="right") - 1
+        for k in np.unique(which).tolist():
+            sel = np.flatnonzero(which == k)
+            x, y, n = self.sources[k].examples.fetch_flat(ids[sel] - self._offsets[k])
+            out = ranges(before[sel], n)
+            tokens[out] = x
+            labels[out] = x if y is None else y
+        return tokens, labels, lengths
+
     def _produce(self) -> Iterator[TrainStep]:
         while True:
             before = [c.tokens for c in self._cursors]
@@ -212,7 +229,7 @@ class MixtureTrainData(StepSource):
             self._step += 1
             names = [s.name for s in self.sources]
             yield TrainStep(self._step - 1, 0, self._step - 1,
-                            materialize(p, self.rank, self._fetch, self._padded, self._pad_id),
+                            materialize(p, self.rank, self._fetch, self._padded, self._pad_id, self._flat),
                             p.num_trained_tokens, p.num_input_tokens, p.num_slots, p.example_ids,
                             source_tokens={n: c.tokens - b for n, c, b in zip(names, self._cursors, before)},
                             source_tokens_seen={n: c.tokens for n, c in zip(names, self._cursors)})

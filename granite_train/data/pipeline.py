@@ -73,7 +73,8 @@ class TrainData(StepSource):
                 self._step += 1
                 self._global += 1
                 yield TrainStep(self._global - 1, p.epoch, p.step_in_epoch,
-                                materialize(p, self.rank, self._examples.fetch, self._padded, self._pad_id),
+                                materialize(p, self.rank, self._examples.fetch, self._padded, self._pad_id,
+                                            self._examples.fetch_flat if self._examples.reads_flat else None),
                                 p.num_trained_tokens, p.num_input_tokens, p.num_slots, p.example_ids)
             self._epoch, self._step = self._epoch + 1, 0
 

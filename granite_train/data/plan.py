@@ -33,8 +33,9 @@ another version does not silently resume mid-epoch with other steps.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -61,8 +62,12 @@ class StepPlan:
     num_input_tokens: int  # GLOBAL: real tokens
     num_slots: int  # GLOBAL: packed = micro-batches x ranks x micro_batch_tokens; padded = sum B x longest
 
+    sorted_ids: Optional[np.ndarray] = None  # the step's example ids, sorted (plan_step sets it)
+
     @property
     def example_ids(self) -> List[int]:
+        if self.sorted_ids is not None:
+            return self.sorted_ids.tolist()
         return sorted(i for rank in self.ranks for mb in rank for i in mb)
 
     @property
@@ -108,12 +113,17 @@ def select_steps(lengths: np.ndarray, *, seed: int, epoch: int, tokens_per_step:
     return [steps[i] for i in rng.permutation(len(steps))]
 
 
+def _flatten(groups: Parts) -> List[int]:
+    return list(itertools.chain.from_iterable(groups))
+
+
 def _group_sums(groups: Parts, lengths: np.ndarray) -> np.ndarray:
     """Tokens of each (non-empty) group of example ids, in one vectorized pass."""
     if not groups:
         return np.zeros(0, dtype=np.int64)
-    starts = np.cumsum([0] + [len(g) for g in groups[:-1]])
-    return np.add.reduceat(lengths[[i for g in groups for i in g]], starts)
+    sizes = np.fromiter(map(len, groups), dtype=np.int64, count=len(groups))
+    ids = np.fromiter(itertools.chain.from_iterable(groups), dtype=np.int64, count=int(sizes.sum()))
+    return np.add.reduceat(lengths[ids], np.cumsum(sizes) - sizes)
 
 
 def _micro_bins_packed(parts: Parts, lengths: np.ndarray, capacity: int, world_size: int) -> List[List[int]]:
@@ -122,17 +132,22 @@ def _micro_bins_packed(parts: Parts, lengths: np.ndarray, capacity: int, world_s
     micro-batches. When both need more rounds (micro-batches per rank) than the step's tokens do,
     a balanced partition of the examples into exactly that many rounds x world_size micro-batches
     is used instead if every one fits: all slots a step pays for, and ranks evenly loaded."""
-    units: Parts = []
-    for part, size in zip(parts, _group_sums(parts, lengths).tolist()):
-        if size <= capacity:
-            units.append(part)
-        else:
-            units += [[part[j] for j in b] for b in best_fit_decreasing(lengths[part], capacity)]
-    flat = [i for u in units for i in u]
-    unit_sizes = _group_sums(units, lengths)
-    bins = [[i for u in b for i in units[u]] for b in best_fit_decreasing(unit_sizes, capacity)]
+    flat = _flatten(parts)
+    if len(flat) == len(parts):  # one example a part (greedy steps, mixtures): the units are the examples
+        units: Parts = parts
+        sizes = lengths[flat]
+        bins = [[flat[j] for j in b] for b in best_fit_decreasing(sizes, capacity)]
+    else:
+        units = []
+        for part, size in zip(parts, _group_sums(parts, lengths).tolist()):
+            if size <= capacity:
+                units.append(part)
+            else:
+                units += [[part[j] for j in b] for b in best_fit_decreasing(lengths[part], capacity)]
+        flat = _flatten(units)
+        bins = [_flatten([units[u] for u in b]) for b in best_fit_decreasing(_group_sums(units, lengths), capacity)]
+        sizes = lengths[flat]
     cost = lambda bins: (-(-len(bins) // world_size), len(bins))  # noqa: E731
-    sizes = lengths[flat]
     fewest = -(-int(sizes.sum()) // capacity)  # micro-batches the tokens need
     if len(bins) > fewest and any(len(u) > 1 for u in units):
         by_examples = [[flat[j] for j in b] for b in best_fit_decreasing(sizes, capacity)]
@@ -148,12 +163,12 @@ def _micro_bins_packed(parts: Parts, lengths: np.ndarray, capacity: int, world_s
 
 def plan_step(parts: Parts, lengths: np.ndarray, n_trained: np.ndarray, *, epoch: int, step_in_epoch: int,
               micro_batch_tokens: int, world_size: int, padded: bool) -> StepPlan:
-    flat = [i for p in parts for i in p]
+    flat = _flatten(parts)
     if padded:
         bins = [[flat[j] for j in b] for b in padded_groups(lengths[flat], micro_batch_tokens)]
     else:
         bins = _micro_bins_packed(parts, lengths, micro_batch_tokens, world_size)
-    bin_tokens = [int(lengths[b].sum()) for b in bins]
+    bin_tokens = _group_sums(bins, lengths).tolist()
     per_rank = deal_to_ranks(bin_tokens, world_size)
     n_micro = max(len(r) for r in per_rank)
     ranks = tuple(tuple(tuple(bins[b]) for b in r) + ((),) * (n_micro - len(r)) for r in per_rank)
@@ -161,7 +176,8 @@ def plan_step(parts: Parts, lengths: np.ndarray, n_trained: np.ndarray, *, epoch
         slots = sum(len(b) * int(lengths[b].max()) for b in bins)
     else:
         slots = n_micro * world_size * micro_batch_tokens
-    return StepPlan(epoch, step_in_epoch, ranks, int(n_trained[flat].sum()), int(lengths[flat].sum()), slots)
+    ids = np.asarray(flat, dtype=np.int64)
+    return StepPlan(epoch, step_in_epoch, ranks, int(n_trained[ids].sum()), int(lengths[ids].sum()), slots, np.sort(ids))
 
 
 class EpochPlan(Sequence[StepPlan]):

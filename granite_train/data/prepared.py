@@ -24,7 +24,7 @@ import mmap
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import datasets
 import numpy as np
@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import tokenizers
 
 from granite_train.config import DataConfig
-from granite_train.data.docs import Example
+from granite_train.data.docs import Example, ranges
 from granite_train.data.prep import IGNORE, Encoder, overlong_policy
 from granite_train.data.rows import RowFormat
 from granite_train.data.stats import PrepStats, Status
@@ -301,6 +301,29 @@ class ShardDocs:
             mapped._mmap.madvise(mmap.MADV_RANDOM)
         # a plain ndarray view of the map: slicing it skips np.memmap's per-slice bookkeeping
         return mapped.view(np.ndarray)
+
+    def read_flat(self, docs: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """The pieces' tokens one after another (int64) and their labels (None: unmasked): one
+        gather per shard, no Python loop over pieces."""
+        total = int(lengths.sum())
+        labels = None if self._masks[0] is None else np.empty(total, dtype=np.int64)
+        if len(self._tokens) == 1:
+            src = ranges(self._offsets[docs] + starts, lengths)
+            tokens = self._tokens[0][src].astype(np.int64)
+            if labels is not None:
+                np.copyto(labels, np.where(self._masks[0][src] != 0, tokens, IGNORE))
+            return tokens, labels
+        tokens = np.empty(total, dtype=np.int64)
+        shards = np.searchsorted(self._first_doc, docs, side="right") - 1
+        before = np.cumsum(lengths) - lengths  # where each piece starts in the output
+        for k in np.unique(shards).tolist():
+            sel = np.flatnonzero(shards == k)
+            src = ranges(self._offsets[docs[sel]] + starts[sel], lengths[sel])
+            out = ranges(before[sel], lengths[sel])
+            tokens[out] = self._tokens[k][src]
+            if labels is not None:
+                labels[out] = np.where(self._masks[k][src] != 0, tokens[out], IGNORE)
+        return tokens, labels
 
     def read(self, docs: Sequence[int], starts: Sequence[int], lengths: Sequence[int]) -> List[Example]:
         shards = np.searchsorted(self._first_doc, np.asarray(docs, dtype=np.int64), side="right") - 1

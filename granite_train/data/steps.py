@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List
 
-from granite_train.data.collator import MicroBatch, collate_packed, collate_padded, empty_micro_batch
+from granite_train.data.collator import MicroBatch, collate_flat, collate_packed, collate_padded, empty_micro_batch
 from granite_train.data.plan import StepPlan
 from granite_train.errors import UserError
 
@@ -30,9 +30,13 @@ class TrainStep:
         return self.num_input_tokens / self.num_slots if self.num_slots else 0.0
 
 
-def materialize(plan: StepPlan, rank: int, fetch, padded: bool, pad_id: int) -> List[MicroBatch]:
-    """This rank's micro-batch tensors; `fetch(ids)` returns {id: example dict}."""
+def materialize(plan: StepPlan, rank: int, fetch, padded: bool, pad_id: int, fetch_flat=None) -> List[MicroBatch]:
+    """This rank's micro-batch tensors; `fetch(ids)` returns {id: example dict}. Packed, with
+    `fetch_flat(ids)` (the examples flattened, `docs.Flat`), each micro-batch is read in one
+    vectorized gather instead (the same tensors)."""
     mine = plan.ranks[rank]
+    if fetch_flat is not None and not padded:
+        return [collate_flat(*fetch_flat(list(mb))) if mb else empty_micro_batch(False) for mb in mine]
     examples = fetch(sorted({i for mb in mine for i in mb}))
     out = []
     for mb in mine:

@@ -174,3 +174,22 @@ def test_tokenizer_fingerprint_sees_ids_not_serialization(tok):
     assert tokenizer_fingerprint(Tokenizer(grown, tok.eos_token)) != tokenizer_fingerprint(tok)
     templated = Tokenizer(tokenizers.Tokenizer.from_str(tok.backend.to_str()), tok.eos_token, chat_template="{{ x }}")
     assert tokenizer_fingerprint(templated) != tokenizer_fingerprint(tok)
+
+
+def test_a_mixture_of_prepared_sources_equals_the_raw_mixture(tok, raw, tmp_path):
+    """Prepared sources are gathered a micro-batch at a time (one vectorized read per source,
+    several shards, a masked one); raw ones example by example: the same tensors."""
+    from granite_train.config import SourceConfig
+
+    chat, text = tmp_path / "chat", tmp_path / "text"
+    _prepare(raw["chat"], chat, shard_tokens=700)
+    _prepare(raw["text"], text, "data.format=text", shard_tokens=900)
+
+    def mix(a, b):
+        return DataConfig(path="unused", max_length=96, sources=[SourceConfig(str(a), 0.6, name="chat"),
+                                                                   SourceConfig(str(b), 0.4, name="text", format="text")])
+
+    from_raw = build_train_data(mix(raw["chat"], raw["text"]), TRAINER, tok, 0, 1)
+    from_dir = build_train_data(mix(chat, text), TRAINER, tok, 0, 1)
+    assert from_dir._flat is not None and from_raw._flat is None
+    _assert_same_steps(from_raw, from_dir, 12)
