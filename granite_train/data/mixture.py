@@ -244,6 +244,7 @@ class MixtureTrainData(StepSource):
         check_state(state, "mixture", self._fingerprint_now)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._stop()  # a live steps() would set its own position back when closed
         self.check_state_dict(state)
         self._set_position(state)
 

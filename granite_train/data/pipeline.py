@@ -55,6 +55,7 @@ class TrainData(StepSource):
         self._cached: Tuple[int, Sequence[StepPlan]] = (-1, [])
         self._epoch, self._step, self._global = 0, 0, 0
         self.prefetch_steps = data_cfg.prefetch_steps
+        self._fingerprint_cache: Optional[Dict[str, Any]] = None
         self.num_steps_per_epoch: int = len(self.plan(0))
 
     def plan(self, epoch: int) -> Sequence[StepPlan]:
@@ -81,10 +82,12 @@ class TrainData(StepSource):
     def _fingerprint(self) -> Dict[str, Any]:
         # What fixes the data order. micro_batch_tokens and world_size are absent on purpose:
         # resuming with other values keeps every step's examples.
-        keys = ("seed", "tokens_per_step", "max_length", "packing")
-        return {**{k: self._plan_args[k] for k in keys}, "num_examples": int(len(self.lengths)),
-                "num_tokens": int(self.lengths.sum()), "eval_fraction": self._eval_fraction,
-                "overlong": self._overlong}
+        if self._fingerprint_cache is None:  # once: summing the lengths of a large corpus each step is not free
+            keys = ("seed", "tokens_per_step", "max_length", "packing")
+            self._fingerprint_cache = {**{k: self._plan_args[k] for k in keys}, "num_examples": int(len(self.lengths)),
+                                       "num_tokens": int(self.lengths.sum()), "eval_fraction": self._eval_fraction,
+                                       "overlong": self._overlong}
+        return dict(self._fingerprint_cache)
 
     def _position(self) -> Dict[str, Any]:
         epoch, step = self._epoch, self._step
@@ -99,6 +102,7 @@ class TrainData(StepSource):
         _check_planner(state.get("planner", 1), self._plan_args["packing"], int(state["step_in_epoch"]))
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._stop()  # a live steps() would set its own position back when closed
         self.check_state_dict(state)
         self._set_position(state)
 
@@ -155,8 +159,8 @@ def _build_stream(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer: T
     by_rank = data_cfg.stream_share == "rank" and world_size > 1
     if data_cfg.max_examples is not None:  # before the split: max_examples rows over all ranks
         ds = ds.take(data_cfg.max_examples)
+    n_shards = ds.num_shards
     if by_rank:
-        n_shards = ds.num_shards
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
         if rank == 0:
             how = (f"{n_shards // world_size} of its {n_shards} shards" if n_shards % world_size == 0 else
@@ -165,12 +169,18 @@ def _build_stream(data_cfg: DataConfig, trainer_cfg: TrainerConfig, tokenizer: T
             log.info("data.streaming: each of %d ranks reads its own share of %s, %s; steps depend on the "
                      "number of ranks (data.stream_share=all: every rank reads everything, rank-independent "
                      "steps)", world_size, source.name, how)
+    part = trainer_cfg.tokens_per_step // world_size
+    if by_rank and rank == 0 and part < 4 * data_cfg.max_length:
+        log.warning("data.streaming: each rank fills %d tokens of every step (trainer.tokens_per_step=%d over %d "
+                    "ranks), %.1fx data.max_length=%d: greedy parts that small leave up to one example's room "
+                    "empty; raise trainer.tokens_per_step, or set data.stream_share=all (one global plan)",
+                    part, trainer_cfg.tokens_per_step, world_size, part / data_cfg.max_length, data_cfg.max_length)
     if data_cfg.packing == "bfd":
         log.info("data.streaming: steps are filled greedily in stream order "
                  "(bfd needs the whole data set)")
     log.info("data %s: streaming; examples are tokenized as steps are drawn", source.name)
     return StreamTrainData(ds, encoder, stats, data_cfg, trainer_cfg, rank, world_size,
-                           tokenizer.eos_token_id, gather)
+                           tokenizer.eos_token_id, gather, whole_shards=n_shards % world_size == 0)
 
 
 def _warn_if_smaller_than_a_step(stats: PrepStats, trainer_cfg: TrainerConfig) -> None:

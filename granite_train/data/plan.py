@@ -34,7 +34,7 @@ another version does not silently resume mid-epoch with other steps.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -62,7 +62,8 @@ class StepPlan:
     num_input_tokens: int  # GLOBAL: real tokens
     num_slots: int  # GLOBAL: packed = micro-batches x ranks x micro_batch_tokens; padded = sum B x longest
 
-    sorted_ids: Optional[np.ndarray] = None  # the step's example ids, sorted (plan_step sets it)
+    # the step's example ids, sorted (plan_step sets it); not part of equality or the hash
+    sorted_ids: Optional[np.ndarray] = field(default=None, compare=False, hash=False, repr=False)
 
     @property
     def example_ids(self) -> List[int]:
@@ -133,7 +134,7 @@ def _micro_bins_packed(parts: Parts, lengths: np.ndarray, capacity: int, world_s
     a balanced partition of the examples into exactly that many rounds x world_size micro-batches
     is used instead if every one fits: all slots a step pays for, and ranks evenly loaded."""
     flat = _flatten(parts)
-    if len(flat) == len(parts):  # one example a part (greedy steps, mixtures): the units are the examples
+    if all(len(p) == 1 for p in parts):  # one example a part (greedy steps, mixtures): the units are the examples
         units: Parts = parts
         sizes = lengths[flat]
         bins = [[flat[j] for j in b] for b in best_fit_decreasing(sizes, capacity)]

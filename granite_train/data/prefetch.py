@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from typing import Any, Dict, Iterator, Optional, Tuple, TypeVar
 
 T = TypeVar("T")
@@ -74,7 +75,7 @@ class StepSource:
 
     prefetch_steps: int = 0
     _last: Optional[Dict[str, Any]] = None  # the position after the last step handed out
-    _running: Any = None  # the live steps() generator, if any
+    _running: Any = None  # a weak reference to the live steps() generator, if any
 
     def _produce(self) -> Iterator[Any]:
         raise NotImplementedError
@@ -93,11 +94,20 @@ class StepSource:
         return made
 
     def steps(self) -> Iterator[Any]:
-        """Optimizer steps from the current position. A second call first stops the first."""
-        if self._running is not None:
-            self._running.close()
-        self._running = self._steps()
-        return self._running
+        """Optimizer steps from the current position. A second call first stops the first; so
+        does `load_state_dict` (`_stop`). An abandoned generator stops its thread when it is
+        collected (held here only weakly), or at once with `contextlib.closing`."""
+        self._stop()
+        running = self._steps()
+        self._running = weakref.ref(running)
+        return running
+
+    def _stop(self) -> None:
+        """Stop the live steps() generator, if any: its thread ends, the position is the last step handed out."""
+        running = self._running() if self._running is not None else None
+        if running is not None:
+            running.close()
+        self._running = None
 
     def _steps(self) -> Iterator[Any]:
         self._last = self._position()

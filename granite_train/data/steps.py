@@ -59,12 +59,14 @@ SETTING_OF = {"overlong": "data.overlong", "share": "data.stream_share"}
 def check_fingerprint(saved: Dict[str, Any], now: Dict[str, Any]) -> None:
     old = {**{k: v for k, v in ADDED_KEYS.items() if k not in saved}, **saved}
     changed = [k for k in now if old.get(k) != now[k]]
+    if "ranks" in old and "ranks" not in now:  # a stream shared by rank, resumed on one rank or shared by all
+        changed.append("ranks")
     if changed:
         named = [f"{SETTING_OF[k]}={old.get(k)}" for k in changed if k in SETTING_OF and k in old]
         hint = f" ({' '.join(named)} reproduces the checkpoint's examples)" if named else ""
         if "ranks" in changed and old.get("ranks") is not None:
             hint += f" (a stream shared by rank resumes on the same {old['ranks']} data-parallel ranks)"
-        text = ", ".join(f"{k} {old.get(k)} -> {now[k]}" for k in changed)
+        text = ", ".join(f"{k} {old.get(k)} -> {now.get(k)}" for k in changed)
         raise UserError(f"cannot resume the data position: {text} changed since the "
                         f"checkpoint{hint}; restore those settings (data, data.overlong, data.eval_fraction, "
                         f"trainer.seed, tokens_per_step, max_length, packing) or start a fresh run")

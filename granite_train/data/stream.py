@@ -75,7 +75,7 @@ class StreamTrainData(StepSource):
 
     def __init__(self, raw: datasets.IterableDataset, encoder: Encoder, stats: PrepStats,
                  data_cfg: DataConfig, trainer_cfg: TrainerConfig, rank: int, world_size: int,
-                 pad_id: int, gather: Optional[Gather] = None) -> None:
+                 pad_id: int, gather: Optional[Gather] = None, whole_shards: bool = False) -> None:
         self._raw = raw  # this rank's share when shared by rank
         self._encoder = encoder
         self.stats = stats
@@ -85,6 +85,9 @@ class StreamTrainData(StepSource):
             raise ValueError("a stream shared by rank (data.stream_share=rank) needs `gather`, an all-gather "
                              "over the data ranks")
         self._gather = gather
+        # By rank, rows are numbered as in the whole stream where the share is every N-th row;
+        # with whole shards per rank only the share's own numbering is known (errors say so).
+        self._whole_shards = self._by_rank and whole_shards
         self.prefetch_steps = data_cfg.prefetch_steps
         self._pad_id = pad_id
         self._padded = data_cfg.packing == "none"
@@ -124,7 +127,7 @@ class StreamTrainData(StepSource):
                     continue
             if not batch:
                 break
-            results = self._encoder.encode_rows(batch, range(row_no, row_no + len(batch)))
+            results = self._encode(batch, row_no)
             status = np.array([int(r.status) for r in results])
             self.stats.count(status, np.array([len(r.input_ids) for r in results]),
                              np.array([r.n_trained for r in results]))
@@ -142,6 +145,19 @@ class StreamTrainData(StepSource):
             row_no += len(batch)
             batch = []
 
+    def _encode(self, batch: List[Dict[str, Any]], first: int) -> List[Encoded]:
+        rows = range(first, first + len(batch))
+        if self._by_rank and not self._whole_shards:
+            rows = range(first * self.world_size + self.rank, (first + len(batch)) * self.world_size + self.rank,
+                         self.world_size)  # rank r's i-th row is row i * ranks + r of the stream
+        try:
+            return self._encoder.encode_rows(batch, rows)
+        except UserError as e:
+            if not self._whole_shards:
+                raise
+            raise UserError(f"{e} (row numbers count within data rank {self.rank}'s share of the stream: "
+                            f"its shards {self.rank}, {self.rank + self.world_size}, ...)") from None
+
     def _greedy(self) -> Iterator[Tuple[List[Tuple[int, Encoded]], int, int]]:
         """The rest of this epoch as greedy steps of `_budget` tokens: (examples, rows and pieces
         consumed after them; DONE after the last)."""
@@ -156,11 +172,11 @@ class StreamTrainData(StepSource):
         if pending:
             yield pending, DONE, 0
 
-    def _plan(self, pending: List[Tuple[int, Encoded]], world_size: int, rank: int):
+    def _plan(self, pending: List[Tuple[int, Encoded]], world_size: int, rank: int, epoch: int = 0, step: int = 0):
         lengths = np.array([len(e.input_ids) for _, e in pending], dtype=np.int64)
         n_trained = np.array([e.n_trained for _, e in pending], dtype=np.int64)
-        p = plan_step([[k] for k in range(len(pending))], lengths, n_trained, epoch=self._epoch,
-                      step_in_epoch=self._step, micro_batch_tokens=self._micro,
+        p = plan_step([[k] for k in range(len(pending))], lengths, n_trained, epoch=epoch,
+                      step_in_epoch=step, micro_batch_tokens=self._micro,
                       world_size=world_size, padded=self._padded)
 
         def fetch(ids: Sequence[int]) -> Dict[int, Dict[str, Any]]:
@@ -183,7 +199,7 @@ class StreamTrainData(StepSource):
         while self._epochs is None or self._epoch < self._epochs:
             ended = False
             for pending, rows, pieces in self._greedy():
-                p, micro = self._plan(pending, self.world_size, self.rank)
+                p, micro = self._plan(pending, self.world_size, self.rank, self._epoch, self._step)
                 step = TrainStep(self._global, self._epoch, self._step, micro, p.num_trained_tokens,
                                  p.num_input_tokens, p.num_slots, [row for row, _ in pending])
                 self._step, self._global = self._step + 1, self._global + 1
@@ -234,12 +250,22 @@ class StreamTrainData(StepSource):
             return
         part: Optional[_Part] = None
         while self._epochs is None or self._epoch < self._epochs:
+            failed: Optional[Exception] = None
             if part is None:
-                part = next(made)[0]
+                try:
+                    part = next(made)[0]
+                except Exception as exc:  # noqa: BLE001 - raised below, after every rank has heard of it
+                    failed, part = exc, _Part(None, counts=self.stats.counts())
             has = part.micro_batches is not None
-            mine = [self.rank, int(has), len(part.micro_batches or ()), part.num_trained_tokens,
+            mine = [self.rank, -1 if failed else int(has), len(part.micro_batches or ()), part.num_trained_tokens,
                     part.num_input_tokens, part.num_slots, *part.position, *part.counts]
-            every = self._gather(mine)
+            every = self._gather(mine)  # every rank takes part, also one whose reading just failed
+            if failed is not None:
+                raise failed
+            broken = [v[0] for v in every if v[1] < 0]
+            if broken:
+                raise UserError(f"data rank {broken[0]} stopped reading its share of the stream (its error is in "
+                                f"its log, marked [rank {broken[0]}] where ranks map one to one); every rank stops")
             if not any(v[1] for v in every):  # every share of this epoch is used up
                 stats = PrepStats(source=self.stats.source, format=self.stats.format)
                 for v in every:
@@ -287,5 +313,6 @@ class StreamTrainData(StepSource):
         check_state(state, "stream", self._fingerprint)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._stop()  # a live steps() would set its own position back when closed
         self.check_state_dict(state)
         self._set_position(state)

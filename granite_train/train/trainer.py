@@ -14,6 +14,7 @@ hold everything a resumed run needs to continue exactly where the saved one was.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -203,18 +204,20 @@ class Trainer:
         self._saved_at = c.step if self.resume is not None else -1
         self.engine.model.train()
         # islice, not a break: drawing one step too many would move the data position past it.
-        for step in itertools.islice(self.data.steps(), remaining):
-            self._train_one(step)
-            self._stop_after_bad_steps()
-            if tr.eval_every and c.step % tr.eval_every == 0:
-                self._evaluate()
-            if tr.save_every and c.step % tr.save_every == 0 and c.bad_steps_in_a_row == 0:
-                self._save()
-            signal_name = self.preemption.requested(self.env)  # every rank: they stop together
-            if signal_name is not None:
-                self._stop_for(signal_name)
-            if self._out_of_tokens():
-                break  # trainer.max_tokens reached
+        # closing: steps made ahead stop at once (not during the final eval, save and export).
+        with contextlib.closing(self.data.steps()) as steps:
+            for step in itertools.islice(steps, remaining):
+                self._train_one(step)
+                self._stop_after_bad_steps()
+                if tr.eval_every and c.step % tr.eval_every == 0:
+                    self._evaluate()
+                if tr.save_every and c.step % tr.save_every == 0 and c.bad_steps_in_a_row == 0:
+                    self._save()
+                signal_name = self.preemption.requested(self.env)  # every rank: they stop together
+                if signal_name is not None:
+                    self._stop_for(signal_name)
+                if self._out_of_tokens():
+                    break  # trainer.max_tokens reached
         self.sink.end_progress()
         self._end_of_data(start_step)
         self._evaluate()

@@ -126,3 +126,34 @@ def test_prefetched_steps_and_positions_equal_plain_ones(tok, paths, kind):
     resumed.load_state_dict(json.loads(json.dumps(plain_states[1])))
     for a, b in zip(itertools.islice(resumed.steps(), 6), ref[5:11]):
         same(a, b)
+
+
+def test_load_state_dict_wins_over_a_live_generator(tok, paths):
+    data = build(tok, configs(paths)["map"], 2)
+    start = data.state_dict()
+    it = data.steps()
+    first = list(itertools.islice(it, 5))
+    data.load_state_dict(start)  # `it` is still alive: it must not put its own position back
+    assert data.state_dict() == start
+    assert [s.index for s in itertools.islice(data.steps(), 2)] == [0, 1]
+    same(next(iter(itertools.islice(build(tok, configs(paths)["map"], 0).steps(), 1))), first[0])
+
+
+def test_an_abandoned_generator_stops_its_thread(tok, paths):
+    import gc
+
+    data = build(tok, configs(paths)["stream"], 2)
+    before = threading.active_count()
+    assert len(list(itertools.islice(data.steps(), 3))) == 3  # the generator is dropped here
+    gc.collect()
+    assert threading.active_count() == before
+    assert data.state_dict()["step_in_epoch"] == 3 and data._step == 3  # the live position is put back
+
+
+def test_step_plans_compare_and_hash():
+    from granite_train.data.plan import plan_step
+
+    lengths, trained = np.array([5, 7, 3, 9]), np.array([4, 6, 2, 8])
+    a, b = (plan_step([[0, 1], [2], [3]], lengths, trained, epoch=0, step_in_epoch=0, micro_batch_tokens=16,
+                      world_size=2, padded=False) for _ in range(2))
+    assert a == b and hash(a) == hash(b) and a.example_ids == [0, 1, 2, 3]

@@ -246,6 +246,39 @@ def test_refusals(tok, chat):
         make(tok, chat, 0, 2, None, stream_share="both")
 
 
+def test_a_bad_row_on_one_rank_stops_every_rank_with_one_line(tok, tmp_path):
+    """Rank 1's share holds a bad row: it raises the row's error (numbered as in the whole
+    stream), rank 0 hears of it through the step's exchange and raises too: no rank waits."""
+    path = tmp_path / "bad.jsonl"
+    rows = [{"text": f"doc {i} " + "w " * (i % 9 + 1)} for i in range(40)]
+    rows[21] = {"text": 5}  # row 21 = rank 1's 11th row (21 = 10 * 2 + 1)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    datas = ranks(tok, path, 2, format="text", tokens_per_step=64, micro_batch_tokens=96, max_length=32)
+    errors = [None, None]
+
+    def run(r):
+        try:
+            list(datas[r].steps())
+        except UserError as exc:
+            errors[r] = str(exc)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors[1] is not None and "row 21 " in errors[1] and "not a string" in errors[1]
+    assert errors[0] is not None and "data rank 1 stopped reading its share" in errors[0]
+
+
+def test_resumed_on_one_rank_names_the_rank_count(tok, chat):
+    two = ranks(tok, chat, 2)
+    on_threads(two, limit=2)
+    with pytest.raises(UserError, match=r"ranks 2 -> None.*same 2 data-parallel ranks"):
+        make(tok, chat, 0, 1, None).load_state_dict(two[0].state_dict())
+
+
 def test_empty_share_everywhere_is_one_error_on_every_rank(tok, tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n")
