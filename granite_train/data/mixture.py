@@ -223,8 +223,8 @@ class MixtureTrainData(StepSource):
             before = [c.tokens for c in self._cursors]
             picked = self._select()
             flat = np.concatenate([self._offsets[k] + np.asarray(ids, dtype=np.int64)
-                                   for k, ids in enumerate(picked)]).tolist()
-            p = plan_step([[i] for i in flat], self.lengths, self.n_trained, epoch=0, step_in_epoch=self._step,
+                                   for k, ids in enumerate(picked)])
+            p = plan_step(flat, self.lengths, self.n_trained, epoch=0, step_in_epoch=self._step,
                           micro_batch_tokens=self._micro, world_size=self.world_size, padded=self._padded)
             self._step += 1
             names = [s.name for s in self.sources]

@@ -19,27 +19,42 @@ _SHIFT = 32  # a bin is keyed (remaining << 32 | bin id): one sorted list of int
 def best_fit(sizes: Sequence[int] | np.ndarray, capacity: int, decreasing: bool = True) -> Bins:
     """Best fit: each item into the fullest bin it fits, else a new bin; largest item first when
     `decreasing` (BFD), else in the given order. O(n log n) comparisons (bisect over open bins);
-    full bins leave the search list."""
+    full bins leave the search list.
+
+    Consecutive items of one size go in bulk: the fullest bin that fits the first stays the
+    fullest that fits the next (its room only shrank, and every other bin that fits had more),
+    so it takes as many of the run as fit, and only then is the next bin searched. Exactly the
+    item-by-item result, in one search per bin a run touches instead of one per item (sorted
+    lengths repeat a lot: ~20K examples of a 4M-token step have a few thousand sizes)."""
     sizes = np.asarray(sizes, dtype=np.int64)
     if len(sizes) and int(sizes.max()) > capacity:
         raise ValueError(f"an item of {int(sizes.max())} exceeds the bin capacity {capacity}")
     bins: Bins = []
     open_bins: List[int] = []
+    if not len(sizes):
+        return bins
     order = np.argsort(-sizes, kind="stable") if decreasing else np.arange(len(sizes))
-    sz, mask = sizes.tolist(), (1 << _SHIFT) - 1
-    find, insert = bisect.bisect_left, bisect.insort  # hot: ~1 us an item, plain ints only
-    for i in order.tolist():
-        size = sz[i]
-        j = find(open_bins, size << _SHIFT)
-        if j == len(open_bins):
-            b, remaining = len(bins), capacity - size
-            bins.append([i])
-        else:
-            key = open_bins.pop(j)
-            b, remaining = key & mask, (key >> _SHIFT) - size
-            bins[b].append(i)
-        if remaining > 0:
-            insert(open_bins, (remaining << _SHIFT) | b)
+    ordered = sizes[order]
+    cuts = np.flatnonzero(np.diff(ordered)) + 1  # where a run of equal sizes ends
+    firsts, ends = np.concatenate(([0], cuts)).tolist(), np.concatenate((cuts, [len(order)])).tolist()
+    items, mask = order.tolist(), (1 << _SHIFT) - 1
+    find, insert = bisect.bisect_left, bisect.insort
+    for a, end in zip(firsts, ends):
+        size = int(ordered[a])
+        while a < end:
+            j = find(open_bins, size << _SHIFT)
+            if j == len(open_bins):
+                b, remaining = len(bins), capacity
+                bins.append([])
+            else:
+                key = open_bins.pop(j)
+                b, remaining = key & mask, key >> _SHIFT
+            take = end - a if size == 0 else min(end - a, remaining // size)
+            bins[b].extend(items[a: a + take])
+            a += take
+            remaining -= take * size
+            if remaining > 0:
+                insert(open_bins, (remaining << _SHIFT) | b)
     return bins
 
 

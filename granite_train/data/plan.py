@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -127,16 +127,18 @@ def _group_sums(groups: Parts, lengths: np.ndarray) -> np.ndarray:
     return np.add.reduceat(lengths[ids], np.cumsum(sizes) - sizes)
 
 
-def _micro_bins_packed(parts: Parts, lengths: np.ndarray, capacity: int, world_size: int) -> List[List[int]]:
+def _micro_bins_packed(parts: Union[Parts, np.ndarray], lengths: np.ndarray, capacity: int, world_size: int) -> List[List[int]]:
     """Micro-batches (example ids) of at most `capacity` tokens: whole parts by BFD (a part larger
     than `capacity` split by BFD first), or single examples by BFD when that needs fewer
     micro-batches. When both need more rounds (micro-batches per rank) than the step's tokens do,
     a balanced partition of the examples into exactly that many rounds x world_size micro-batches
     is used instead if every one fits: all slots a step pays for, and ranks evenly loaded."""
-    flat = _flatten(parts)
-    if all(len(p) == 1 for p in parts):  # one example a part (greedy steps, mixtures): the units are the examples
-        units: Parts = parts
-        sizes = lengths[flat]
+    singles = isinstance(parts, np.ndarray)
+    if singles or all(len(p) == 1 for p in parts):  # one example a part: the units are the examples
+        ids = parts if singles else np.fromiter(itertools.chain.from_iterable(parts), np.int64, len(parts))
+        flat = ids.tolist()
+        units: Parts = []
+        sizes = lengths[ids]
         bins = [[flat[j] for j in b] for b in best_fit_decreasing(sizes, capacity)]
     else:
         units = []
@@ -162,9 +164,11 @@ def _micro_bins_packed(parts: Parts, lengths: np.ndarray, capacity: int, world_s
     return bins
 
 
-def plan_step(parts: Parts, lengths: np.ndarray, n_trained: np.ndarray, *, epoch: int, step_in_epoch: int,
-              micro_batch_tokens: int, world_size: int, padded: bool) -> StepPlan:
-    flat = _flatten(parts)
+def plan_step(parts: Union[Parts, np.ndarray], lengths: np.ndarray, n_trained: np.ndarray, *, epoch: int,
+              step_in_epoch: int, micro_batch_tokens: int, world_size: int, padded: bool) -> StepPlan:
+    """The step's split over ranks and micro-batches. `parts`: groups of example ids, or a 1-D
+    array of ids, one example a part (streams, mixtures: no list per example)."""
+    flat = parts.tolist() if isinstance(parts, np.ndarray) else _flatten(parts)
     if padded:
         bins = [[flat[j] for j in b] for b in padded_groups(lengths[flat], micro_batch_tokens)]
     else:

@@ -175,7 +175,7 @@ class StreamTrainData(StepSource):
     def _plan(self, pending: List[Tuple[int, Encoded]], world_size: int, rank: int, epoch: int = 0, step: int = 0):
         lengths = np.array([len(e.input_ids) for _, e in pending], dtype=np.int64)
         n_trained = np.array([e.n_trained for _, e in pending], dtype=np.int64)
-        p = plan_step([[k] for k in range(len(pending))], lengths, n_trained, epoch=epoch,
+        p = plan_step(np.arange(len(pending), dtype=np.int64), lengths, n_trained, epoch=epoch,
                       step_in_epoch=step, micro_batch_tokens=self._micro,
                       world_size=world_size, padded=self._padded)
 

@@ -3,6 +3,7 @@
 from collections import Counter
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -211,3 +212,33 @@ def test_bfd_partitions_100k_examples():
     ids = sorted(i for s in steps for r in s for i in r)
     assert ids == list(range(100_000))
     assert all(sum(int(lengths[i]) for r in s for i in r) <= 16384 for s in steps)
+
+
+def _best_fit_one_by_one(sizes, capacity, decreasing=True):
+    """Best fit as defined, one item at a time: the reference `best_fit`'s runs must equal."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    order = np.argsort(-sizes, kind="stable") if decreasing else np.arange(len(sizes))
+    bins, room = [], []
+    for i in order.tolist():
+        fits = [(room[b], b) for b in range(len(bins)) if room[b] >= sizes[i] and room[b] > 0]
+        if fits:
+            b = min(fits)[1]
+        else:
+            b = len(bins)
+            bins.append([])
+            room.append(capacity)
+        bins[b].append(i)
+        room[b] -= int(sizes[i])
+    return bins
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_best_fit_in_runs_equals_item_by_item(seed):
+    from granite_train.data.packing import best_fit
+
+    rng = np.random.default_rng(seed)
+    capacity = int(rng.integers(8, 200))
+    n = int(rng.integers(0, 300))
+    sizes = rng.integers(0 if seed % 4 == 0 else 1, capacity + 1, n) if seed % 2 else rng.choice([1, 2, 3, capacity // 2, capacity], n)
+    for decreasing in (True, False):
+        assert best_fit(sizes, capacity, decreasing) == _best_fit_one_by_one(sizes, capacity, decreasing)
