@@ -1,7 +1,8 @@
 """Data pipeline: sources -> tokenized examples -> token-budgeted optimizer steps -> micro-batches.
 
     tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.model.path)
-    data = build_train_data(cfg.data, cfg.trainer, tokenizer, rank, world_size)
+    data = build_train_data(cfg.data, cfg.trainer, tokenizer, rank, world_size,
+                            gather=gather_ints(env))  # gather: streams shared by rank, several ranks
     for step in data.steps():
         step.micro_batches  # this rank's; step.num_trained_tokens etc. are global
 """
