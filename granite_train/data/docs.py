@@ -133,20 +133,13 @@ class Examples:
         return hasattr(self.store, "read_flat")
 
     def fetch_flat(self, ids: Sequence[int]) -> Flat:
-        """The examples `ids`, in that order, flattened (what `collate_flat` takes): one
-        vectorized gather where the store can (`read_flat`: memory-mapped shards)."""
+        """The examples `ids`, in that order, flattened (what `collate_flat` takes), in one
+        vectorized gather; only for stores that can (`reads_flat`: memory-mapped shards)."""
         ids = np.asarray(ids, dtype=np.int64)
         p = self.pieces
         lengths = p.lengths[ids]
-        read_flat = getattr(self.store, "read_flat", None)
-        if read_flat is not None:
-            tokens, labels = read_flat(p.doc[ids], p.start[ids], lengths)
-            return tokens, labels, lengths
-        got = self.store.read(p.doc[ids].tolist(), p.start[ids].tolist(), lengths.tolist())
-        tokens = [np.asarray(e["input_ids"], dtype=np.int64) for e in got]
-        labels = [tokens[k] if e["labels"] is None else np.asarray(e["labels"], dtype=np.int64) for k, e in enumerate(got)]
-        empty = np.zeros(0, np.int64)
-        return (np.concatenate(tokens) if tokens else empty), (np.concatenate(labels) if labels else empty), lengths
+        tokens, labels = self.store.read_flat(p.doc[ids], p.start[ids], lengths)
+        return tokens, labels, lengths
 
 
 def pieces_for(lengths: np.ndarray, n_trained: np.ndarray, overlong: str, max_length: int) -> Pieces:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -62,14 +62,11 @@ class StepPlan:
     num_input_tokens: int  # GLOBAL: real tokens
     num_slots: int  # GLOBAL: packed = micro-batches x ranks x micro_batch_tokens; padded = sum B x longest
 
-    # the step's example ids, sorted (plan_step sets it); not part of equality or the hash
-    sorted_ids: Optional[np.ndarray] = field(default=None, compare=False, hash=False, repr=False)
+    sorted_ids: np.ndarray = field(compare=False, hash=False, repr=False)  # the step's example ids, sorted
 
     @property
     def example_ids(self) -> List[int]:
-        if self.sorted_ids is not None:
-            return self.sorted_ids.tolist()
-        return sorted(i for rank in self.ranks for mb in rank for i in mb)
+        return self.sorted_ids.tolist()
 
     @property
     def num_micro_batches(self) -> int:
