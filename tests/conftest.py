@@ -1,10 +1,11 @@
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from .runs import run_cli, run_in_process
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,26 +18,30 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `python -m granite_train ...` as a user would, from an arbitrary directory."""
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "granite_train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture
 def cli(tmp_path):
+    """The CLI on `args`, from tmp_path, in this process (see `run_in_process`)."""
     def _run(*args: str, timeout: int = 600):
-        return run_cli(*args, cwd=tmp_path, timeout=timeout)
+        return run_in_process(*args, cwd=tmp_path, timeout=timeout)
 
     return _run
 
 
 @pytest.fixture(scope="session")
 def cli_at():
-    """`cli_at(cwd, *args)`: the CLI from a chosen directory (for module-scoped fixtures)."""
+    """`cli_at(cwd, *args)`: the CLI from a chosen directory, in this process (for module-scoped
+    fixtures)."""
 
     def _run(cwd: Path, *args: str, timeout: int = 600):
-        return run_cli(*args, cwd=cwd, timeout=timeout)
+        return run_in_process(*args, cwd=cwd, timeout=timeout)
+
+    return _run
+
+
+@pytest.fixture
+def cli_process(tmp_path):
+    """The CLI as a real `python -m granite_train` process, for tests about the process itself."""
+    def _run(*args: str, timeout: int = 600):
+        return run_cli(*args, cwd=tmp_path, timeout=timeout)
 
     return _run

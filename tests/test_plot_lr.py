@@ -12,7 +12,7 @@ from granite_train.cli import compose_config
 from granite_train.plot_lr import main
 from granite_train.train.schedule import Schedule
 
-pytest.importorskip("matplotlib")
+import matplotlib  # noqa: F401 (a hard dependency: a broken install fails here, never skips)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 POWER = ["scheduler=power", "optim.lr=0.02", "trainer.tokens_per_step=4194304", "trainer.max_steps=100000",

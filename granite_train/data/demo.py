@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import configparser
+import functools
 import logging
 import math
 import os
@@ -58,9 +59,13 @@ def chitchat_to_messages(conversation: Dict[str, Any]) -> List[Dict[str, str]]:
 
 
 def _chitchat_rows() -> Iterator[Dict[str, Any]]:
-    # (Dataset() reads a 20 MB JSON file: only when the demo set is used)
-    for conversation in chitchat_dataset.Dataset().values():
-        yield {"messages": chitchat_to_messages(conversation)}
+    yield from _chitchat_list()
+
+
+@functools.lru_cache(maxsize=1)
+def _chitchat_list() -> Tuple[Dict[str, Any], ...]:
+    # Dataset() parses a 20 MB JSON file (~2 s): once per process, only when the demo set is used.
+    return tuple({"messages": chitchat_to_messages(c)} for c in chitchat_dataset.Dataset().values())
 
 
 def cache_dir() -> Path:

@@ -143,3 +143,17 @@ def test_checkpoint_template_end_to_end(tok, tmp_path):
     assert trained_text(tok, ids, labels) == assistant_target(tok, CONV[1:])
     ids, labels = first_example(GRANITE3_LIKE)  # a literal template string
     assert "You are Granite" in tok.decode(ids)
+
+
+def test_common_prefix_length_equals_commonprefix():
+    import os
+    import random
+
+    from granite_train.data.chat import common_prefix_length
+
+    rng = random.Random(0)
+    for _ in range(300):
+        a = "".join(rng.choice("ab<|>") for _ in range(rng.randrange(0, 40)))
+        b = a[:rng.randrange(0, len(a) + 1)] + "".join(rng.choice("ab") for _ in range(rng.randrange(0, 5)))
+        for x, y in ((a, b), (b, a), (a, a), ("", a)):
+            assert common_prefix_length(x, y) == len(os.path.commonprefix([x, y]))

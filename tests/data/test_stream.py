@@ -5,10 +5,6 @@ together, and resume is exact. Ranks are threads here with an all-gather made of
 
 import itertools
 import json
-import os
-import shutil
-import subprocess
-import sys
 import threading
 from collections import Counter
 
@@ -22,6 +18,8 @@ from granite_train.data import build_train_data, is_empty, load_tokenizer
 from granite_train.data.stream import share_of
 from granite_train.errors import UserError
 from tests.gloo_ranks import run_on_ranks
+from tests.runs import torchrun_runs
+from tests.tiny_tokenizer import TINY_TOKENIZER
 
 MAX_LENGTH, STEP, MICRO = 96, 512, 128
 
@@ -315,38 +313,34 @@ def test_two_gloo_ranks(chat, tmp_path):
 STREAM_RUN = ["recipe=sft_tiny", "model=granite-tiny", "model.arch.hidden_size=64", "model.arch.intermediate_size=128",
               "model.arch.num_hidden_layers=2", "data.streaming=true", "data.max_examples=400",
               "data.max_length=512", "trainer.tokens_per_step=4096", "trainer.micro_batch_tokens=1024",
-              "trainer.max_steps=6", "trainer.save_every=3", "trainer.dtype=fp32", "trainer.progress=false"]
-
-
-def _torchrun(args, cwd):
-    env = dict(os.environ, WANDB_MODE="disabled")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "granite_train", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+              "trainer.max_steps=6", "trainer.save_every=3", "trainer.dtype=fp32", "trainer.progress=false",
+              f"data.tokenizer={TINY_TOKENIZER}"]
 
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_resume_exactly(tmp_path):
-    straight = tmp_path / "straight"
-    proc = _torchrun([*STREAM_RUN, f"trainer.output_dir={straight}"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "each of 2 ranks reads its own share of demo:chitchat" in proc.stderr
-    state = json.loads((straight / "checkpoints" / "step_3" / "trainer_state.json").read_text())["data"]
+    """One launch: the straight run, then the same command resumed from its step-3 checkpoint."""
+    out = tmp_path / "run"
+    args = [*STREAM_RUN, f"trainer.output_dir={out}"]
+    proc, runs = torchrun_runs([{"name": "straight", "args": args},
+                                {"name": "resumed", "args": args,
+                                 "copy": [[str(out / "metrics.jsonl"), str(tmp_path / "straight.jsonl")]],
+                                 "rmtree": [str(out / "checkpoints" / "step_6"), str(out / "final")]}], tmp_path)
+    status, err = runs.get("straight", (None, proc.stderr[-3000:]))
+    assert status == 0, err[-3000:]
+    assert "each of 2 ranks reads its own share of demo:chitchat" in err
+    state = json.loads((out / "checkpoints" / "step_3" / "trainer_state.json").read_text())["data"]
     assert state["fingerprint"]["share"] == "rank" and len(state["ranks"]) == 2
-    resumed = tmp_path / "resumed"
-    shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_6")
-    shutil.rmtree(resumed / "final")
-    proc = _torchrun([*STREAM_RUN, f"trainer.output_dir={resumed}"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming from" in proc.stderr
+    status, err = runs.get("resumed", (None, proc.stderr[-3000:]))
+    assert status == 0, err[-3000:]
+    assert "resuming from" in err
 
-    def curve(out):
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    def curve(path):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
         return [(r["step"], r["loss"], r["grad_norm"], r["tokens"], r["input_tokens"]) for r in rows
                 if r.get("split") != "eval"]
 
-    a, b = curve(straight), curve(resumed)
+    a, b = curve(tmp_path / "straight.jsonl"), curve(out / "metrics.jsonl")
     assert [r[0] for r in a] == [r[0] for r in b] == [1, 2, 3, 4, 5, 6]
     for x, y in zip(a, b):
         assert x[3:] == y[3:] and x[1] == pytest.approx(y[1], rel=1e-6) and x[2] == pytest.approx(y[2], rel=1e-5)

@@ -19,7 +19,7 @@ def hf_config_kwargs(**overrides):
 @pytest.fixture
 def make_hf_checkpoint(tmp_path):
     """Save a random transformers GraniteForCausalLM; returns (dir, hf_model)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
 
     def _make(name="hf", seed=0, **overrides):
         torch.manual_seed(seed)

@@ -97,7 +97,7 @@ def test_missing_files(tmp_path, saved):
 def test_keys_missing_from_config_mean_transformers_defaults(make_hf_checkpoint):
     # An untied checkpoint whose config.json omits tie_word_embeddings and attention_multiplier:
     # transformers reads them as False and 1.0, so must we (not our random-init defaults).
-    transformers = pytest.importorskip("transformers")
+    import transformers
     path, _ = make_hf_checkpoint(tie_word_embeddings=False)
     config = json.loads((path / "config.json").read_text())
     del config["tie_word_embeddings"], config["attention_multiplier"]

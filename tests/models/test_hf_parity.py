@@ -9,7 +9,7 @@ from granite_train.models import load_model, save_model
 
 VOCAB = 128  # as in conftest.py
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 LENGTHS = [1, 5, 17, 33]
 TOL = 1e-5

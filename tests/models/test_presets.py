@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from granite_train.cli import compose_config  # noqa: E402
 from granite_train.info import describe, main as info_main  # noqa: E402

@@ -12,12 +12,15 @@ import pytest
 
 from granite_train.parallel.env import LAUNCHER_VARS, launched
 
-pytest.importorskip("deepspeed")
+from ..tiny_tokenizer import TINY_TOKENIZER
+
+import deepspeed  # noqa: F401 (a hard dependency: a broken install fails here, never skips)
 
 TINY = ["recipe=sft_tiny", "model=granite-tiny", "data.max_examples=100", "data.max_length=256",
         "trainer.tokens_per_step=1024", "trainer.micro_batch_tokens=1024", "model.arch.hidden_size=32",
         "model.arch.intermediate_size=64", "model.arch.num_hidden_layers=1", "trainer.max_steps=1",
-        "trainer.dtype=fp32", "trainer.progress=false", "distributed.zero_stage=0"]
+        "trainer.dtype=fp32", "trainer.progress=false", "distributed.zero_stage=0",
+        f"data.tokenizer={TINY_TOKENIZER}"]
 
 
 def _free_port():

@@ -3,21 +3,23 @@ transformers' model, resume, `export --merge`, `model.adapter_path`, and ZeRO-3 
 parallelism on 2 ranks equal to 1."""
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 
+import peft
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from granite_train.serialization import safe_load
 
+from ..runs import torchrun_runs
+from ..tiny_tokenizer import TINY_TOKENIZER, VOCAB_SIZE
+
 pytestmark = pytest.mark.slow
 
-VOCAB = 50260  # the bundled tokenizer's
+VOCAB = VOCAB_SIZE  # the base checkpoint carries the tests' small tokenizer
 ARCH = dict(model_type="granitemoehybrid", vocab_size=VOCAB, hidden_size=64, intermediate_size=32,
             shared_intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             num_local_experts=4, num_experts_per_tok=2, layer_types=["mamba", "attention", "mamba"],
@@ -31,7 +33,9 @@ RUN = ["recipe=sft_tiny", "data.max_examples=300", "data.max_length=512", "train
 
 
 def curve(out):
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    """(loss, grad norm) per train step of a run directory or a metrics file."""
+    path = out if out.suffix == ".jsonl" else out / "metrics.jsonl"
+    rows = [json.loads(l) for l in path.read_text().splitlines()]
     return [(r["loss"], r["grad_norm"]) for r in rows if r.get("split") != "eval"]
 
 
@@ -41,8 +45,8 @@ def assert_same_curve(a, b, rel):
         assert la == pytest.approx(lb, rel=rel) and ga == pytest.approx(gb, rel=rel)
 
 
-def assert_same_adapter(a, b, rel):
-    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+def assert_same_adapter(a, b, rel, name="adapter_model.safetensors"):
+    x, y = load_file(a / name), load_file(b / "adapter_model.safetensors")
     assert x.keys() == y.keys()
     for k in x:
         assert (x[k] - y[k]).abs().max() <= rel * x[k].abs().max(), k
@@ -50,14 +54,14 @@ def assert_same_adapter(a, b, rel):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A small hybrid checkpoint with the bundled tokenizer: what an adapter run fine-tunes."""
+    """A small hybrid checkpoint with the tests' small tokenizer: what an adapter run fine-tunes."""
     from granite_train.data import load_tokenizer
     from granite_train.models import GraniteConfig, build_model, save_model
 
     path = tmp_path_factory.mktemp("base") / "granite-4.0-h-test"
     torch.manual_seed(0)
     save_model(build_model(GraniteConfig(**ARCH)), path)
-    load_tokenizer("gpt2-bundled", None).save(path)
+    load_tokenizer(TINY_TOKENIZER, None).save(path)
     return path
 
 
@@ -103,8 +107,6 @@ def test_an_adapter_run_saves_adapters_not_the_base(straight, base):
 
 
 def test_final_loads_in_peft_on_transformers_with_equal_logits(straight, base):
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
     _, out, _ = straight
     theirs = transformers.GraniteMoeHybridForCausalLM.from_pretrained(base, attn_implementation="eager").eval()
     untouched = transformers.GraniteMoeHybridForCausalLM.from_pretrained(base, attn_implementation="eager").eval()
@@ -163,36 +165,51 @@ def test_model_adapter_path_continues_from_a_peft_adapter(straight, base, tmp_pa
     assert_same_adapter(cont / "final", out / "final", rel=0.0)
 
 
-def _torchrun(args, cwd, timeout=900):
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "granite_train", *args], cwd=cwd, env=dict(os.environ, WANDB_MODE="disabled"),
-        capture_output=True, text=True, timeout=timeout)
+PARALLEL = {"zero3": ["distributed.zero_stage=3"],
+            "zero2-ep2": ["distributed.zero_stage=2", "distributed.expert_parallel_size=2"],
+            "cp2": ["distributed.context_parallel_size=2", "trainer.micro_batch_tokens=1024"]}
+RESUMED = ("zero3", "zero2-ep2")  # (context parallelism resumes with the plain engine, tested above)
 
 
-@pytest.mark.parametrize("parallel", [["distributed.zero_stage=3"],
-                                      ["distributed.zero_stage=2", "distributed.expert_parallel_size=2"],
-                                      ["distributed.context_parallel_size=2", "trainer.micro_batch_tokens=1024"]],
-                         ids=["zero3", "zero2-ep2", "cp2"])
-def test_two_ranks_equal_one(straight, base, tmp_path, parallel):
+@pytest.fixture(scope="module")
+def two_ranks(base, tmp_path_factory):
+    """Each parallel layout on 2 ranks, and the ZeRO ones resumed from step 2, in one launch."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    runs = []
+    for name, parallel in PARALLEL.items():
+        out = root / name
+        args = [*RUN, f"model.path={base}", *parallel, "trainer.save_every=2", f"trainer.output_dir={out}"]
+        runs.append({"name": name, "args": args})
+        if name in RESUMED:
+            runs.append({"name": f"{name}-resumed", "args": args,
+                         "copy": [[str(out / "metrics.jsonl"), str(root / f"{name}.jsonl")],
+                                  [str(out / "final" / "adapter_model.safetensors"),
+                                   str(root / f"{name}.safetensors")]],
+                         "rmtree": [str(out / "checkpoints" / "step_4"), str(out / "final")]})
+    proc, sections = torchrun_runs(runs, root)
+    return root, proc, sections
+
+
+@pytest.mark.parametrize("name", list(PARALLEL))
+def test_two_ranks_equal_one(straight, two_ranks, name):
     """ZeRO-3 (the frozen base sharded), expert parallelism (each rank trains its own experts'
     adapters) and context parallelism (rows of 2 x 1024 tokens) on 2 ranks: the straight run's
     curve and adapter; ZeRO-3 and expert parallelism then resumed from step 2."""
     _, ref, _ = straight
-    out = tmp_path / "two"
-    args = [*RUN, f"model.path={base}", *parallel, "trainer.save_every=2", f"trainer.output_dir={out}"]
-    proc = _torchrun(args, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_curve(curve(out), curve(ref), rel=1e-5)
-    assert_same_adapter(out / "final", ref / "final", rel=1e-3)  # Adam on near-zero gradients
+    root, proc, sections = two_ranks
+    status, err = sections.get(name, (None, proc.stderr[-3000:]))
+    assert status == 0, err[-3000:]
+    out = root / name
+    first = root / f"{name}.jsonl" if name in RESUMED else out / "metrics.jsonl"
+    assert_same_curve(curve(first), curve(ref), rel=1e-5)
+    adapter = root / f"{name}.safetensors" if name in RESUMED else out / "final" / "adapter_model.safetensors"
+    assert_same_adapter(adapter.parent, ref / "final", rel=1e-3, name=adapter.name)  # Adam on near-zero gradients
     assert not list((out / "checkpoints" / "step_4").rglob("model*.safetensors"))
-    if "distributed.context_parallel_size=2" in parallel:
-        return  # (its resume is the plain engine's, tested above)
-    shutil.rmtree(out / "checkpoints" / "step_4")
-    shutil.rmtree(out / "final")
-    proc = _torchrun(args, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming from" in proc.stderr
+    if name not in RESUMED:
+        return
+    status, err = sections.get(f"{name}-resumed", (None, proc.stderr[-3000:]))
+    assert status == 0, err[-3000:]
+    assert "resuming from" in err
     assert_same_curve(curve(out), curve(ref), rel=1e-5)
 
 

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import torch
 
+from ..runs import run_in_process
 from .test_loop import FAST, read_metrics
 
 pytestmark = pytest.mark.slow
@@ -153,8 +154,7 @@ def test_export_cli_writes_what_final_holds(straight, tmp_path):
     assert "step_8" in proc.stdout and (dest / "tokenizer.json").is_file()
     a, b = load_model(dest), load_model(out / "final")
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
-    again = subprocess.run([sys.executable, "-m", "granite_train.export", str(out), str(dest)],
-                           capture_output=True, text=True, timeout=300)
+    again = run_in_process(str(out), str(dest), cwd=tmp_path, entry="granite_train.export")
     assert again.returncode == 2 and "not empty" in again.stderr
 
 
@@ -280,8 +280,7 @@ def test_truncated_or_added_files_are_named_and_export_refuses(straight, tmp_pat
     opt = ckpt / "optimizer.pt"
     opt.write_bytes(opt.read_bytes()[:1000])
     assert verify(ckpt).startswith("optimizer.pt has 1000 bytes") and "truncated" in verify(ckpt)
-    proc = subprocess.run([sys.executable, "-m", "granite_train.export", str(ckpt), str(tmp_path / "hf")],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_in_process(str(ckpt), str(tmp_path / "hf"), cwd=tmp_path, entry="granite_train.export")
     assert proc.returncode == 2 and "optimizer.pt has 1000 bytes" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 

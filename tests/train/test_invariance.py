@@ -1,24 +1,42 @@
 """The math of a step depends on the data and tokens_per_step only: not on the micro-batch size
-(gradient accumulation) and not on the number of data-parallel ranks. fp32, CPU."""
+(gradient accumulation) and not on the number of data-parallel ranks. fp32, CPU.
+
+The one-process runs train in this process; every 2-rank run of the module trains in one
+torchrun launch (`two_ranks`), one run after the other."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
+
+from ..runs import torchrun_runs
+from ..tiny_tokenizer import TINY_TOKENIZER
 
 pytestmark = pytest.mark.slow
 
 COMMON = ["recipe=sft_tiny", "model=granite-tiny", "data.max_examples=400", "data.max_length=512",
           "trainer.tokens_per_step=4096", "model.arch.hidden_size=64",
           "model.arch.intermediate_size=128", "model.arch.num_hidden_layers=2",
-          "trainer.dtype=fp32", "trainer.max_steps=4", "trainer.progress=false"]
+          "trainer.dtype=fp32", "trainer.max_steps=4", "trainer.progress=false",
+          f"data.tokenizer={TINY_TOKENIZER}"]
+# One micro-batch per step: on 2 ranks rank 1 gets none, every step (MoE: its expert counts are
+# zeros, and it still takes part in every collective).
+EMPTY_RANK = [*COMMON, "model=granitemoe-tiny", "model.arch.num_local_experts=4",
+              "trainer.tokens_per_step=1024", "trainer.micro_batch_tokens=1024", "trainer.max_steps=4"]
+HYBRID = ["recipe=sft_tiny", "model=granite-4.0-h-tiny-scaled", "model.arch.hidden_size=64",
+          "model.arch.intermediate_size=32", "model.arch.shared_intermediate_size=64",
+          "model.arch.num_hidden_layers=3", "model.arch.layer_types=[mamba,attention,mamba]",
+          "model.arch.mamba_n_heads=4", "model.arch.mamba_d_state=16", "model.arch.mamba_chunk_size=16",
+          "model.arch.num_local_experts=4", "data.max_examples=300", "data.max_length=512",
+          "data.eval_fraction=0.05", "trainer.tokens_per_step=4096", "trainer.dtype=fp32",
+          "trainer.max_steps=4", "trainer.progress=false", f"data.tokenizer={TINY_TOKENIZER}"]
+HYBRID_CP_EP = [*HYBRID, "trainer.micro_batch_tokens=256", "distributed.context_parallel_size=2",
+                "distributed.zero_stage=2", "distributed.expert_parallel_size=2", "trainer.save_every=2"]
 
 
 def curve(out):
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    """(loss, grad norm, tokens, input tokens) per train step of a run directory or metrics file."""
+    path = out if out.suffix == ".jsonl" else out / "metrics.jsonl"
+    rows = [json.loads(l) for l in path.read_text().splitlines()]
     return [(r["loss"], r["grad_norm"], r["tokens"], r["input_tokens"]) for r in rows if r.get("split") != "eval"]
 
 
@@ -28,6 +46,38 @@ def assert_same_curve(a, b, rel):
         assert (ta, ia) == (tb, ib)  # the same examples
         assert la == pytest.approx(lb, rel=rel)
         assert ga == pytest.approx(gb, rel=rel)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Every 2-rank run of this module, in one launch: {name: (output dir, status, stderr)}."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    cp = root / "hybrid_cp_ep"
+    runs = [
+        {"name": "dp", "args": [*COMMON, "trainer.micro_batch_tokens=1024", f"trainer.output_dir={root / 'dp'}"]},
+        {"name": "empty_rank", "args": [*EMPTY_RANK, f"trainer.output_dir={root / 'empty_rank'}"]},
+        {"name": "cp", "args": [*COMMON, "trainer.micro_batch_tokens=256", "distributed.context_parallel_size=2",
+                                f"trainer.output_dir={root / 'cp'}"]},
+        {"name": "hybrid_cp_ep", "args": [*HYBRID_CP_EP, f"trainer.output_dir={cp}"]},
+        # ... resumed from step 2: the straight run's metrics kept aside, its last checkpoint and
+        # export removed
+        {"name": "hybrid_cp_ep_resumed", "args": [*HYBRID_CP_EP, f"trainer.output_dir={cp}"],
+         "copy": [[str(cp / "metrics.jsonl"), str(root / "hybrid_cp_ep_straight.jsonl")]],
+         "rmtree": [str(cp / "checkpoints" / "step_4"), str(cp / "final")]},
+        {"name": "hybrid_cp_z3_ac", "args": [*HYBRID, "trainer.micro_batch_tokens=256",
+                                             "distributed.context_parallel_size=2", "distributed.zero_stage=3",
+                                             "model.activation_checkpointing=true",
+                                             f"trainer.output_dir={root / 'hybrid_cp_z3_ac'}"]},
+    ]
+    proc, sections = torchrun_runs(runs, root)
+    return root, proc, sections
+
+
+def ran(two_ranks, name):
+    root, proc, sections = two_ranks
+    status, err = sections.get(name, (None, proc.stderr[-3000:]))
+    assert status == 0, err[-3000:]
+    return root / name, err
 
 
 def test_micro_batch_size_does_not_change_the_step(cli, tmp_path):
@@ -41,17 +91,11 @@ def test_micro_batch_size_does_not_change_the_step(cli, tmp_path):
     assert_same_curve(runs[1024], runs[4096], rel=1e-6)
 
 
-def test_two_ranks_equal_one(cli, tmp_path):
+def test_two_ranks_equal_one(cli, tmp_path, two_ranks):
     one = tmp_path / "one"
     proc = cli(*COMMON, "trainer.micro_batch_tokens=1024", f"trainer.output_dir={one}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    two = tmp_path / "two"
-    env = dict(os.environ, WANDB_MODE="disabled")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "granite_train", *COMMON, "trainer.micro_batch_tokens=1024", f"trainer.output_dir={two}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    two, _ = ran(two_ranks, "dp")
     assert_same_curve(curve(one), curve(two), rel=1e-5)
 
 
@@ -67,101 +111,63 @@ def test_padded_baseline_trains_the_same_loss_as_packed(cli, tmp_path):
     assert_same_curve(curves["greedy"], curves["none"], rel=1e-6)
 
 
-def test_a_rank_with_nothing_to_train_keeps_step(cli, tmp_path):
-    # One micro-batch per step: rank 1 gets none, every step (MoE: its expert counts are zeros,
-    # and it still takes part in every collective). Same curve as one process.
-    settings = [*COMMON, "model=granitemoe-tiny", "model.arch.num_local_experts=4",
-                "trainer.tokens_per_step=1024", "trainer.micro_batch_tokens=1024", "trainer.max_steps=4"]
+def test_a_rank_with_nothing_to_train_keeps_step(cli, tmp_path, two_ranks):
+    # Same curve as one process.
     one = tmp_path / "one"
-    proc = cli(*settings, f"trainer.output_dir={one}")
+    proc = cli(*EMPTY_RANK, f"trainer.output_dir={one}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    two = tmp_path / "two"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "granite_train", *settings, f"trainer.output_dir={two}"],
-        cwd=tmp_path, env=dict(os.environ, WANDB_MODE="disabled"), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    two, _ = ran(two_ranks, "empty_rank")
     assert_same_curve(curve(one), curve(two), rel=1e-5)
     rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert all(r["micro_batches"] == 1 for r in rows)
     assert all(sum(map(sum, r["expert_counts"])) > 0 for r in rows)
 
 
-def _torchrun(args, cwd, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "granite_train", *args], cwd=cwd, env=dict(os.environ, WANDB_MODE="disabled"),
-        capture_output=True, text=True, timeout=timeout)
-
-
-def test_context_parallel_rows_longer_than_a_rank_equal_one_process(cli, tmp_path):
+def test_context_parallel_rows_longer_than_a_rank_equal_one_process(cli, tmp_path, two_ranks):
     """Rows of 512 tokens split over 2 ranks of 256 each (examples up to 512): the same curve."""
     one = tmp_path / "one"
     proc = cli(*COMMON, "trainer.micro_batch_tokens=512", f"trainer.output_dir={one}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    two = tmp_path / "two"
-    proc = _torchrun([*COMMON, "trainer.micro_batch_tokens=256", "distributed.context_parallel_size=2",
-                      f"trainer.output_dir={two}"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    two, _ = ran(two_ranks, "cp")
     assert_same_curve(curve(one), curve(two), rel=1e-5)
-
-
-HYBRID = ["recipe=sft_tiny", "model=granite-4.0-h-tiny-scaled", "model.arch.hidden_size=64",
-          "model.arch.intermediate_size=32", "model.arch.shared_intermediate_size=64",
-          "model.arch.num_hidden_layers=3", "model.arch.layer_types=[mamba,attention,mamba]",
-          "model.arch.mamba_n_heads=4", "model.arch.mamba_d_state=16", "model.arch.mamba_chunk_size=16",
-          "model.arch.num_local_experts=4", "data.max_examples=300", "data.max_length=512",
-          "data.eval_fraction=0.05", "trainer.tokens_per_step=4096", "trainer.dtype=fp32",
-          "trainer.max_steps=4", "trainer.progress=false"]
 
 
 @pytest.fixture(scope="module")
 def hybrid_one(tmp_path_factory, cli_at):
     """The single-process hybrid run the context-parallel runs are compared with."""
-    pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("hybrid") / "one"
     proc = cli_at(out.parent, *HYBRID, "trainer.micro_batch_tokens=512", f"trainer.output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
 
-def test_context_parallel_hybrid_with_zero2_and_expert_parallel_equals_one_process(hybrid_one, tmp_path):
+def test_context_parallel_hybrid_with_zero2_and_expert_parallel_equals_one_process(hybrid_one, two_ranks):
     """Granite 4.0-H's design (Mamba-2 + attention + MoE): context parallel 2 x expert parallel
     2 on ZeRO-2 gives the single process's losses, grad norms, aux losses and eval loss."""
     one = hybrid_one
-    two = tmp_path / "two"
-    cp_args = [*HYBRID, "trainer.micro_batch_tokens=256", "distributed.context_parallel_size=2",
-               "distributed.zero_stage=2", "distributed.expert_parallel_size=2", "trainer.save_every=2",
-               f"trainer.output_dir={two}"]
-    proc = _torchrun(cp_args, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "context parallel: groups of 2 ranks share rows of <= 512 tokens" in proc.stderr
-    assert_same_curve(curve(one), curve(two), rel=1e-5)
+    two, err = ran(two_ranks, "hybrid_cp_ep")
+    assert "context parallel: groups of 2 ranks share rows of <= 512 tokens" in err
+    straight_metrics = two.parent / "hybrid_cp_ep_straight.jsonl"
+    assert_same_curve(curve(one), curve(straight_metrics), rel=1e-5)
+
     # ... and a resume from step 2 trains steps 3 and 4 again exactly
-    def exact(out):  # what a resume must reproduce bit for bit (not the timings)
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    def exact(path):  # what a resume must reproduce bit for bit (not the timings)
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
         return [(r["step"], r.get("loss"), r.get("grad_norm"), r.get("aux_loss"), r.get("eval_loss")) for r in rows]
 
-    straight = exact(two)
-    shutil.rmtree(two / "checkpoints" / "step_4")
-    shutil.rmtree(two / "final")
-    proc = _torchrun(cp_args, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "resuming from" in proc.stderr and "step_2" in proc.stderr
-    assert exact(two) == straight
-    rows = {d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)}
+    _, resumed_err = ran(two_ranks, "hybrid_cp_ep_resumed")
+    assert "resuming from" in resumed_err and "step_2" in resumed_err
+    assert exact(two / "metrics.jsonl") == exact(straight_metrics)
+    rows = {d: [json.loads(line) for line in p.read_text().splitlines()]
+            for d, p in (("one", one / "metrics.jsonl"), ("two", straight_metrics))}
     aux = {d: [r["aux_loss"] for r in rows[d] if r.get("split") != "eval"] for d in rows}
-    assert aux[two] == pytest.approx(aux[one], rel=1e-5)
+    assert aux["two"] == pytest.approx(aux["one"], rel=1e-5)
     evals = {d: [r["eval_loss"] for r in rows[d] if r.get("split") == "eval"] for d in rows}
-    assert len(evals[one]) == 1 and evals[two] == pytest.approx(evals[one], rel=1e-5)
+    assert len(evals["one"]) == 1 and evals["two"] == pytest.approx(evals["one"], rel=1e-5)
 
 
-def test_context_parallel_hybrid_on_zero3_with_activation_checkpointing_equals_one_process(hybrid_one, tmp_path):
+def test_context_parallel_hybrid_on_zero3_with_activation_checkpointing_equals_one_process(hybrid_one, two_ranks):
     """ZeRO-3 gathers every weight while the slices exchange K/V and states, and activation
     checkpointing repeats those exchanges in backward: still the single process's curve."""
-    out = tmp_path / "z3"
-    proc = _torchrun([*HYBRID, "trainer.micro_batch_tokens=256", "distributed.context_parallel_size=2",
-                      "distributed.zero_stage=3", "model.activation_checkpointing=true",
-                      f"trainer.output_dir={out}"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    out, _ = ran(two_ranks, "hybrid_cp_z3_ac")
     assert_same_curve(curve(hybrid_one), curve(out), rel=1e-5)

@@ -4,6 +4,9 @@ import json
 
 import pytest
 import torch
+import transformers
+
+from ..tiny_tokenizer import TINY_TOKENIZER
 
 pytestmark = pytest.mark.slow
 
@@ -13,7 +16,8 @@ FAST = ["recipe=sft_tiny", "model=granite-tiny", "data.max_examples=600", "data.
         "trainer.tokens_per_step=4096", "trainer.micro_batch_tokens=2048",
         "model.arch.hidden_size=64", "model.arch.intermediate_size=128",
         "model.arch.num_hidden_layers=2", "model.arch.num_attention_heads=4",
-        "model.arch.num_key_value_heads=2", "trainer.progress=false", "trainer.dtype=fp32"]
+        "model.arch.num_key_value_heads=2", "trainer.progress=false", "trainer.dtype=fp32",
+        f"data.tokenizer={TINY_TOKENIZER}"]
 
 
 def read_metrics(path):
@@ -51,7 +55,6 @@ def test_metrics_contract_and_falling_loss(trained):
 
 
 def test_final_checkpoint_loads_in_transformers(trained):
-    transformers = pytest.importorskip("transformers")
     from granite_train.models import load_model
 
     _, out = trained
@@ -114,7 +117,6 @@ def test_wandb_offline_logs_config_and_metrics(tmp_path):
 
 
 def test_moe_run_logs_aux_loss_and_exports_for_transformers(cli, tmp_path):
-    transformers = pytest.importorskip("transformers")
     from granite_train.models import load_model
 
     out = tmp_path / "moe"
@@ -144,7 +146,6 @@ def test_moe_run_logs_aux_loss_and_exports_for_transformers(cli, tmp_path):
 
 def test_hybrid_run_exports_for_transformers(cli, tmp_path):
     # Granite-4.0-H shape (Mamba-2 + attention + MoE + shared MLP, NoPE), trained padding-free.
-    transformers = pytest.importorskip("transformers")
     from granite_train.models import load_model
 
     out = tmp_path / "hybrid"

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from ..tiny_tokenizer import TINY_TOKENIZER
 from .test_rank_failure import _workers
 
 pytestmark = pytest.mark.slow
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.slow
 SETTINGS = ["recipe=sft_tiny", "model=granite-tiny", "data.max_examples=400", "data.max_length=512",
             "trainer.tokens_per_step=4096", "trainer.micro_batch_tokens=1024", "model.arch.hidden_size=64",
             "model.arch.intermediate_size=128", "model.arch.num_hidden_layers=2", "trainer.dtype=fp32",
-            "trainer.max_steps=8", "trainer.progress=false"]
+            "trainer.max_steps=8", "trainer.progress=false", f"data.tokenizer={TINY_TOKENIZER}"]
 
 
 def _torchrun(out, **kw):

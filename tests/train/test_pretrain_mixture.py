@@ -8,6 +8,8 @@ import pytest
 
 from granite_train.prepare import prepare
 
+from ..tiny_tokenizer import TINY_TOKENIZER
+
 pytestmark = pytest.mark.slow
 
 MAX_LENGTH = 256
@@ -15,7 +17,8 @@ SMALL = ["recipe=pretrain_power", "model.arch.hidden_size=64", "model.arch.inter
          "model.arch.num_hidden_layers=2", "model.arch.num_attention_heads=4", "model.arch.num_key_value_heads=2",
          "model.mup_base_width=32", "model.arch.logits_scaling=2.0", f"data.max_length={MAX_LENGTH}",
          "trainer.tokens_per_step=1024", "trainer.micro_batch_tokens=512", "trainer.max_tokens=7000",
-         "scheduler.warmup_tokens=1024", "scheduler.decay_tokens=2048", "trainer.progress=false"]
+         "scheduler.warmup_tokens=1024", "scheduler.decay_tokens=2048", "trainer.progress=false",
+         f"data.tokenizer={TINY_TOKENIZER}"]
 WEIGHTS = (0.7, 0.3)
 
 
@@ -25,9 +28,11 @@ def corpora(tmp_path_factory):
     long_docs = root / "long.jsonl"  # documents of ~4-8x max_length
     long_docs.write_text("".join(json.dumps({"text": " ".join(f"d{i}w{k}" for k in range(300 + 150 * (i % 3)))}) + "\n"
                                  for i in range(24)))
-    prepare(["recipe=pretrain_power", "data.max_examples=300", f"data.max_length={MAX_LENGTH}"],
+    tok = f"data.tokenizer={TINY_TOKENIZER}"
+    prepare(["recipe=pretrain_power", "data.max_examples=300", f"data.max_length={MAX_LENGTH}", tok],
             root / "shakespeare", 1 << 20)
-    prepare(["recipe=pretrain_power", f"data.path={long_docs}", f"data.max_length={MAX_LENGTH}"], root / "long", 1 << 20)
+    prepare(["recipe=pretrain_power", f"data.path={long_docs}", f"data.max_length={MAX_LENGTH}", tok],
+            root / "long", 1 << 20)
     return root
 
 

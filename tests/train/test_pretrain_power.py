@@ -9,6 +9,8 @@ import pytest
 import torch
 import yaml
 
+from ..tiny_tokenizer import TINY_TOKENIZER
+
 pytestmark = pytest.mark.slow
 
 LR_MAX, A, B = 0.01, 4.0, -0.51
@@ -22,7 +24,8 @@ SMALL = ["recipe=pretrain_power", "model.arch.hidden_size=64", "model.arch.inter
          f"trainer.tokens_per_step={TOKENS_PER_STEP}", f"trainer.micro_batch_tokens={TOKENS_PER_STEP}",
          f"trainer.max_tokens={TOTAL}", "trainer.max_steps=100", f"optim.lr={LR_MAX}",
          f"scheduler.a={A}", f"scheduler.b={B}", f"scheduler.warmup_tokens={WARMUP}",
-         f"scheduler.decay_tokens={DECAY}", "scheduler.min_lr=0.0", "trainer.progress=false"]
+         f"scheduler.decay_tokens={DECAY}", "scheduler.min_lr=0.0", "trainer.progress=false",
+         f"data.tokenizer={TINY_TOKENIZER}"]
 
 
 def power_lr(n):

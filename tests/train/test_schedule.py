@@ -36,6 +36,8 @@ from granite_train.cli import compose_config  # noqa: E402
 from granite_train.errors import UserError  # noqa: E402
 from granite_train.train.schedule import decay_shape  # noqa: E402
 
+from ..tiny_tokenizer import TINY_TOKENIZER
+
 E = math.e
 LR_MAX = 0.02
 
@@ -215,7 +217,7 @@ TINY = ["recipe=sft_tiny", "model=granite-tiny", "data.max_examples=200", "data.
         "trainer.tokens_per_step=2048", "trainer.micro_batch_tokens=2048",
         "model.arch.hidden_size=64", "model.arch.intermediate_size=128",
         "model.arch.num_hidden_layers=2", "model.arch.num_attention_heads=4",
-        "model.arch.num_key_value_heads=2", "trainer.progress=false"]
+        "model.arch.num_key_value_heads=2", "trainer.progress=false", f"data.tokenizer={TINY_TOKENIZER}"]
 
 
 @pytest.mark.slow

@@ -15,8 +15,10 @@ import textwrap
 
 import pytest
 import torch
+import transformers
 
-pytest.importorskip("deepspeed")
+from ..tiny_tokenizer import TINY_TOKENIZER
+
 pytestmark = pytest.mark.slow
 
 COMMON = ["recipe=sft_tiny", "model=granite-4.0-h-tiny-scaled", "model.arch.hidden_size=64",
@@ -25,7 +27,8 @@ COMMON = ["recipe=sft_tiny", "model=granite-4.0-h-tiny-scaled", "model.arch.hidd
           "model.arch.mamba_n_heads=4", "model.arch.mamba_d_state=16", "model.arch.mamba_chunk_size=16",
           "model.arch.num_local_experts=4", "data.max_examples=300", "data.max_length=512",
           "data.eval_fraction=0.05", "trainer.tokens_per_step=4096", "trainer.micro_batch_tokens=1024",
-          "trainer.dtype=fp32", "trainer.max_steps=5", "trainer.progress=false"]
+          "trainer.dtype=fp32", "trainer.max_steps=5", "trainer.progress=false",
+          f"data.tokenizer={TINY_TOKENIZER}"]
 # run name -> (zero stage, expert-parallel size)
 RUNS = {"zero0": (0, 1), "zero1": (1, 1), "zero2": (2, 1), "zero3": (3, 1),
         "ep_zero0": (0, 2), "ep_zero1": (1, 2), "ep_zero2": (2, 2)}
@@ -234,7 +237,6 @@ def test_offline_export_of_the_rank_shards_is_the_final_model(runs, name, tmp_pa
         assert torch.equal(exported[key], w), key  # bf16: the masters' bf16 rounding, as DeepSpeed copies them
     if "bf16" in name:
         return
-    transformers = pytest.importorskip("transformers")
     from granite_train.models import load_model
 
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
