@@ -55,7 +55,7 @@ def rss_parts() -> Dict[str, float]:
 
 def write_corpus(out: Path, tokens: int, docs: int) -> Dict[str, Any]:
     """A prepared directory of `docs` documents, about `tokens` tokens, via the real writer."""
-    from granite_train.data.prepared import KIND, SHARD_TOKENS, VERSION, _ShardWriter
+    from granite_train.data.shards import KIND, SHARD_TOKENS, VERSION, _ShardWriter
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -73,7 +73,7 @@ def write_corpus(out: Path, tokens: int, docs: int) -> Dict[str, Any]:
         ids = rng.integers(0, 50000, int(lens.sum()), dtype=np.uint16)
         writer.add(ids, None, lens, lens - 1)
     shards = writer.finish()
-    from granite_train.data.prepared import tokenizer_fingerprint
+    from granite_train.data.shards import tokenizer_fingerprint
     from granite_train.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer("gpt2-bundled", None)

@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import granite_train.configs
 import granite_train.recipes
-from granite_train.config import RunConfig, validate
+from granite_train.config import RunConfig, missing_requirements, requirement_hint, validate
 from granite_train.errors import Preempted, UserError
 
 log = logging.getLogger("granite_train")
@@ -37,7 +37,7 @@ USAGE = """usage: python -m granite_train recipe=NAME [key=value ...]
 
 Config groups (choose with group=NAME): model, data, optim, scheduler, trainer, distributed,
 tracking. Any field can be overridden with dotted keys, e.g. trainer.max_steps=100
-data.path=my.jsonl model.path=/ckpt/granite. See README.md for the main overrides.
+data.path=my.jsonl model.path=/ckpt/granite. See docs/configuration.md for the main overrides.
 
 Tools: python -m granite_train.prepare (tokenize once into shards), .export, .info, .plot_lr,
 .coord_check; each takes --help."""
@@ -148,8 +148,9 @@ def split_options(args: Sequence[str], defaults: Dict[str, Optional[str]],
     return overrides, opts
 
 
-def compose_config(overrides: Sequence[str]) -> RunConfig:
-    """Compose the run config from configs/, the chosen recipe and the overrides (typed)."""
+def compose_config(overrides: Sequence[str], allow_missing: bool = False) -> RunConfig:
+    """Compose the run config from configs/, the chosen recipe and the overrides (typed).
+    `allow_missing`: settings the recipe requires may still be unset (`config.validate`)."""
     added = [o for o in overrides if o.startswith("+")]
     if added:
         # Hydra's "+key=value" appends a key the schema does not have: it would be ignored.
@@ -167,8 +168,29 @@ def compose_config(overrides: Sequence[str]) -> RunConfig:
         if type(exc).__module__.split(".")[0] not in ("hydra", "omegaconf"):
             raise
         raise UserError(_explain(exc, overrides)) from None
-    validate(run_cfg)
+    validate(run_cfg, allow_missing=allow_missing)
     return run_cfg
+
+
+def resolved_yaml(cfg: RunConfig) -> str:
+    """The config as YAML (--cfg); a setting the recipe requires and nobody set reads
+    `key: ???  # required: recipe=X needs key: add key=...`, so a recipe can be read before
+    its inputs (a checkpoint) exist."""
+    node = OmegaConf.structured(cfg)
+    missing = missing_requirements(cfg)
+    for key in missing:
+        OmegaConf.update(node, key, "???")  # OmegaConf's own "missing value"
+    lines = OmegaConf.to_yaml(node).split("\n")
+    for key in missing:
+        # to_yaml indents each level by two spaces: find the key's line under its parents.
+        parts, depth = key.split("."), 0
+        for i, line in enumerate(lines):
+            if line.startswith("  " * depth + parts[depth] + ":"):
+                if depth == len(parts) - 1:
+                    lines[i] = f"{line}  # required: {requirement_hint(cfg, key)}"
+                    break
+                depth += 1
+    return "\n".join(lines)
 
 
 def _setup_logging() -> None:
@@ -196,13 +218,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if flags:
             raise UserError(f"unknown option {flags[0]!r}; see --help")
-        cfg = compose_config(overrides)
+        cfg = compose_config(overrides, allow_missing=print_cfg)
         if print_cfg:
-            print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            print(resolved_yaml(cfg))
             return 0
         # Imported here, not at the top: the trainer and the data pipeline cost ~0.8 s to import,
         # which --cfg, --recipes and every config error line would pay for nothing.
-        from granite_train.train.loop import train
+        from granite_train.train.trainer import train
 
         train(cfg)
     except UserError as exc:

@@ -1,15 +1,24 @@
 """The adapter: every torch and DeepSpeed name we rely on that is not their public API.
 
-Nothing else in granite_train touches a private (`_name`) attribute of torch or DeepSpeed or
-leans on an undocumented behaviour of theirs; each such dependency is written here once, with
-why no public API does the job. `tests/test_compat.py` exercises every one of them, so an
-upgrade that moves one fails there, loudly and by name, instead of deep inside a run.
+Nothing else in granite_train touches a private (`_name`) attribute of torch, DeepSpeed or
+another library, or leans on an undocumented behaviour of theirs; each such dependency is
+written here once, with why no public API does the job. `tests/test_compat.py` exercises every
+one of them, so an upgrade that moves one fails there, loudly and by name, instead of deep
+inside a run. (Where a public API does the job, the code uses it instead: tokenizers' BPE
+pipeline is built from its public parts in `data/tokenizer.py`, prepared shards are mapped with
+Python's `mmap` in `data/shards.py`, and numpy's array pickles are allowed through numpy's
+own `__reduce__` in `serialization.py`.)
 
 torch:
 - `grouped_mm`: `torch.nn.functional.grouped_mm` (public since torch 2.9); older builds that
   have the kernel only as `torch._grouped_mm` use that.
 - `cpu_has_native_bf16`: whether this CPU has native bf16 matmuls (AVX512-BF16 / AMX). torch
   exposes it only as `torch.ops.mkldnn._is_mkldnn_bf16_supported`.
+- `parameter_slots`: the parameters a module registered itself, by name, including the ones
+  registered as None (an absent bias: `nn.Linear(bias=False)` registers `bias = None`).
+  Parameter roles are declared per registered name (`models/param_roles.py`); the public
+  views leave those None slots out (`named_parameters(recurse=False)`) or raise on them
+  (`get_parameter`), so this is a read-only view of `module._parameters`.
 
 DeepSpeed (imported only for `distributed.zero_stage` runs; `DS_ACCELERATOR` must be chosen
 before the first import, which `import_deepspeed` does):
@@ -38,8 +47,20 @@ before the first import, which `import_deepspeed` does):
 - `zero_settings`: the buffer sizes DeepSpeed will use (its defaults filled in), for the start-up
   log line; read from its pydantic `DeepSpeedZeroConfig` (deepspeed.runtime.zero.config), whose
   field names drop the `stage3_` of the JSON keys.
-- `full_numel`: a ZeRO-3 sharded weight holds only its shard in `.data`; its whole size is
-  DeepSpeed's `ds_numel` attribute.
+- ZeRO-3 parameters: a partitioned weight holds only its shard (`.data` is empty); DeepSpeed
+  marks it with attributes, `ds_id` (it is partitioned: DeepSpeed's own test,
+  `deepspeed.runtime.zero.utils.is_zero_param`), `ds_shape` and `ds_numel` (the whole
+  weight's). `is_zero3_partitioned`, `full_shape` and `full_numel` read them without
+  importing DeepSpeed (optional, seconds to import), so model code can ask of any weight.
+- Per-rank ZeRO optimizer state: a ZeRO 1/2 optimizer's `load_state_dict` takes a list of
+  every rank's state dicts (`state_dict_list`, indexed by data-parallel rank) and flags, not
+  torch's one dict; `load_zero_optimizer_shard` hands it this rank's.
+- `ZeroCheckpointNames`: the file names of a DeepSpeed checkpoint folder and the keys inside its
+  files, which `parallel/zero_checkpoint.py` reads offline. DeepSpeed defines most keys in
+  `deepspeed.checkpoint.constants` (same names here); `module`, `dp_world_size` and
+  `shared_params` are literals of its engine's `_common_checkpoint_state` (its own
+  `zero_to_fp32.py` reads them so). Written out rather than imported: reading a checkpoint
+  must not pay DeepSpeed's import (seconds, an accelerator probe); the test compares them.
 - `import_deepspeed` silences torch's FutureWarning about the deprecated collectives DeepSpeed
   still calls (`all_gather_into_tensor`, `reduce_scatter_tensor`): one per rank per run, about
   DeepSpeed's code, nothing a user can act on.
@@ -51,7 +72,8 @@ import math
 import os
 import sys
 import warnings
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -75,6 +97,12 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def parameter_slots(module: nn.Module) -> Mapping[str, Optional[nn.Parameter]]:
+    """name -> Parameter (or None: registered as absent) of the parameters `module` registered
+    itself (not its children's); a live, read-only view."""
+    return MappingProxyType(module._parameters)
+
+
 # ---------------------------------------------------------------- DeepSpeed
 
 
@@ -87,14 +115,69 @@ def import_deepspeed(device: torch.device):
     except ImportError as e:
         raise UserError(f"distributed.zero_stage needs DeepSpeed ({e}); pip install deepspeed, or set "
                         f"distributed.zero_stage=null") from None
+    check_deepspeed_version(deepspeed.__version__)
     warnings.filterwarnings("ignore", category=FutureWarning,
                             message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     return deepspeed
 
 
+# The first release whose engine honours `managed_gradient_accumulation` (one gradient
+# reduction per optimizer step) for ZeRO 0-3 and optimizer offload: 0.19.4 added the key but
+# refused it with offload, and earlier releases ignore the key silently (pyproject.toml's bound).
+MIN_DEEPSPEED = "0.19.5"
+
+
+def check_deepspeed_version(version: str) -> None:
+    """Refuse, in one line, a DeepSpeed that would train differently without saying so."""
+    from packaging.version import Version
+
+    if Version(version) < Version(MIN_DEEPSPEED):
+        raise UserError(f"DeepSpeed {version} is too old: granite_train needs deepspeed>={MIN_DEEPSPEED} "
+                        f"(older releases ignore managed_gradient_accumulation and reduce gradients every "
+                        f"micro-batch); pip install 'deepspeed>={MIN_DEEPSPEED}'")
+
+
+def is_zero3_partitioned(p: torch.Tensor) -> bool:
+    """Whether ZeRO-3 has partitioned `p` (its `.data` is then a placeholder)."""
+    return hasattr(p, "ds_id")
+
+
 def full_numel(p: torch.Tensor) -> int:
     """Elements of the whole weight, also when ZeRO-3 has sharded it."""
     return int(getattr(p, "ds_numel", p.numel()))
+
+
+def full_shape(p: torch.Tensor) -> Tuple[int, ...]:
+    """Shape of the whole weight, also when ZeRO-3 has sharded it."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def load_zero_optimizer_shard(optimizer: Any, state: Dict[str, Any], rank: int, world: int) -> None:
+    """Load this rank's saved state (its own `optimizer.state_dict()`) into DeepSpeed ZeRO 1/2
+    optimizer `optimizer`; fp32 master weights come from the state too."""
+    states: List[Optional[Dict[str, Any]]] = [None] * world
+    states[rank] = state
+    optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+
+
+class ZeroCheckpointNames:
+    """Names in a DeepSpeed checkpoint folder (`save_checkpoint(dir, tag)` writes `dir/tag/`)."""
+
+    # Files. ZeRO 0-2: the whole module state; ZeRO-3: per rank, names, shapes and frozen shards.
+    REPLICATED_MODEL = "mp_rank_00_model_states.pt"
+    ZERO3_MODEL = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+    # Rank r's optimizer shard (fp32 masters); `bf16_zero_pp_rank_...` when DeepSpeed trains in bf16.
+    ZERO_OPTIM = "*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+    # Keys of deepspeed.checkpoint.constants (same names).
+    OPTIMIZER_STATE_DICT = "optimizer_state_dict"
+    FP32_FLAT_GROUPS = "fp32_flat_groups"
+    PARAM_SHAPES = "param_shapes"
+    FROZEN_PARAM_SHAPES = "frozen_param_shapes"
+    FROZEN_PARAM_FRAGMENTS = "frozen_param_fragments"
+    # Keys its engine writes as literals.
+    MODULE = "module"
+    DP_WORLD_SIZE = "dp_world_size"
+    SHARED_PARAMS = "shared_params"
 
 
 def zero_settings(zero: Dict[str, Any]) -> Dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 from granite_train.errors import UserError
 from granite_train.models.config import GraniteConfig
 from granite_train.models.param_roles import ROLES, mup_width_multiplier
-from granite_train.train.schedule import Schedule
+from granite_train.schedule import Schedule
 
 
 @dataclass
@@ -158,7 +158,7 @@ class OptimConfig:
 
 @dataclass
 class SchedulerConfig:
-    """See granite_train/train/schedule.py for the formulas; `python -m granite_train.plot_lr`."""
+    """See granite_train/schedule.py for the formulas; `python -m granite_train.plot_lr`."""
 
     name: str = "cosine"  # cosine | linear | constant (count steps) | power | wsd (count tokens)
     # cosine/linear/constant: warmup in optimizer steps; power/wsd use it only when
@@ -324,16 +324,29 @@ def _get(cfg: RunConfig, dotted: str) -> Any:
     return node
 
 
-def validate(cfg: RunConfig) -> None:
-    """Value checks the type system cannot express; each failure is one UserError line."""
+def missing_requirements(cfg: RunConfig) -> List[str]:
+    """The recipe's `requires` keys that are still unset (null), in order."""
+    missing = []
     for key in cfg.requires:
         try:
-            missing = _get(cfg, key) is None
+            if _get(cfg, key) is None:
+                missing.append(key)
         except AttributeError:
             raise UserError(f"requires: {key!r} is not a config key (see --cfg)") from None
-        if missing:
-            example = REQUIRED_EXAMPLES.get(key, "<value>")
-            raise UserError(f"recipe={cfg.recipe_name or '?'} needs {key}: add {key}={example}")
+    return missing
+
+
+def requirement_hint(cfg: RunConfig, key: str) -> str:
+    """What to add for unset requirement `key`: `recipe=sft needs model.path: add model.path=...`."""
+    return f"recipe={cfg.recipe_name or '?'} needs {key}: add {key}={REQUIRED_EXAMPLES.get(key, '<value>')}"
+
+
+def validate(cfg: RunConfig, allow_missing: bool = False) -> None:
+    """Value checks the type system cannot express; each failure is one UserError line.
+    `allow_missing`: the recipe's unset `requires` pass (--cfg shows a recipe before its inputs exist)."""
+    missing = missing_requirements(cfg)
+    if missing and not allow_missing:
+        raise UserError(requirement_hint(cfg, missing[0]))
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed and not key.startswith("data."):  # data.*: validate_data
@@ -365,7 +378,7 @@ def validate(cfg: RunConfig) -> None:
                         f"a signal a process can catch; use names like SIGTERM, SIGUSR1 (or [] for none)")
     if len(cfg.optim.betas) != 2:
         raise UserError(f"optim.betas={list(cfg.optim.betas)} must be two numbers, e.g. [0.9,0.95]")
-    # Learning-rate schedule (granite_train/train/schedule.py) and the token budget.
+    # Learning-rate schedule (granite_train/schedule.py) and the token budget.
     sch, tr = cfg.scheduler, cfg.trainer
     if tr.max_tokens is not None and tr.max_tokens <= 0:
         raise UserError(f"trainer.max_tokens={tr.max_tokens} must be > 0 (or null: no token limit)")
@@ -423,7 +436,7 @@ def validate_model_path(path: str) -> None:
     if not p.exists() and looks_like_hub_id:
         local = f"checkpoints/{path.split('/')[1]}"
         raise UserError(f"model.path={path} does not exist here and looks like a Hugging Face hub id; model.path "
-                        f"takes a local HF-layout directory only: download it first (huggingface-cli download "
+                        f"takes a local HF-layout directory only: download it first (hf download "
                         f"{path} --local-dir {local}) and set model.path={local}")
     if not p.exists():
         raise UserError(f"model.path={path} does not exist; point it at a local HF-layout checkpoint directory "

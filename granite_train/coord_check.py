@@ -12,7 +12,7 @@ experts, the vocabulary, `mamba_d_state` and the conv kernel stay. Under muP the
 gets `logits_scaling = w * base logits_scaling` (Granite's m_width) and `model.apply_mup(w)`
 (m_width = hidden_size / base hidden_size, i.e. `model.mup_base_width` = the base width); SP
 keeps the base logits_scaling and no muP. Both train with the real code: `build_model`, the
-optimizer from `granite_train.train.optim.build_optimizer` with each group's lr = optim.lr *
+optimizer from `granite_train.optim.build_optimizer` with each group's lr = optim.lr *
 lr_scale, and the trainer's own optimizer step (`granite_train.train.step.train_step`: the
 model's loss and router loss, global-norm clipping at optim.grad_clip), fp32 on the CPU.
 
@@ -37,8 +37,8 @@ from granite_train.cli import compose_config, split_options
 from granite_train.data import TrainStep
 from granite_train.errors import UserError
 from granite_train.models import build_model
+from granite_train.optim import build_optimizer, mup_width_for
 from granite_train.parallel.engine import PlainEngine
-from granite_train.train.optim import build_optimizer, mup_width_for
 from granite_train.train.step import StepSettings, set_lr, train_step
 
 DEFAULT_OVERRIDES = (

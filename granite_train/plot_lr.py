@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from granite_train.cli import compose_config, split_options
 from granite_train.errors import UserError
-from granite_train.train.schedule import TOKEN_SCHEDULES, Schedule
+from granite_train.schedule import TOKEN_SCHEDULES, Schedule
 
 MAX_ROWS = 100_000
 PLOT_EXTRA = "pip install 'granite-train[plot]'"

@@ -3,7 +3,7 @@
 Reads data.path with the run's rules (data.format, train_on, chat template, data.overlong,
 data.max_length, skip_bad_rows; the tokenizer of data.tokenizer / model.path), tokenizes it with
 `datasets.map` on data.num_proc processes and writes token shards and a manifest to DIR
-(`granite_train/data/prepared.py`). Train from it with data.path=DIR (or as one of data.sources):
+(`granite_train/data/shards.py`). Train from it with data.path=DIR (or as one of data.sources):
 no tokenization at start, and a run whose tokenizer or data settings differ is refused.
 
 With data.overlong=split (the default for text) documents are stored whole: a run cuts them at
@@ -37,7 +37,7 @@ def _parse(args: Sequence[str]):
     overrides, opts = split_options(args, OPTIONS, "prepare takes --out, --shard-tokens and config overrides")
     if not opts["out"]:
         raise UserError("--out DIR is required: the directory to write the prepared data to")
-    from granite_train.data.prepared import SHARD_TOKENS
+    from granite_train.data.shards import SHARD_TOKENS
 
     shard_tokens = SHARD_TOKENS
     if opts["shard-tokens"] is not None:
@@ -52,8 +52,8 @@ def _parse(args: Sequence[str]):
 
 def prepare(overrides: Sequence[str], out: Path, shard_tokens: int) -> dict:
     """Compose the config, tokenize data.path and write DIR; returns the manifest."""
-    from granite_train.data.load import open_source, tokenize
-    from granite_train.data.prepared import is_prepared, write_prepared
+    from granite_train.data.examples import open_source, tokenize
+    from granite_train.data.shards import is_prepared, write_prepared
     from granite_train.data.stats import Status
     from granite_train.data.tokenizer import load_tokenizer
 

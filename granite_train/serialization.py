@@ -24,8 +24,9 @@ from granite_train.errors import UserError
 
 def _numpy_array_classes() -> List[Any]:
     """What pickled numpy arrays name (RNG states of checkpoints written before plain-data RNG)."""
-    core = getattr(np, "_core", None) or np.core
-    classes = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    # An array pickles as a call of numpy's private `_core.multiarray._reconstruct`: asked of its
+    # public pickle protocol (`__reduce__`), not imported by that private path.
+    classes = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype]
     classes += [type(np.dtype(t)) for t in ("uint32", "int64", "float64")]  # numpy >= 1.25 dtype classes
     return classes
 

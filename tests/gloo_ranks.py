@@ -9,6 +9,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, List
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -17,6 +18,9 @@ Cases = Callable[[int, int, List[str]], None]  # (rank, world size, failures to 
 
 def _worker(rank: int, size: int, port: int, result_dir: str, cases: Cases) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # A share of the cores each, as torchrun's OMP_NUM_THREADS=1 gives its ranks: N ranks with
+    # every core each spin against one another (4 ranks on 2 cores ran 2-3x slower).
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     dist.init_process_group("gloo", rank=rank, world_size=size)
     failures: List[str] = []
     try:

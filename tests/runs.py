@@ -71,7 +71,7 @@ import json, os, shutil, sys
 import torch.distributed as dist
 from granite_train.cli import _setup_logging, compose_config
 from granite_train.errors import UserError
-from granite_train.train.loop import train
+from granite_train.train.trainer import train
 
 _setup_logging()
 dist.destroy_process_group = lambda *a, **k: None  # the next run reuses the group

@@ -77,6 +77,19 @@ def test_cli_prints_config_from_any_directory(cli):
     assert cfg.trainer.seed == 5 and cfg.recipe_name == "sft_tiny"
 
 
+def test_cfg_reads_a_recipe_before_its_checkpoint_exists(cli):
+    # --cfg prints the recipe with the setting it still needs marked (OmegaConf's ??? and why) ...
+    shown = cli("recipe=sft", "--cfg")
+    assert shown.returncode == 0, shown.stderr
+    marked = [l for l in shown.stdout.splitlines() if "???" in l]
+    assert marked == ["  path: ???  # required: recipe=sft needs model.path: add model.path=/path/to/"
+                      "granite-checkpoint (a local HF-layout directory: config.json, *.safetensors, tokenizer.json)"], marked
+    cfg = OmegaConf.create(shown.stdout)
+    assert OmegaConf.is_missing(cfg.model, "path") and cfg.recipe_name == "sft"
+    # ... and a run still refuses, in one line.
+    assert_one_line_error(cli("recipe=sft"), "recipe=sft needs model.path: add model.path=")
+
+
 def test_cli_data_errors_are_one_line(cli, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'

@@ -51,15 +51,18 @@ def test_cli_refuses_mup_override(capsys):
     assert "runs muP on and off itself" in capsys.readouterr().err
 
 
-def test_help_exits_0_without_training(tmp_path):
-    for flag in ("--help", "-h"):
-        proc = subprocess.run([sys.executable, "-m", "granite_train.coord_check", "model=granite-tiny", flag],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.startswith("usage: python -m granite_train.coord_check")
-        assert "--widths" in proc.stdout and proc.stderr == ""
-    assert not (tmp_path / "coord_check").exists()
+def test_help_exits_0_without_training(tmp_path, monkeypatch, capsys):
+    # The real command line once (`python -m` wiring, a clean stderr), then -h in-process.
+    proc = subprocess.run([sys.executable, "-m", "granite_train.coord_check", "model=granite-tiny", "--help"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: python -m granite_train.coord_check")
+    assert "--widths" in proc.stdout and proc.stderr == ""
+    monkeypatch.chdir(tmp_path)
+    assert coord_check.main(["model=granite-tiny", "-h"]) == 0
+    assert capsys.readouterr().out.startswith("usage: python -m granite_train.coord_check")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -68,10 +68,9 @@ def test_short_help_and_unknown_option(capsys):
     assert "unknown option '--jsn'" in line and "see --help" in line
 
 
-def test_unknown_model_preset_from_the_command_line(tmp_path):
-    proc = run_info("model=granite-foo", cwd=tmp_path)
-    assert proc.returncode == 2
-    line = one_error_line(proc.stderr)
+def test_unknown_model_preset_is_one_line(capsys):
+    assert main(["model=granite-foo"]) == 2
+    line = one_error_line(capsys.readouterr().err)
     assert "unknown model preset 'granite-foo'; available: granite-3.3-2b, granite-4.0-h-micro, " in line
     assert line.endswith("(choose with model=NAME)")
 

@@ -10,7 +10,7 @@ import pytest
 
 from granite_train.cli import compose_config
 from granite_train.plot_lr import main
-from granite_train.train.schedule import Schedule
+from granite_train.schedule import Schedule
 
 import matplotlib  # noqa: F401 (a hard dependency: a broken install fails here, never skips)
 
@@ -27,10 +27,18 @@ def read_csv(path):
     return [(int(s), int(t), float(lr)) for s, t, lr in rows[1:]]
 
 
-def run_plot_lr(*args, cwd, code=None):
+def run_plot_lr(*args, cwd):
+    """The real command line, once for the module (the rest call `main` in-process)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "granite_train.plot_lr", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "granite_train.plot_lr", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """matplotlib not installed: its import fails, as it does without the `plot` extra."""
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)
 
 
 def one_error_line(stderr):
@@ -42,7 +50,8 @@ def one_error_line(stderr):
 def test_cli_writes_png_and_csv_equal_to_lr_at(tmp_path):
     # Every 100th step: the max_steps cap (100000 steps) comes before max_tokens (238419 steps).
     proc = run_plot_lr(*POWER, "--out", "plots/lr.png", "--csv=lr.csv", "--every", "100", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.rstrip().endswith("| wrote lr.csv and plots/lr.png")
     png = (tmp_path / "plots" / "lr.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 5000
     rows = read_csv(tmp_path / "lr.csv")
@@ -95,39 +104,40 @@ def test_bad_input_is_exit_2_and_one_line(tmp_path, capsys, args, needle):
     assert not (tmp_path / "lr.png").exists()
 
 
-def test_bad_override_from_the_command_line(tmp_path):
-    proc = run_plot_lr("scheduler=power", "scheduler.decay=zigzag", cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "scheduler.decay='zigzag' is not one of exponential, linear, cosine" in one_error_line(proc.stderr)
+def test_bad_override_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["scheduler=power", "scheduler.decay=zigzag"]) == 2
+    assert "scheduler.decay='zigzag' is not one of exponential, linear, cosine" in one_error_line(
+        capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_missing_matplotlib_names_the_extra(tmp_path):
-    code = ("import sys; sys.modules['matplotlib'] = None; from granite_train.plot_lr import main; "
-            "sys.exit(main(sys.argv[1:]))")
-    proc = run_plot_lr("scheduler=power", cwd=tmp_path, code=code)
-    assert proc.returncode == 2
-    assert "pip install 'granite-train[plot]'" in one_error_line(proc.stderr)
+def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch, capsys, no_matplotlib):
+    monkeypatch.chdir(tmp_path)
+    assert main(["scheduler=power"]) == 2
+    assert "pip install 'granite-train[plot]'" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "lr.png").exists()
 
 
 SHORT = ["scheduler=cosine", "trainer.tokens_per_step=4096", "trainer.max_steps=20"]
 
 
-def test_csv_alone_writes_only_the_csv(tmp_path):
+def test_csv_alone_writes_only_the_csv(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "lr.png").write_bytes(b"keep me")  # a PNG from an earlier run is left alone
-    proc = run_plot_lr(*SHORT, "--csv", "x.csv", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    assert main([*SHORT, "--csv", "x.csv"]) == 0
+    out = capsys.readouterr().out
     assert len(read_csv(tmp_path / "x.csv")) == 20
     assert (tmp_path / "lr.png").read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lr.png", "x.csv"]
-    assert proc.stdout.rstrip().endswith("| wrote x.csv") and "lr.png" not in proc.stdout
+    assert out.rstrip().endswith("| wrote x.csv") and "lr.png" not in out
 
 
-def test_png_is_the_default_and_out_alone_writes_no_csv(tmp_path):
-    proc = run_plot_lr(*SHORT, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+def test_png_is_the_default_and_out_alone_writes_no_csv(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(SHORT) == 0
     assert (tmp_path / "lr.png").read_bytes().startswith(PNG_MAGIC)
-    assert proc.stdout.rstrip().endswith("| wrote lr.png")
+    assert capsys.readouterr().out.rstrip().endswith("| wrote lr.png")
     assert main([*SHORT, f"--out={tmp_path / 'p' / 'a.png'}"]) == 0
     assert (tmp_path / "p" / "a.png").read_bytes().startswith(PNG_MAGIC)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lr.png", "p"]
@@ -139,19 +149,19 @@ def test_both_print_both(tmp_path, capsys):
     assert (tmp_path / "a.png").read_bytes().startswith(PNG_MAGIC) and read_csv(tmp_path / "a.csv")
 
 
-def test_csv_alone_needs_no_matplotlib(tmp_path):
-    code = ("import sys; sys.modules['matplotlib'] = None; from granite_train.plot_lr import main; "
-            "sys.exit(main(sys.argv[1:]))")
-    proc = run_plot_lr(*SHORT, "--csv=x.csv", cwd=tmp_path, code=code)
-    assert proc.returncode == 0, proc.stderr
+def test_csv_alone_needs_no_matplotlib(tmp_path, monkeypatch, no_matplotlib):
+    monkeypatch.chdir(tmp_path)
+    assert main([*SHORT, "--csv=x.csv"]) == 0
     assert len(read_csv(tmp_path / "x.csv")) == 20 and not (tmp_path / "lr.png").exists()
 
 
-def test_help_from_the_command_line(tmp_path):
+def test_help_prints_usage_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     for flag in ("--help", "-h"):
-        proc = run_plot_lr("scheduler=power", flag, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.startswith("usage: python -m granite_train.plot_lr") and "--csv" in proc.stdout
+        assert main(["scheduler=power", flag]) == 0
+        captured = capsys.readouterr()
+        assert captured.out.startswith("usage: python -m granite_train.plot_lr") and "--csv" in captured.out
+        assert captured.err == ""
     assert list(tmp_path.iterdir()) == []
 
 

@@ -9,7 +9,7 @@
 
 from granite_train.data.collator import collate_packed, collate_padded, empty_micro_batch, is_empty
 from granite_train.data.eval import EvalData, build_eval_data
-from granite_train.data.pipeline import StreamTrainData, TrainData, TrainStep, build_train_data
+from granite_train.data.train_data import StreamTrainData, TrainData, TrainStep, build_train_data
 from granite_train.data.stats import PrepStats
 from granite_train.data.tokenizer import Tokenizer, granite_chat_template, load_tokenizer
 

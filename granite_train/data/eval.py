@@ -19,9 +19,9 @@ import numpy as np
 from granite_train.config import DataConfig, TrainerConfig, validate_data
 from granite_train.data.collator import MicroBatch, collate_packed, collate_padded, empty_micro_batch
 from granite_train.data.docs import ArrowDocs, Examples, Pieces, pieces_for
-from granite_train.data.load import HeldOut, heldout_rows, load_prepared, open_source, tokenize
-from granite_train.data.prepared import is_prepared
-from granite_train.data.pipeline import TrainData
+from granite_train.data.examples import HeldOut, heldout_rows, load_prepared, open_source, tokenize
+from granite_train.data.shards import is_prepared
+from granite_train.data.train_data import TrainData
 from granite_train.data.plan import StepPlan, packing_efficiency, plan_step
 from granite_train.data.stats import PrepStats, Status
 from granite_train.data.tokenizer import Tokenizer

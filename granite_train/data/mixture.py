@@ -25,11 +25,11 @@ import numpy as np
 
 from granite_train.config import DataConfig, SourceConfig, TrainerConfig
 from granite_train.data.docs import Example, Examples, Flat, ranges
-from granite_train.data.load import load_examples
+from granite_train.data.examples import load_examples
 from granite_train.data.plan import plan_step
 from granite_train.data.prefetch import StepSource
 from granite_train.data.stats import PrepStats
-from granite_train.data.steps import TrainStep, check_state, materialize
+from granite_train.data.train_step import TrainStep, check_state, materialize
 from granite_train.data.tokenizer import Tokenizer
 from granite_train.errors import UserError
 

@@ -28,9 +28,9 @@ from granite_train.data.collator import MicroBatch, empty_micro_batch
 from granite_train.data.docs import split_documents
 from granite_train.data.plan import plan_step
 from granite_train.data.prefetch import StepSource
-from granite_train.data.prep import Encoded, Encoder
+from granite_train.data.encode import Encoded, Encoder
 from granite_train.data.stats import PrepStats, Status
-from granite_train.data.steps import TrainStep, check_state, materialize
+from granite_train.data.train_step import TrainStep, check_state, materialize
 from granite_train.errors import UserError
 
 log = logging.getLogger("granite_train.data")

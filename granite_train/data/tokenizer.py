@@ -8,12 +8,15 @@ transformers out of the training path. `Tokenizer.save` writes the files transfo
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import tokenizers
+from tokenizers import decoders, pre_tokenizers, processors
+from tokenizers.models import BPE
 
 from granite_train.errors import UserError
 
@@ -35,6 +38,11 @@ def granite_chat_template(eos_token: str = EOS_TOKEN) -> str:
         "{%- endfor %}"
         "{%- if add_generation_prompt %}{{- '" + START_OF_ROLE + "assistant" + END_OF_ROLE + "' }}{%- endif %}"
     )
+
+
+# Text whose ids check the normalizer and pre-tokenizer too (cases, digits, spaces, accents,
+# emoji, code, a special token).
+_PROBE = "Granite 4.0-H: ÀÉÎ õü  naïve  123456789 \t\n  def f(x):\n    return x**2  # 🚀 <|end_of_text|>"
 
 
 class Tokenizer:
@@ -62,6 +70,26 @@ class Tokenizer:
         # Sparse vocabularies exist: size embeddings by the largest id, not by the entry count.
         max_id = max(backend.get_vocab(with_added_tokens=True).values())
         self.vocab_size: int = max(backend.get_vocab_size(with_added_tokens=True), max_id + 1)
+        self._fingerprint: Optional[Tuple[Tuple[Any, ...], str]] = None  # (what it was computed for, sha256)
+
+    def ids_fingerprint(self) -> str:
+        """sha256 of what decides token ids: the vocabulary, merges and added tokens (not the
+        whole serialized tokenizer, whose fields change between `tokenizers` releases), the ids
+        of a probe text, the EOS appended to documents and the chat template. Computed once
+        (serializing a 50k vocabulary takes ~0.5 s, and every prepared source asks) and again
+        when tokens are added or the EOS or template change."""
+        guard = (self.backend.get_vocab_size(with_added_tokens=True), self.eos_token, self.chat_template)
+        if self._fingerprint is None or self._fingerprint[0] != guard:
+            spec = json.loads(self.backend.to_str())
+            model = spec.get("model") or {}
+            merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+            core = {"type": model.get("type"), "vocab": model.get("vocab"), "merges": merges,
+                    "added": sorted((t.get("id"), t.get("content")) for t in spec.get("added_tokens") or []),
+                    "probe": self.backend.encode(_PROBE, add_special_tokens=False).ids,
+                    "eos": self.eos_token, "chat_template": self.chat_template or ""}
+            digest = hashlib.sha256(json.dumps(core, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+            self._fingerprint = (guard, digest)
+        return self._fingerprint[1]
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, eos={self.eos_token!r})"
@@ -120,12 +148,22 @@ def bundled_gpt2_files() -> tuple[Path, Path]:
     return vocab, merges
 
 
+def byte_level_bpe(vocab: Path, merges: Path) -> tokenizers.Tokenizer:
+    """GPT-2's byte-level BPE over `vocab` (encoder.json / vocab.json) and `merges`: what
+    `tokenizers.ByteLevelBPETokenizer(vocab, merges)` builds with its defaults, built from the
+    public parts (that class is a shell whose Tokenizer is reachable only privately)."""
+    backend = tokenizers.Tokenizer(BPE.from_file(
+        str(vocab), str(merges), dropout=None, continuing_subword_prefix="", end_of_word_suffix=""))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    return backend
+
+
 def _bundled() -> Tokenizer:
-    vocab, merges = bundled_gpt2_files()
-    bpe = tokenizers.ByteLevelBPETokenizer(str(vocab), str(merges))
-    bpe.add_special_tokens(list(GRANITE_SPECIAL_TOKENS))
-    # The implementation class is a thin shell; keep the plain Tokenizer it wraps.
-    return Tokenizer(bpe._tokenizer, EOS_TOKEN, bos_token=None,
+    backend = byte_level_bpe(*bundled_gpt2_files())
+    backend.add_special_tokens(list(GRANITE_SPECIAL_TOKENS))
+    return Tokenizer(backend, EOS_TOKEN, bos_token=None,
                      model_max_length=DEFAULT_MODEL_MAX_LENGTH, name=BUNDLED)
 
 
@@ -171,8 +209,7 @@ def _from_directory(directory: Path, what: str) -> Tokenizer:
             raise UserError(f"cannot load {directory / 'tokenizer.json'}: {e}; re-export the "
                             f"tokenizer") from None
     elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
-        bpe = tokenizers.ByteLevelBPETokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
-        backend = bpe._tokenizer
+        backend = byte_level_bpe(directory / "vocab.json", directory / "merges.txt")
         added = [_token_str(v) for v in (config.get("added_tokens_decoder") or {}).values()]
         backend.add_special_tokens([t for t in added if t])
     else:

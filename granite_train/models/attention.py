@@ -13,7 +13,6 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from granite_train.errors import UserError
 from granite_train.models import context as cp_geometry
@@ -63,6 +62,9 @@ def _sdpa_segments(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Ten
     # [1, H, S, D] views, never 3-D [H, S, D]: on CPU, SDPA only dispatches 4-D inputs to its
     # flash kernel; 3-D ones take the math path, which builds the [H, S, S] scores (3.8x slower
     # forward + backward at S=1,600 and O(S^2) memory; benchmarks/padding_free.py).
+    # Imported here: torch.nn.attention.bias imports torch._dynamo (~2 s at every process start).
+    from torch.nn.attention.bias import causal_lower_right
+
     q_BHTD, k_BKTD, v_BKTD = q_BTHD.transpose(1, 2), k_BTKD.transpose(1, 2), v_BTKD.transpose(1, 2)
     outs = []
     for (s, e), (ks, ke) in ranges:

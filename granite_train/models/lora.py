@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from granite_train.compat import full_numel, is_zero3_partitioned
 from granite_train.models.moe import ExpertWeight, grouped_expert_matmul
 from granite_train.models.param_roles import ADAPTER, copy_roles, mark
 
@@ -185,7 +186,7 @@ def attach_lora(model: nn.Module, spec: LoraSpec, seed: int = 0, paths: Optional
         else:
             raise TypeError(f"{path} is a {type(module).__name__}, not a linear map LoRA can adapt")
         for factor in (adapted.lora_A, adapted.lora_B):  # next to the weight (not on a meta or ZeRO stub)
-            if device.type != "meta" and getattr(module.weight, "ds_id", None) is None:
+            if device.type != "meta" and not is_zero3_partitioned(module.weight):
                 factor.to(device)
         adapted.train(module.training)  # an eval-mode model stays in eval mode (no dropout)
         setattr(parent, name, adapted)
@@ -227,7 +228,7 @@ def freeze_base(model: nn.Module, train_modules: Sequence[str] = ()) -> int:
         p.requires_grad_(keep)
         if keep and id(p) not in seen:
             seen.add(id(p))
-            trainable += getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partition's full size
+            trainable += full_numel(p)  # a ZeRO-3 partition's full size
     return trainable
 
 

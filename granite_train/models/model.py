@@ -184,7 +184,7 @@ class GraniteForCausalLM(nn.Module):
         """Switch muP on with width multiplier `m_width` (None: off). `reinit` re-draws the weights
         with the muP init (hidden matrices std initializer_range / sqrt(m_width)); pass False when
         the weights come from a checkpoint. The per-role lr scales live in the optimizer's param
-        groups (`granite_train.train.optim`); the output multiplier is `config.logits_scaling`."""
+        groups (`granite_train.optim`); the output multiplier is `config.logits_scaling`."""
         self.mup_width = None if m_width is None else float(m_width)
         if reinit:
             self.reset_parameters()

@@ -77,7 +77,7 @@ class ExpertWeight(nn.Module):
 
     def _owner_of(self, p: nn.Parameter):
         for module in self.modules():
-            for name, q in module._parameters.items():
+            for name, q in module.named_parameters(recurse=False, remove_duplicate=False):
                 if q is p:
                     return module, name
         raise KeyError("parameter not held by this expert stack")

@@ -39,6 +39,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import nn
 
+from granite_train.compat import parameter_slots
 from granite_train.errors import UserError
 
 HIDDEN = "hidden"
@@ -65,11 +66,12 @@ def mark(module: nn.Module, name: str, role: str) -> None:
     absent bias, is skipped."""
     if role not in ROLES:
         raise ValueError(f"unknown parameter role {role!r} (one of {', '.join(ROLES)})")
-    if name not in module._parameters:
+    slots = parameter_slots(module)
+    if name not in slots:
         raise ValueError(f"{type(module).__name__} has no parameter {name!r}")
     roles = module.__dict__.setdefault(_ROLES_ATTR, {})
     roles[name] = role
-    param = module._parameters[name]
+    param = slots[name]
     if param is not None:
         setattr(param, _PARAM_ATTR, role)
 
@@ -79,7 +81,7 @@ def restamp(model: nn.Module) -> None:
     which replaces them)."""
     for module in model.modules():
         for name, role in module.__dict__.get(_ROLES_ATTR, {}).items():
-            param = module._parameters.get(name)
+            param = parameter_slots(module).get(name)
             if param is not None:
                 setattr(param, _PARAM_ATTR, role)
 
@@ -112,8 +114,8 @@ def named_param_roles(model: nn.Module, strict: bool = True) -> Iterator[Tuple[s
     error (no defaults: a new module must declare its parameters)."""
     seen = set()
     for mod_name, module in model.named_modules():
-        for name, param in module._parameters.items():
-            if param is None or id(param) in seen:
+        for name, param in module.named_parameters(recurse=False, remove_duplicate=False):
+            if id(param) in seen:
                 continue
             seen.add(id(param))
             role = declared_role(module, name) or role_of(param)

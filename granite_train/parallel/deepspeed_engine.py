@@ -9,7 +9,7 @@ reduced gradient by the world size at every stage, and ZeRO-3 refuses
 scalings are exact in floating point.
 
 What DeepSpeed needs that it offers no public API for (the MoE marker, the expert tags, ZeRO-0's
-clipping optimizer) comes from `granite_train/compat.py`.
+clipping optimizer, per-rank optimizer state) comes from `granite_train/compat.py`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import torch.distributed as dist
 from torch import nn
 
 from granite_train.compat import (GuardedAdamW, deepspeed_moe_marker, import_deepspeed, tag_expert_params,
-                                  full_numel, use_safe_checkpoint_loads, zero_saved_ranks, zero_settings)
+                                  full_numel, load_zero_optimizer_shard, use_safe_checkpoint_loads,
+                                  zero_saved_ranks, zero_settings)
 from granite_train.config import RunConfig
 from granite_train.data.collator import dummy_micro_batch, model_inputs
 from granite_train.errors import UserError
@@ -394,9 +395,7 @@ class DeepSpeedEngine:
             if self.stage == 0:
                 self.optimizer.load_state_dict(saved["optimizer"])
             else:  # a ZeRO optimizer takes every rank's state and picks its own
-                states = [None] * self.world
-                states[self.env.rank] = saved["optimizer"]
-                self.optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+                load_zero_optimizer_shard(self.optimizer, saved["optimizer"], self.env.rank, self.world)
             return
         state = ckpt / DS_STATE_DIR
         load_path, _ = self.engine.load_checkpoint(str(state), tag=_DS_TAG, load_optimizer_states=True,

@@ -34,6 +34,7 @@ from granite_train.errors import UserError
 from granite_train.models.compile import compile_model
 from granite_train.models.lora import training_matmul_params
 from granite_train.models.model import full_size
+from granite_train.optim import build_optimizer
 from granite_train.parallel.context_parallel import apply_context_parallel
 from granite_train.parallel.deepspeed_engine import DeepSpeedEngine
 from granite_train.parallel.engine import Engine, PlainEngine
@@ -41,7 +42,6 @@ from granite_train.parallel.env import Env
 from granite_train.parallel.expert_parallel import apply_expert_parallel
 from granite_train.parallel.grad_norm import clip_by_global_norm
 from granite_train.parallel.plan import ParallelPlan
-from granite_train.train.optim import build_optimizer
 
 log = logging.getLogger("granite_train.parallel")
 

@@ -3,7 +3,8 @@ never the whole model in memory.
 
 What DeepSpeed writes under a checkpoint's `deepspeed/state/` (documented by its
 `zero_to_fp32.py`, which reads them with an unrestricted `torch.load`, so we read them ourselves
-through `serialization.safe_load`, memory-mapped: only the tensors asked for are paged in):
+through `serialization.safe_load`, memory-mapped: only the tensors asked for are paged in; the
+file and key names are `compat.ZeroCheckpointNames`):
 
 - ZeRO 0-2: `mp_rank_00_model_states.pt` holds the whole module state (the weights in the
   training dtype); the optimizer files hold only optimizer state.
@@ -27,12 +28,9 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from granite_train.compat import ZeroCheckpointNames as DS
 from granite_train.errors import UserError
 from granite_train.serialization import safe_load
-
-_ZERO3_MODEL = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
-_ZERO3_OPTIM = "*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"  # bf16_ prefix in some modes
-_REPLICATED_MODEL = "mp_rank_00_model_states.pt"
 
 
 def _load(path: Path) -> Dict:
@@ -44,44 +42,44 @@ class ZeroWeights:
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = Path(state_dir)
-        first = self.dir / _ZERO3_MODEL.format(rank=0)
+        first = self.dir / DS.ZERO3_MODEL.format(rank=0)
         self.shared: Dict[str, str] = {}
         if first.is_file():
             self.stage = 3
             self._init_zero3(_load(first))
-        elif (self.dir / _REPLICATED_MODEL).is_file():
-            state = _load(self.dir / _REPLICATED_MODEL)
-            self.stage, self.world = None, int(state.get("dp_world_size", 1))  # 0-2: whichever, replicated
-            self._module: Dict[str, torch.Tensor] = state["module"]
-            self.shared = dict(state.get("shared_params") or {})
+        elif (self.dir / DS.REPLICATED_MODEL).is_file():
+            state = _load(self.dir / DS.REPLICATED_MODEL)
+            self.stage, self.world = None, int(state.get(DS.DP_WORLD_SIZE, 1))  # 0-2: whichever, replicated
+            self._module: Dict[str, torch.Tensor] = state[DS.MODULE]
+            self.shared = dict(state.get(DS.SHARED_PARAMS) or {})
             self.shapes = {k: tuple(v.shape) for k, v in self._module.items()}
             self.dtype = next(iter(self._module.values())).dtype
         else:
-            raise UserError(f"{self.dir} holds no DeepSpeed model states ({_REPLICATED_MODEL} or "
-                            f"{_ZERO3_MODEL.format(rank=0)}); the checkpoint is incomplete")
+            raise UserError(f"{self.dir} holds no DeepSpeed model states ({DS.REPLICATED_MODEL} or "
+                            f"{DS.ZERO3_MODEL.format(rank=0)}); the checkpoint is incomplete")
         for alias, source in self.shared.items():
             if source in self.shapes:
                 self.shapes[alias] = self.shapes[source]
 
     def _init_zero3(self, rank0: Dict) -> None:
-        self.world = int(rank0["dp_world_size"])
-        self.shared = dict(rank0.get("shared_params") or {})
-        self.dtype = next(iter(rank0["module"].values())).dtype  # empty partitions, training dtype
+        self.world = int(rank0[DS.DP_WORLD_SIZE])
+        self.shared = dict(rank0.get(DS.SHARED_PARAMS) or {})
+        self.dtype = next(iter(rank0[DS.MODULE].values())).dtype  # empty partitions, training dtype
         self.shapes: Dict[str, Tuple[int, ...]] = {}
         self._where: Dict[str, Tuple[int, int]] = {}  # name -> (offset, partitioned numel)
         offset = 0
-        for group in rank0["param_shapes"]:
+        for group in rank0[DS.PARAM_SHAPES]:
             for name, shape in group.items():
                 part = math.ceil(math.prod(shape) / self.world)
                 self.shapes[name], self._where[name] = tuple(shape), (offset, part)
                 offset += part
         self._flat: List[List[torch.Tensor]] = []
         for rank in range(self.world):
-            found = sorted(self.dir.glob(_ZERO3_OPTIM.format(rank=rank)))
+            found = sorted(self.dir.glob(DS.ZERO_OPTIM.format(rank=rank)))
             if len(found) != 1:
                 raise UserError(f"{self.dir} has {len(found)} optimizer state files for rank {rank} of "
                                 f"{self.world} (want 1); the checkpoint is incomplete")
-            groups = _load(found[0])["optimizer_state_dict"]["fp32_flat_groups"]
+            groups = _load(found[0])[DS.OPTIMIZER_STATE_DICT][DS.FP32_FLAT_GROUPS]
             self._flat.append(list(groups))
         have = sum(t.numel() for t in self._flat[0])
         if have != offset:
@@ -90,11 +88,10 @@ class ZeroWeights:
         self._starts = [0]
         for t in self._flat[0]:
             self._starts.append(self._starts[-1] + t.numel())
-        self._frozen = {name: tuple(shape) for name, shape in (rank0.get("frozen_param_shapes") or {}).items()}
+        self._frozen = {name: tuple(shape) for name, shape in (rank0.get(DS.FROZEN_PARAM_SHAPES) or {}).items()}
         if self._frozen:  # frozen weights sit in each rank's model states, partitioned the same way
-            frags = [rank0["frozen_param_fragments"]] + [
-                _load(self.dir / _ZERO3_MODEL.format(rank=r))["frozen_param_fragments"] for r in range(1, self.world)]
-            self._frozen_frags = frags
+            others = [_load(self.dir / DS.ZERO3_MODEL.format(rank=r)) for r in range(1, self.world)]
+            self._frozen_frags = [state[DS.FROZEN_PARAM_FRAGMENTS] for state in [rank0, *others]]
             self.shapes.update(self._frozen)
 
     def _slice(self, rank: int, start: int, length: int) -> List[torch.Tensor]:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
+from granite_train.compat import full_shape, is_zero3_partitioned
 from granite_train.config import RunConfig
 from granite_train.errors import UserError
 from granite_train.models.hf_io import read_config, save_config
@@ -141,7 +142,7 @@ def load_adapter_weights(model: nn.Module, adapters: Dict[str, torch.Tensor], fu
         moe = held.get(stack.rpartition(".")[0]) if stack.endswith(("input_linear", "output_linear")) else None
         if moe is not None and len(moe.held_experts) != moe.num_experts:
             t = t[moe.held_experts.start:moe.held_experts.stop]
-        shape = tuple(getattr(p, "ds_shape", p.shape))
+        shape = full_shape(p)
         if tuple(t.shape) != shape:
             wrong.append(f"{key} (file {list(t.shape)} vs model {list(shape)})")
         plan.append((p, t))
@@ -149,9 +150,9 @@ def load_adapter_weights(model: nn.Module, adapters: Dict[str, torch.Tensor], fu
         raise UserError(f"the adapter in {where} does not fit this model: "
                         f"{'missing ' + ', '.join(missing[:4]) + '; ' if missing else ''}"
                         f"{'wrong ' + ', '.join(wrong[:4]) if wrong else ''}; use an adapter trained on this model")
-    sharded = [(p, t) for p, t in plan if hasattr(p, "ds_id")]
+    sharded = [(p, t) for p, t in plan if is_zero3_partitioned(p)]
     for p, t in plan:
-        if not hasattr(p, "ds_id"):
+        if not is_zero3_partitioned(p):
             p.copy_(t.to(p.dtype))
     if sharded:
         from granite_train.parallel.deepspeed_engine import copy_into_sharded

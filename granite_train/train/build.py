@@ -15,10 +15,10 @@ from granite_train.errors import UserError
 from granite_train.models import GraniteForCausalLM, build_model, load_model
 from granite_train.models.hf_io import init_model, read_config
 from granite_train.models.model import full_size
+from granite_train.optim import mup_width_for
 from granite_train.parallel.deepspeed_engine import zero3_partitioner
 from granite_train.parallel.expert_parallel import load_slice
 from granite_train.parallel.env import Env
-from granite_train.train.optim import mup_width_for
 
 log = logging.getLogger("granite_train.train")
 

@@ -33,6 +33,7 @@ from granite_train.models.hf_io import save_pieces
 from granite_train.parallel.env import agree, gather_ints, init_env, main_rank_first
 from granite_train.parallel.parallelize import parallelize
 from granite_train.models.model import full_size
+from granite_train.schedule import Schedule, run_steps
 from granite_train.train.adapter import AdapterState, AdapterSummary, adapt_model, save_adapter_dir, trainable_keys
 from granite_train.train.build import build_run_model, describe, loads_sharded
 from granite_train.train.evaluate import evaluate
@@ -42,7 +43,6 @@ from granite_train.train.preemption import PreemptionWatch
 from granite_train.train.rng import seed_everything
 from granite_train.train.run_lock import RunLock
 from granite_train.train.run_log import FILE_ONLY, RunLog
-from granite_train.train.schedule import Schedule, run_steps
 from granite_train.train.state import (Checkpointer, Counters, DataState, EngineState, ModelState, RngState,
                                        RunConfigState)
 from granite_train.train.step import StepOutcome, StepSettings, set_lr, train_step

@@ -10,7 +10,7 @@ import pytest
 from granite_train.config import DataConfig, RunConfig, TrainerConfig, validate
 from granite_train.data import build_train_data, is_empty
 from granite_train.data.eval import build_eval_data
-from granite_train.data.load import heldout_rows
+from granite_train.data.examples import heldout_rows
 from granite_train.errors import UserError
 
 ROWS = 120

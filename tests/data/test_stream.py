@@ -306,6 +306,7 @@ class GlooCases:
             failures.append(f"rank {rank}: epoch 0 is not every row once")
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks(chat, tmp_path):
     assert run_on_ranks(tmp_path, 2, GlooCases(str(chat))) == []
 

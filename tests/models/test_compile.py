@@ -16,6 +16,8 @@ from granite_train.data.collator import model_inputs
 
 from .test_grad_order import MICRO_BATCHES, _readiness_order, build_family
 
+pytestmark = pytest.mark.slow  # inductor compiles for seconds per module class
+
 ROWS = [  # packed micro-batches of different total lengths (dynamic shapes)
     [list(range(1, 12)), [7, 8, 9], list(range(20, 50))],
     [[3], [4, 5], list(range(1, 30)), list(range(60, 77))],

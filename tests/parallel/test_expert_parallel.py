@@ -81,6 +81,7 @@ def _cases(rank, size, failures):
         _run_case(rank, case, failures)
 
 
+@pytest.mark.slow
 def test_sharded_experts_equal_the_full_layer(tmp_path):
     failures = run_on_ranks(tmp_path, WORLD, _cases)
     assert not failures, failures

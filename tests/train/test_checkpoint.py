@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ..runs import run_in_process
-from .test_loop import FAST, read_metrics
+from .test_trainer import FAST, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -162,7 +162,7 @@ def _run_in_process(out, overrides, poison_steps):
     """Train in this process with a forward that returns NaN on the given (1-based) steps."""
     from granite_train.cli import compose_config
     from granite_train.models.model import GraniteForCausalLM
-    from granite_train.train.loop import train
+    from granite_train.train.trainer import train
 
     real = GraniteForCausalLM.forward
     calls = {"step": 0}

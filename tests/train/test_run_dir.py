@@ -17,7 +17,7 @@ import pytest
 from granite_train.config import validate_model_path
 from granite_train.errors import UserError
 
-from .test_loop import FAST, read_metrics
+from .test_trainer import FAST, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -181,7 +181,7 @@ def test_a_hub_id_as_model_path_is_one_line_leading_to_a_download(cli, tmp_path)
     proc = cli(*FAST, "model.path=ibm-granite/granite-3.3-2b-instruct", f"trainer.output_dir={tmp_path / 'x'}")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "huggingface-cli download ibm-granite/granite-3.3-2b-instruct" in lines[0]
+    assert len(lines) == 1 and "hf download ibm-granite/granite-3.3-2b-instruct" in lines[0]
     assert "tokenizer" not in lines[0] and not (tmp_path / "x").exists()
 
 

@@ -13,7 +13,7 @@ import pytest
 from granite_train.errors import UserError
 from granite_train.train.run_lock import LOCK_FILE, RunLock
 
-from .test_loop import FAST
+from .test_trainer import FAST
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import mmap
@@ -34,7 +33,7 @@ import tokenizers
 
 from granite_train.config import DataConfig
 from granite_train.data.docs import Example, ranges
-from granite_train.data.prep import IGNORE, Encoder, overlong_policy
+from granite_train.data.encode import IGNORE, Encoder, overlong_policy
 from granite_train.data.rows import RowFormat
 from granite_train.data.stats import PrepStats, Status
 from granite_train.data.tokenizer import Tokenizer
@@ -48,23 +47,10 @@ SHARD_TOKENS = 1 << 28  # 268M tokens (512 MiB of uint16) per shard by default
 _BATCH_ROWS = 8192
 
 
-# Text whose ids check the normalizer and pre-tokenizer too (cases, digits, spaces, accents,
-# emoji, code, a special token).
-_PROBE = "Granite 4.0-H: ÀÉÎ õü  naïve  123456789 \t\n  def f(x):\n    return x**2  # 🚀 <|end_of_text|>"
-
-
 def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
-    """sha256 of what decides token ids: the vocabulary, merges and added tokens (not the whole
-    serialized tokenizer, whose fields change between `tokenizers` releases), the ids of a probe
-    text, the EOS appended to documents and the chat template."""
-    spec = json.loads(tokenizer.backend.to_str())
-    model = spec.get("model") or {}
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    core = {"type": model.get("type"), "vocab": model.get("vocab"), "merges": merges,
-            "added": sorted((t.get("id"), t.get("content")) for t in spec.get("added_tokens") or []),
-            "probe": tokenizer.backend.encode(_PROBE, add_special_tokens=False).ids,
-            "eos": tokenizer.eos_token, "chat_template": tokenizer.chat_template or ""}
-    return hashlib.sha256(json.dumps(core, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    """sha256 of what decides token ids (`Tokenizer.ids_fingerprint`): a prepared directory
+    records it, and a run with another tokenizer is refused."""
+    return tokenizer.ids_fingerprint()
 
 
 def is_prepared(path: str) -> bool:
@@ -294,13 +280,15 @@ class ShardDocs:
             self._damaged(file, f"{size} bytes, the manifest says {n} tokens of {dtype.itemsize} bytes")
         if n == 0:
             return np.zeros(0, dtype=dtype)
-        mapped = np.memmap(file, dtype=dtype, mode="r", shape=(n,))
+        with open(file, "rb") as f:  # the map keeps its own handle on the file
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         # Reads are random (a rank's pieces, shuffled): without this the kernel reads ahead and
         # maps ~128 KiB around every ~1 KiB piece, and resident memory grows with the corpus.
-        if hasattr(mmap, "MADV_RANDOM") and getattr(mapped, "_mmap", None) is not None:
-            mapped._mmap.madvise(mmap.MADV_RANDOM)
-        # a plain ndarray view of the map: slicing it skips np.memmap's per-slice bookkeeping
-        return mapped.view(np.ndarray)
+        if hasattr(mmap, "MADV_RANDOM"):
+            mapped.madvise(mmap.MADV_RANDOM)
+        # A plain read-only ndarray over the map, which it keeps alive (its `.base`); not
+        # np.memmap, whose slices pay per-slice bookkeeping and whose map is private.
+        return np.frombuffer(mapped, dtype=dtype, count=n)
 
     def read_flat(self, docs: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """The pieces' tokens one after another (int64) and their labels (None: unmasked): one

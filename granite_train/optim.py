@@ -4,6 +4,7 @@ Roles are declared where parameters are created (`granite_train.models.param_rol
 carries `role`, its `weight_decay` (0 for `optim.no_decay_roles`: norms, biases, Mamba's
 A_log/D/dt_bias by default) and `lr_scale`: 1.0, or 1 / m_width for hidden matrices under muP
 (`optim.mup=true`). The training loop sets `group["lr"] = schedule_lr * group["lr_scale"]` every step.
+It sits below parallel/ and train/: `parallelize` builds the optimizer once the model is cut.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from granite_train.config import OptimConfig
 from granite_train.models.param_roles import (DEFAULT_NO_DECAY_ROLES, MUP_SCALED_ROLES, ROLES,
                                               mup_width_multiplier, named_param_roles)
 
-log = logging.getLogger("granite_train.train")
+log = logging.getLogger("granite_train.train")  # lines about the run: the trainer's name
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, mup_width: Optional[float] = None,
@@ -53,7 +54,7 @@ def model_mup_width(model: torch.nn.Module, cfg: OptimConfig) -> Optional[float]
     m = getattr(model, "mup_width", None)
     if m is None:
         raise RuntimeError("optim.mup=true but the model has no muP width: call model.apply_mup(m_width) "
-                           "(granite_train.train.optim.mup_width_for) before build_optimizer")
+                           "(granite_train.optim.mup_width_for) before build_optimizer")
     return m
 
 

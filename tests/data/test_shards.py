@@ -126,7 +126,7 @@ def test_damaged_directories_are_refused(tok, raw, tmp_path):
         build_train_data(DataConfig(path=str(out), max_length=96), TRAINER, tok, 0, 1)
 
 
-def test_prepare_command_line(raw, tmp_path):
+def test_prepare_command_line(raw, tmp_path, monkeypatch, capsys):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "granite_train.prepare", *args], capture_output=True, text=True,
                               cwd=tmp_path, timeout=300)
@@ -135,12 +135,16 @@ def test_prepare_command_line(raw, tmp_path):
     ok = run(f"data.path={raw['chat']}", "data.tokenizer=gpt2-bundled", "--out", str(out))
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "prepared" in ok.stderr and "tokens/s" in ok.stderr and (out / "manifest.json").is_file()
-    again = run(f"data.path={raw['chat']}", "data.tokenizer=gpt2-bundled", "--out", str(out))
-    assert again.returncode == 2 and "exists and is not empty" in again.stderr
-    missing = run(f"data.path={raw['chat']}")
-    assert missing.returncode == 2 and "--out DIR is required" in missing.stderr
-    bad = run(f"data.path={tmp_path / 'nope.jsonl'}", "--out", str(tmp_path / "x"))
-    assert bad.returncode == 2 and "does not exist" in bad.stderr and not (tmp_path / "x").exists()
+    # The refusals in-process (the same `main`): exit 2, one line, nothing written.
+    from granite_train.prepare import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([f"data.path={raw['chat']}", "data.tokenizer=gpt2-bundled", "--out", str(out)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert main([f"data.path={raw['chat']}"]) == 2
+    assert "--out DIR is required" in capsys.readouterr().err
+    assert main([f"data.path={tmp_path / 'nope.jsonl'}", "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_prepared_eval_set_equals_raw(tok, raw, tmp_path):
@@ -164,7 +168,7 @@ def test_prepared_eval_set_equals_raw(tok, raw, tmp_path):
 def test_tokenizer_fingerprint_sees_ids_not_serialization(tok):
     import tokenizers
 
-    from granite_train.data.prepared import tokenizer_fingerprint
+    from granite_train.data.shards import tokenizer_fingerprint
     from granite_train.data.tokenizer import Tokenizer
 
     same = Tokenizer(tokenizers.Tokenizer.from_str(tok.backend.to_str()), tok.eos_token, name="copy")
@@ -174,6 +178,13 @@ def test_tokenizer_fingerprint_sees_ids_not_serialization(tok):
     assert tokenizer_fingerprint(Tokenizer(grown, tok.eos_token)) != tokenizer_fingerprint(tok)
     templated = Tokenizer(tokenizers.Tokenizer.from_str(tok.backend.to_str()), tok.eos_token, chat_template="{{ x }}")
     assert tokenizer_fingerprint(templated) != tokenizer_fingerprint(tok)
+    # Computed once per tokenizer, and again when what it covers changes on the same object.
+    before = tokenizer_fingerprint(same)
+    same.chat_template = "{{ y }}"
+    assert tokenizer_fingerprint(same) != before
+    templated_fp = tokenizer_fingerprint(same)
+    same.backend.add_tokens(["<|newer|>"])
+    assert tokenizer_fingerprint(same) not in (before, templated_fp)
 
 
 def test_a_mixture_of_prepared_sources_equals_the_raw_mixture(tok, raw, tmp_path):
@@ -193,3 +204,22 @@ def test_a_mixture_of_prepared_sources_equals_the_raw_mixture(tok, raw, tmp_path
     from_dir = build_train_data(mix(chat, text), TRAINER, tok, 0, 1)
     assert from_dir._flat is not None and from_raw._flat is None
     _assert_same_steps(from_raw, from_dir, 12)
+
+
+def test_shards_stay_mapped_after_the_directory_is_removed(raw, tmp_path):
+    # ShardDocs maps each shard with Python's mmap and keeps only the arrays: they hold the map.
+    import gc
+    import shutil
+
+    from granite_train.data.shards import ShardDocs, read_manifest
+
+    out = tmp_path / "prep"
+    _prepare(raw["chat"], out)
+    store = ShardDocs(str(out), read_manifest(str(out)))
+    docs, starts = np.arange(5), np.zeros(5, dtype=np.int64)
+    before = store.read_flat(docs, starts, store.lengths[:5])
+    assert not store._tokens[0].flags.writeable
+    shutil.rmtree(out)
+    gc.collect()
+    after = store.read_flat(docs, starts, store.lengths[:5])
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))

@@ -4,7 +4,8 @@
 `tokens_seen` is the number of input tokens trained *before* that step (padding excluded). The
 trainer sets it on every param group before each step, so what metrics.jsonl reports is what was
 applied. There is no hidden state: a resumed run gets the same lr from the same (step, tokens).
-`python -m granite_train.plot_lr` evaluates this same object (`Schedule.from_config`).
+`python -m granite_train.plot_lr` evaluates this same object (`Schedule.from_config`). It sits
+beside config.py, below train/, because the config's validation builds one too.
 
 Step-based schedules (`cosine`, `linear`, `constant`; unchanged): linear warmup over
 `warmup_steps` steps (step k gets `lr * (k + 1) / warmup_steps`), then cosine/linear decay to
@@ -58,7 +59,7 @@ PAPER_SEQ_LEN = 4096
 TOKEN_SCHEDULES = ("power", "wsd")
 
 _E_INV = math.exp(-1.0)
-log = logging.getLogger("granite_train.train")
+log = logging.getLogger("granite_train.train")  # lines about the run: the trainer's name
 
 
 def decay_shape(shape: str, p: float) -> float:

@@ -15,8 +15,8 @@ import numpy as np
 from granite_train.config import DataConfig, TrainerConfig
 from granite_train.data.chat import chat_overhead, make_renderer
 from granite_train.data.docs import ArrowDocs, Examples, pieces_for
-from granite_train.data.prep import FEATURES, Encoder
-from granite_train.data.prepared import ShardDocs, check_settings, is_prepared, prepared_stats, read_manifest
+from granite_train.data.encode import FEATURES, Encoder
+from granite_train.data.shards import ShardDocs, check_settings, is_prepared, prepared_stats, read_manifest
 from granite_train.data.rows import COMPLETION, PROMPT, resolve_row_format
 from granite_train.data.sources import load_source
 from granite_train.data.stats import PrepStats, Status

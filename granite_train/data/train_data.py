@@ -2,7 +2,7 @@
 
 Data order is a pure function of (seed, epoch): the position (epoch, step within epoch) is the
 whole iterator state. Examples are pieces of documents (`docs`): raw data tokenized here (cached
-by `datasets`) or a prepared directory read memory-mapped (`prepared`). Mixtures of sources
+by `datasets`) or a prepared directory read memory-mapped (`shards`). Mixtures of sources
 (data.sources) are `mixture.MixtureTrainData`; streams (data.streaming) `stream.StreamTrainData`.
 """
 
@@ -16,12 +16,12 @@ from datasets.distributed import split_dataset_by_node
 
 from granite_train.config import DataConfig, TrainerConfig, validate_data
 from granite_train.data.docs import Examples
-from granite_train.data.load import HeldOut, load_examples, open_source
+from granite_train.data.examples import HeldOut, load_examples, open_source
 from granite_train.data.mixture import MixtureTrainData, build_mixture
 from granite_train.data.plan import PLANNER_VERSION, SELECTION_SINCE, StepPlan, packing_efficiency, plan_epoch
 from granite_train.data.prefetch import StepSource
-from granite_train.data.prepared import is_prepared
-from granite_train.data.steps import TrainStep, check_state, materialize
+from granite_train.data.shards import is_prepared
+from granite_train.data.train_step import TrainStep, check_state, materialize
 from granite_train.data.stats import PrepStats
 from granite_train.data.stream import Gather, StreamTrainData
 from granite_train.data.tokenizer import Tokenizer

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from granite_train.config import SchedulerConfig
-from granite_train.train.schedule import Schedule
+from granite_train.schedule import Schedule
 
 
 def test_warmup_is_linear_and_reaches_peak():
@@ -34,9 +34,9 @@ import json  # noqa: E402
 
 from granite_train.cli import compose_config  # noqa: E402
 from granite_train.errors import UserError  # noqa: E402
-from granite_train.train.schedule import decay_shape  # noqa: E402
+from granite_train.schedule import decay_shape  # noqa: E402
 
-from ..tiny_tokenizer import TINY_TOKENIZER
+from .tiny_tokenizer import TINY_TOKENIZER
 
 E = math.e
 LR_MAX = 0.02

@@ -10,7 +10,7 @@ from granite_train.config import OptimConfig
 from granite_train.errors import UserError
 from granite_train.models import GraniteConfig, build_model
 from granite_train.models.param_roles import named_param_roles
-from granite_train.train.optim import build_optimizer, mup_width_for
+from granite_train.optim import build_optimizer, mup_width_for
 
 HYBRID = dict(model_type="granitemoehybrid", vocab_size=64, hidden_size=64, intermediate_size=32,
               shared_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
