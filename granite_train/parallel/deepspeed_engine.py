@@ -311,6 +311,10 @@ class DeepSpeedEngine:
             with gathered_experts(self.model, self.plan.expert, only=wanted) as model:
                 yield {k: v for k, v in model.state_dict().items() if keep(k)}
         elif self.stage == 3:
+            # A forward (an eval just before this save) can leave prefetched weights in flight;
+            # GatheredParameters would then fail to re-partition them ("Cannot partition a
+            # param in flight"). Wait for them and release every weight first.
+            self.engine.empty_partition_cache()
             for prefix, piece in weight_groups(self.model):
                 named = [(f"{prefix}.{k}", p) for k, p in piece.named_parameters()]
                 params = [p for name, p in named if keep(name)]

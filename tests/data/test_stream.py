@@ -313,7 +313,7 @@ def test_two_gloo_ranks(chat, tmp_path):
 
 STREAM_RUN = ["recipe=sft_tiny", "model=granite-tiny", "model.arch.hidden_size=64", "model.arch.intermediate_size=128",
               "model.arch.num_hidden_layers=2", "data.streaming=true", "data.max_examples=400",
-              "data.max_length=512", "trainer.tokens_per_step=4096", "trainer.micro_batch_tokens=1024",
+              "data.max_length=512", "trainer.tokens_per_step=2048", "trainer.micro_batch_tokens=512",
               "trainer.max_steps=6", "trainer.save_every=3", "trainer.dtype=fp32", "trainer.progress=false",
               f"data.tokenizer={TINY_TOKENIZER}"]
 

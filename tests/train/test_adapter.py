@@ -26,8 +26,8 @@ ARCH = dict(model_type="granitemoehybrid", vocab_size=VOCAB, hidden_size=64, int
             mamba_n_heads=4, mamba_n_groups=1, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
             mamba_chunk_size=16, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
             logits_scaling=6.0, initializer_range=0.1, tie_word_embeddings=True, max_position_embeddings=1024)
-RUN = ["recipe=sft_tiny", "data.max_examples=300", "data.max_length=512", "trainer.tokens_per_step=4096",
-       "trainer.micro_batch_tokens=2048", "trainer.dtype=fp32", "trainer.max_steps=4", "trainer.progress=false",
+RUN = ["recipe=sft_tiny", "data.max_examples=300", "data.max_length=512", "trainer.tokens_per_step=2048",
+       "trainer.micro_batch_tokens=1024", "trainer.dtype=fp32", "trainer.max_steps=4", "trainer.progress=false",
        "adapter=lora", "adapter.dropout=0", "adapter.targets=[attention,shared_mlp,mamba,experts,router]",
        "adapter.train_modules=[lm_head]", "optim.lr=2e-3"]
 
@@ -167,7 +167,7 @@ def test_model_adapter_path_continues_from_a_peft_adapter(straight, base, tmp_pa
 
 PARALLEL = {"zero3": ["distributed.zero_stage=3"],
             "zero2-ep2": ["distributed.zero_stage=2", "distributed.expert_parallel_size=2"],
-            "cp2": ["distributed.context_parallel_size=2", "trainer.micro_batch_tokens=1024"]}
+            "cp2": ["distributed.context_parallel_size=2", "trainer.micro_batch_tokens=512"]}
 RESUMED = ("zero3", "zero2-ep2")  # (context parallelism resumes with the plain engine, tested above)
 
 
@@ -193,7 +193,7 @@ def two_ranks(base, tmp_path_factory):
 @pytest.mark.parametrize("name", list(PARALLEL))
 def test_two_ranks_equal_one(straight, two_ranks, name):
     """ZeRO-3 (the frozen base sharded), expert parallelism (each rank trains its own experts'
-    adapters) and context parallelism (rows of 2 x 1024 tokens) on 2 ranks: the straight run's
+    adapters) and context parallelism (rows of 2 x 512 tokens) on 2 ranks: the straight run's
     curve and adapter; ZeRO-3 and expert parallelism then resumed from step 2."""
     _, ref, _ = straight
     root, proc, sections = two_ranks

@@ -14,7 +14,7 @@ from ..tiny_tokenizer import TINY_TOKENIZER
 pytestmark = pytest.mark.slow
 
 COMMON = ["recipe=sft_tiny", "model=granite-tiny", "data.max_examples=400", "data.max_length=512",
-          "trainer.tokens_per_step=4096", "model.arch.hidden_size=64",
+          "trainer.tokens_per_step=2048", "model.arch.hidden_size=64",
           "model.arch.intermediate_size=128", "model.arch.num_hidden_layers=2",
           "trainer.dtype=fp32", "trainer.max_steps=4", "trainer.progress=false",
           f"data.tokenizer={TINY_TOKENIZER}"]
@@ -27,7 +27,7 @@ HYBRID = ["recipe=sft_tiny", "model=granite-4.0-h-tiny-scaled", "model.arch.hidd
           "model.arch.num_hidden_layers=3", "model.arch.layer_types=[mamba,attention,mamba]",
           "model.arch.mamba_n_heads=4", "model.arch.mamba_d_state=16", "model.arch.mamba_chunk_size=16",
           "model.arch.num_local_experts=4", "data.max_examples=300", "data.max_length=512",
-          "data.eval_fraction=0.05", "trainer.tokens_per_step=4096", "trainer.dtype=fp32",
+          "data.eval_fraction=0.05", "trainer.tokens_per_step=2048", "trainer.dtype=fp32",
           "trainer.max_steps=4", "trainer.progress=false", f"data.tokenizer={TINY_TOKENIZER}"]
 HYBRID_CP_EP = [*HYBRID, "trainer.micro_batch_tokens=256", "distributed.context_parallel_size=2",
                 "distributed.zero_stage=2", "distributed.expert_parallel_size=2", "trainer.save_every=2"]
@@ -82,13 +82,13 @@ def ran(two_ranks, name):
 
 def test_micro_batch_size_does_not_change_the_step(cli, tmp_path):
     runs = {}
-    for mbt in (512, 1024, 4096):
+    for mbt in (512, 1024, 2048):
         out = tmp_path / f"mbt{mbt}"
         proc = cli(*COMMON, f"trainer.micro_batch_tokens={mbt}", f"trainer.output_dir={out}")
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs[mbt] = curve(out)
-    assert_same_curve(runs[512], runs[4096], rel=1e-6)
-    assert_same_curve(runs[1024], runs[4096], rel=1e-6)
+    assert_same_curve(runs[512], runs[2048], rel=1e-6)  # 4 micro-batches, 2, 1 per step
+    assert_same_curve(runs[1024], runs[2048], rel=1e-6)
 
 
 def test_two_ranks_equal_one(cli, tmp_path, two_ranks):

@@ -18,7 +18,7 @@ from .test_rank_failure import _workers
 pytestmark = pytest.mark.slow
 
 SETTINGS = ["recipe=sft_tiny", "model=granite-tiny", "data.max_examples=400", "data.max_length=512",
-            "trainer.tokens_per_step=4096", "trainer.micro_batch_tokens=1024", "model.arch.hidden_size=64",
+            "trainer.tokens_per_step=2048", "trainer.micro_batch_tokens=512", "model.arch.hidden_size=64",
             "model.arch.intermediate_size=128", "model.arch.num_hidden_layers=2", "trainer.dtype=fp32",
             "trainer.max_steps=8", "trainer.progress=false", f"data.tokenizer={TINY_TOKENIZER}"]
 

@@ -26,7 +26,7 @@ COMMON = ["recipe=sft_tiny", "model=granite-4.0-h-tiny-scaled", "model.arch.hidd
           "model.arch.num_hidden_layers=3", "model.arch.layer_types=[mamba,attention,mamba]",
           "model.arch.mamba_n_heads=4", "model.arch.mamba_d_state=16", "model.arch.mamba_chunk_size=16",
           "model.arch.num_local_experts=4", "data.max_examples=300", "data.max_length=512",
-          "data.eval_fraction=0.05", "trainer.tokens_per_step=4096", "trainer.micro_batch_tokens=1024",
+          "data.eval_fraction=0.05", "trainer.tokens_per_step=2048", "trainer.micro_batch_tokens=512",
           "trainer.dtype=fp32", "trainer.max_steps=5", "trainer.progress=false",
           f"data.tokenizer={TINY_TOKENIZER}"]
 # run name -> (zero stage, expert-parallel size)
@@ -50,7 +50,9 @@ DRIVER = textwrap.dedent("""
 
     def settings(name):
         stage, ep = runs[name]
-        dtype = [c for c in common if c.startswith("trainer.dtype=")] if "bf16" not in name else ["trainer.dtype=bf16"]
+        # bf16 runs 3 steps: CPU bf16 kernels are slow at these widths, 3 steps show the same
+        dtype = [c for c in common if c.startswith("trainer.dtype=")] if "bf16" not in name else [
+            "trainer.dtype=bf16", "trainer.max_steps=3"]
         return [*(c for c in common if not c.startswith("trainer.dtype=")), *dtype,
                 f"distributed.zero_stage={stage}", f"distributed.expert_parallel_size={ep}"]
 
@@ -61,6 +63,8 @@ DRIVER = textwrap.dedent("""
         train(compose_config([*settings(name), f"trainer.output_dir={root}/{name}_resumed",
                               f"trainer.resume={root}/{name}/checkpoints/step_3"]))
     # ZeRO-3 from a checkpoint: loaded layer by layer into shards, resumed, exported streaming.
+    # Its consolidated save right after the final eval once met weights the eval's prefetch
+    # left in flight (DeepSpeed: "Cannot partition a param in flight").
     ft = [*settings("zero3"), f"model.path={root}/plain/final"]
     train(compose_config([*ft, "trainer.save_every=3", "trainer.checkpoint_hf_weights=always",
                           f"trainer.output_dir={root}/zero3_ft"]))
@@ -174,7 +178,7 @@ def test_deepspeed_bf16_trains_bf16_weights_with_fp32_masters(runs, name):
     assert config["bf16"] == {"enabled": True}
     assert {w.dtype for w in weights(runs / name / "final").values()} == {torch.bfloat16}
     import_deepspeed(torch.device("cpu"))
-    state = runs / name / "checkpoints" / "step_5" / "deepspeed" / "state"
+    state = runs / name / "checkpoints" / "step_3" / "deepspeed" / "state"
     optim = sorted(state.glob("*optim_states.pt"))
     assert len(optim) == 2
     from granite_train.serialization import safe_load
@@ -184,6 +188,7 @@ def test_deepspeed_bf16_trains_bf16_weights_with_fp32_masters(runs, name):
     assert {t.dtype for t in flat} == {torch.float32}
     assert ZeroWeights(state).dtype == torch.bfloat16
     fp32 = curve(runs / name.removesuffix("_bf16"))
+    assert len(curve(runs / name)) == 3
     for (s, l32, g32, t32, _), (sb, lb, gb, tb, _) in zip(fp32, curve(runs / name)):
         assert (s, t32) == (sb, tb)
         assert lb == pytest.approx(l32, rel=2e-3) and gb == pytest.approx(g32, rel=5e-2)
