@@ -12,6 +12,11 @@ own `__reduce__` in `serialization.py`.)
 torch:
 - `grouped_mm`: `torch.nn.functional.grouped_mm` (public since torch 2.9); older builds that
   have the kernel only as `torch._grouped_mm` use that.
+- `varlen_causal_attention`: torch's own flash-attention varlen kernels
+  (`torch.nn.attention.varlen.varlen_attn`, CUDA only, public since torch 2.9) whose keywords
+  moved between releases: causal is `is_causal=True` up to 2.10 and `window_size=(-1, 0)` after,
+  `enable_gqa` and `scale` are not in every release. The signature is read once and the call
+  adapted (KV heads repeated where there is no `enable_gqa`, q pre-scaled where no `scale`).
 - `cpu_has_native_bf16`: whether this CPU has native bf16 matmuls (AVX512-BF16 / AMX). torch
   exposes it only as `torch.ops.mkldnn._is_mkldnn_bf16_supported`.
 - `parameter_slots`: the parameters a module registered itself, by name, including the ones
@@ -68,6 +73,8 @@ before the first import, which `import_deepspeed` does):
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
 import sys
@@ -91,6 +98,46 @@ def grouped_mm_kernel() -> Optional[Callable[..., torch.Tensor]]:
     if hasattr(F, "grouped_mm"):
         return F.grouped_mm
     return getattr(torch, "_grouped_mm", None)
+
+
+def varlen_attention_kernel() -> Optional[Callable[..., torch.Tensor]]:
+    """torch's `varlen_attn`, or None when this torch has none (< 2.9). Imported on use only:
+    the module pulls in torch's attention machinery, which a CPU run never needs."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@functools.lru_cache(maxsize=4)
+def _keywords(fn: Callable[..., Any]) -> frozenset:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def varlen_causal_attention(q_THD: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor,
+                            cu_seq_q: torch.Tensor, cu_seq_k: torch.Tensor, max_q: int, max_k: int,
+                            scale: float) -> torch.Tensor:
+    """Causal attention per segment of a packed row through torch's varlen kernel: segment i's
+    queries `cu_seq_q[i]:cu_seq_q[i+1]` attend to its keys `cu_seq_k[i]:cu_seq_k[i+1]`, the mask
+    aligned at the last query and key (bottom right, as flash-attention's). GQA when K < H."""
+    fn = varlen_attention_kernel()
+    if fn is None:
+        raise UserError(f"torch {torch.__version__} has no torch.nn.attention.varlen (torch >= 2.9); "
+                        "use model.attn_backend=auto")
+    names = _keywords(fn)
+    kw: Dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in names else {"is_causal": True}
+    if k_TKD.shape[1] != q_THD.shape[1]:
+        if "enable_gqa" in names:
+            kw["enable_gqa"] = True
+        else:
+            group = q_THD.shape[1] // k_TKD.shape[1]
+            k_TKD, v_TKD = k_TKD.repeat_interleave(group, dim=1), v_TKD.repeat_interleave(group, dim=1)
+    if "scale" in names:
+        kw["scale"] = scale
+    else:  # the kernel's own scale is 1/sqrt(D)
+        q_THD = q_THD * (scale * math.sqrt(q_THD.shape[-1]))
+    return fn(q_THD, k_TKD, v_TKD, cu_seq_q, cu_seq_k, max_q, max_k, **kw)
 
 
 def cpu_has_native_bf16() -> bool:

@@ -297,7 +297,7 @@ CHOICES = {
     "trainer.dtype": ("auto", "fp32", "bf16"),
     "trainer.checkpoint_hf_weights": ("auto", "always"),
     "trainer.device": ("auto", "cpu", "cuda"),
-    "model.attn_backend": ("auto", "sdpa", "flash"),
+    "model.attn_backend": ("auto", "sdpa", "flash", "varlen"),
     "model.mamba_backend": ("auto", "torch", "cuda", "triton"),
     "model.router_aux_loss": ("load_balancing", "switch_per_layer"),
     "distributed.backend": ("auto", "gloo", "nccl"),

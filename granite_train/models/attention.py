@@ -2,6 +2,8 @@
 
 Kernels, all exact (no mask tensor is ever built):
 - "flash": `flash_attn_varlen_func` over the packed row (CUDA only; imported lazily on CUDA).
+- "varlen": torch's own flash-attention varlen kernels (`torch.nn.attention.varlen`, CUDA only,
+  torch >= 2.9): the same one call over the packed row with no extra package to build.
 - "sdpa": packed rows loop `F.scaled_dot_product_attention(is_causal=True)` over examples (the
   fastest exact option measured on CPU); padded [B, L] batches run one causal SDPA call.
 """
@@ -9,11 +11,13 @@ Kernels, all exact (no mask tensor is ever built):
 from __future__ import annotations
 
 import importlib.util
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from granite_train.compat import varlen_attention_kernel, varlen_causal_attention
 from granite_train.errors import UserError
 from granite_train.models import context as cp_geometry
 from granite_train.models.batch import SeqLayout
@@ -21,8 +25,10 @@ from granite_train.models.config import GraniteConfig
 from granite_train.models.param_roles import HIDDEN, mark_linear
 from granite_train.models.rope import apply_rope
 
-ATTN_BACKENDS = ("auto", "sdpa", "flash")
-_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+ATTN_BACKENDS = ("auto", "sdpa", "flash", "varlen")
+# The fused varlen kernels ("flash", "varlen") have no fp32 kernel: an fp32 forward without
+# autocast takes the exact SDPA loop (a module attribute: tests widen it to check the glue).
+FUSED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def check_attn_backend(requested: str) -> None:
@@ -31,18 +37,38 @@ def check_attn_backend(requested: str) -> None:
                         "set model.attn_backend=auto")
 
 
-def resolve_attn_backend(requested: str, device: torch.device) -> str:
-    """The kernel that runs for `requested` on `device`: "flash" or "sdpa"."""
+def attn_backend_unavailable(backend: str, device: torch.device, dropout: float = 0.0) -> Optional[str]:
+    """Why `backend` cannot run on `device` (with attention dropout `dropout`), or None."""
+    if backend == "sdpa":
+        return None
+    if device.type != "cuda":
+        return f"needs a CUDA device (its kernels run on CUDA only), this is {device.type}"
+    if backend == "flash":
+        # find_spec looks for the package without importing it: flash-attn must never be
+        # imported on a CPU-only machine.
+        if importlib.util.find_spec("flash_attn") is None:
+            return "the flash-attn package is not installed (pip install 'granite-train[gpu]')"
+        return None
+    if varlen_attention_kernel() is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen (torch >= 2.9)"
+    if dropout > 0:
+        return f"torch's varlen_attn has no dropout, the model has attention_dropout={dropout}"
+    return None
+
+
+def resolve_attn_backend(requested: str, device: torch.device, dropout: float = 0.0) -> str:
+    """The kernel that runs for `requested` on `device`: "flash", "varlen" or "sdpa". "auto"
+    takes flash-attn where installed, else torch's varlen kernels, on CUDA; SDPA elsewhere."""
     check_attn_backend(requested)
-    if requested == "sdpa":
+    if requested == "auto":
+        for backend in ("flash", "varlen"):
+            if attn_backend_unavailable(backend, device, dropout) is None:
+                return backend
         return "sdpa"
-    # find_spec looks for the package without importing it: flash-attn must never be imported
-    # on a CPU-only machine.
-    has_flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    if requested == "flash" and not has_flash:
-        raise UserError("model.attn_backend=flash needs a CUDA device and the flash-attn package "
-                        "(pip install 'granite-train[gpu]'); use model.attn_backend=auto")
-    return "flash" if has_flash else "sdpa"
+    why = attn_backend_unavailable(requested, device, dropout)
+    if why is not None:
+        raise UserError(f"model.attn_backend={requested} cannot run: {why}; use model.attn_backend=auto")
+    return requested
 
 
 def _sdpa_padded(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor,
@@ -78,15 +104,18 @@ def _sdpa_segments(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Ten
     return torch.cat(outs, dim=1)
 
 
-def _flash_varlen(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor,
-                  scale: float, layout: SeqLayout, dropout_p: float) -> torch.Tensor:
-    from flash_attn import flash_attn_varlen_func  # only reached on CUDA
+def _fused_varlen(backend: str, q_THD: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor,
+                  cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, scale: float,
+                  dropout_p: float) -> torch.Tensor:
+    """One varlen call of `backend` ("flash" or "varlen"): causal per segment, the mask aligned
+    at each segment's last query and key (bottom right)."""
+    if backend == "flash":
+        from flash_attn import flash_attn_varlen_func  # only reached on CUDA
 
-    cu = layout.cu_seq_lens
-    o_THD = flash_attn_varlen_func(q_BTHD[0], k_BTKD[0], v_BTKD[0], cu, cu,
-                                   layout.max_seq_len, layout.max_seq_len,
-                                   dropout_p=dropout_p, softmax_scale=scale, causal=True)
-    return o_THD.unsqueeze(0)
+        return flash_attn_varlen_func(q_THD, k_TKD, v_TKD, cu_q, cu_k, max_q, max_k,
+                                      dropout_p=dropout_p, softmax_scale=scale, causal=True)
+    assert dropout_p == 0.0, "resolve_attn_backend refuses varlen with attention dropout"
+    return varlen_causal_attention(q_THD, k_TKD, v_TKD, cu_q, cu_k, max_q, max_k, scale)
 
 
 def _context_key_ranges(layout: SeqLayout):
@@ -98,22 +127,19 @@ def _context_key_ranges(layout: SeqLayout):
     return [((s, e), ((first_key if i == 0 else off + s), off + e)) for i, (s, e) in enumerate(zip(b[:-1], b[1:]))]
 
 
-def _flash_context(q_BTHD: torch.Tensor, kall_BTKD: torch.Tensor, vall_BTKD: torch.Tensor,
+def _fused_context(q_BTHD: torch.Tensor, kall_BTKD: torch.Tensor, vall_BTKD: torch.Tensor,
                    scale: float, layout: SeqLayout, dropout_p: float) -> torch.Tensor:
-    """flash-attn varlen on a context-parallel slice: the key ranges of the local segments are
-    contiguous in the gathered row, and flash-attn's causal mask aligns the last query with the
-    last key (bottom right, flash-attn >= 2.1), which is the global-position causal mask."""
-    from flash_attn import flash_attn_varlen_func  # only reached on CUDA
-
+    """A fused varlen kernel on a context-parallel slice: the key ranges of the local segments
+    are contiguous in the gathered row, and the kernels' causal mask aligns the last query with
+    the last key (bottom right, flash-attn >= 2.1 and torch's), the global-position causal mask."""
     ranges = _context_key_ranges(layout)
     k0, k1 = ranges[0][1][0], ranges[-1][1][1]
     dev = q_BTHD.device
     cu_q = torch.tensor([0] + [e for (_, e), _ in ranges], dtype=torch.int32, device=dev)
     cu_k = torch.tensor([0] + [ke - k0 for _, (_, ke) in ranges], dtype=torch.int32, device=dev)
     max_k = max(ke - ks for _, (ks, ke) in ranges)
-    o_THD = flash_attn_varlen_func(q_BTHD[0], kall_BTKD[0, k0:k1], vall_BTKD[0, k0:k1], cu_q, cu_k,
-                                   layout.max_seq_len, max_k, dropout_p=dropout_p, softmax_scale=scale,
-                                   causal=True)
+    o_THD = _fused_varlen(layout.attn_backend, q_BTHD[0], kall_BTKD[0, k0:k1], vall_BTKD[0, k0:k1],
+                          cu_q, cu_k, layout.max_seq_len, max_k, scale, dropout_p)
     return o_THD.unsqueeze(0)
 
 
@@ -126,14 +152,16 @@ def causal_attention(q_BTHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.T
     if layout.context is not None:
         kall_BTKD = layout.context.gather(k_BTKD, dim=1)
         vall_BTKD = layout.context.gather(v_BTKD, dim=1)
-        if layout.attn_backend == "flash" and q_BTHD.dtype in _FLASH_DTYPES:
-            return _flash_context(q_BTHD, kall_BTKD, vall_BTKD, scale, layout, dropout_p)
+        if layout.attn_backend in ("flash", "varlen") and q_BTHD.dtype in FUSED_DTYPES:
+            return _fused_context(q_BTHD, kall_BTKD, vall_BTKD, scale, layout, dropout_p)
         return _sdpa_segments(q_BTHD, kall_BTKD, vall_BTKD, scale, _context_key_ranges(layout), dropout_p)
     if not layout.packed:
         return _sdpa_padded(q_BTHD, k_BTKD, v_BTKD, scale, dropout_p)
-    # flash-attn has no fp32 kernel: an fp32 forward without autocast takes the exact SDPA loop.
-    if layout.attn_backend == "flash" and q_BTHD.dtype in _FLASH_DTYPES:
-        return _flash_varlen(q_BTHD, k_BTKD, v_BTKD, scale, layout, dropout_p)
+    if layout.attn_backend in ("flash", "varlen") and q_BTHD.dtype in FUSED_DTYPES:
+        cu = layout.cu_seq_lens
+        o_THD = _fused_varlen(layout.attn_backend, q_BTHD[0], k_BTKD[0], v_BTKD[0], cu, cu,
+                              layout.max_seq_len, layout.max_seq_len, scale, dropout_p)
+        return o_THD.unsqueeze(0)
     assert layout.bounds is not None
     segments = list(zip(layout.bounds[:-1], layout.bounds[1:]))
     return _sdpa_segments(q_BTHD, k_BTKD, v_BTKD, scale, zip(segments, segments), dropout_p)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from granite_train.models.attention import Attention, check_attn_backend, resolve_attn_backend
+from granite_train.models.attention import (Attention, attn_backend_unavailable, check_attn_backend,
+                                            resolve_attn_backend)
 from granite_train.errors import UserError
 from granite_train.models import context as cp_geometry
 from granite_train.models.batch import SeqLayout, SequenceShard, segment_positions
@@ -117,8 +118,8 @@ class GraniteModel(nn.Module):
 class GraniteForCausalLM(nn.Module):
     """Granite LM (dense or MoE) with a padding-free forward.
 
-    `attn_backend`: "auto" (flash-attn varlen on CUDA when installed, else per-example SDPA),
-    "sdpa" or "flash". `mamba_backend`: "auto" (on CUDA the first of "cuda" = causal-conv1d + mamba-ssm and
+    `attn_backend`: "auto" (on CUDA flash-attn varlen when installed, else torch's varlen
+    kernels; per-example SDPA elsewhere), "sdpa", "flash" or "varlen". `mamba_backend`: "auto" (on CUDA the first of "cuda" = causal-conv1d + mamba-ssm and
     "triton" = fla-core + mamba-ssm that is installed, else the exact PyTorch path), "torch",
     "cuda" or "triton" (see `mamba_kernels`). `activation_checkpointing`: recompute each decoder layer in backward.
     """
@@ -295,10 +296,16 @@ class GraniteForCausalLM(nn.Module):
         """(attention, Mamba-2) kernels for `device`, resolved and logged once per device type."""
         backend = self._backend_by_device.get(device.type)
         if backend is None:
-            backend = resolve_attn_backend(self.attn_backend, device)
+            backend = resolve_attn_backend(self.attn_backend, device, self.config.attention_dropout)
             self._backend_by_device[device.type] = backend
-            log.info("attention backend: %s (model.attn_backend=%s, device %s)",
-                     _BACKEND_NAMES[backend], self.attn_backend, device.type)
+            if device.type == "cuda" and backend == "sdpa" and self.attn_backend == "auto":
+                whys = "; ".join(f"{name}: {attn_backend_unavailable(name, device, self.config.attention_dropout)}"
+                                 for name in ("flash", "varlen"))
+                log.warning("attention backend: %s, one call per example, NOT a fused varlen kernel: %s "
+                            "(model.attn_backend=auto, device cuda)", _BACKEND_NAMES[backend], whys)
+            else:
+                log.info("attention backend: %s (model.attn_backend=%s, device %s)",
+                         _BACKEND_NAMES[backend], self.attn_backend, device.type)
         return backend, self._resolve_mamba_backend(device)
 
     def _context_layout(self, input_ids: torch.Tensor, shard: SequenceShard) -> SeqLayout:
@@ -395,7 +402,8 @@ class GraniteForCausalLM(nn.Module):
         return CausalLMOutput(logits=logits_BTV, loss=loss, aux_loss=aux_loss, expert_counts=expert_counts)
 
 
-_BACKEND_NAMES = {"flash": "flash_attn_varlen_func", "sdpa": "per-example scaled_dot_product_attention"}
+_BACKEND_NAMES = {"flash": "flash_attn_varlen_func", "varlen": "torch.nn.attention.varlen.varlen_attn",
+                  "sdpa": "per-example scaled_dot_product_attention"}
 
 
 def full_size(cfg: GraniteConfig) -> Tuple[int, int]:

@@ -158,7 +158,9 @@ def truncate_metrics(path: Path, last_step: int) -> int:
 
 # Dense bf16 peak TFLOP/s by GPU name (vendor spec sheets; fp32 runs use TF32 peaks / 2 would be
 # closer, but training here is bf16). Substring match on torch.cuda.get_device_name().
-_PEAK_BF16_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0))
+# The first matching key wins: the more specific names first.
+_PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200", 989.0), ("H100", 989.0),
+                     ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", 70.0))
 
 
 def peak_tflops(configured: Optional[float], device: torch.device) -> Optional[float]:

@@ -12,7 +12,7 @@ Install (CI does, .ci/run): `pip install -e '.[dev,triton-cpu]'` then
 mamba-ssm==2.3.2.post1` (Python only; its setup cannot parse a CPU torch's CUDA version without
 MAMBA_FORCE_BUILD, and its dependencies are GPU packages). Without them these tests skip, except
 where GRANITE_TRAIN_KERNEL_TESTS=required (CI), where they fail. The shims that let the kernels
-run on a CPU-only torch are in tests/interpreted_triton.py.
+run on a CPU-only torch are in granite_train/doctor/interpreted.py.
 
 Not checked here (no interpreter can): causal-conv1d (CUDA C++, the "cuda" backend's conv) and
 bf16 (the interpreter's tl.dot multiplies bf16's raw bits: triton #11584).
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.triton_interpret
 
 @pytest.fixture(scope="module")
 def kernels():
-    """The interpreted kernels, imported under the shims (tests/interpreted_triton.py)."""
+    """The interpreted kernels, imported under the shims (granite_train/doctor/interpreted.py)."""
     skip_or_fail_if_unavailable()
     with interpreted_kernels():
         yield

@@ -164,7 +164,10 @@ def test_backend_is_logged_once_and_flash_never_imported_on_cpu(tiny_model, capl
     assert "flash_attn" not in sys.modules
 
     flash = GraniteForCausalLM(model.config, attn_backend="flash")
-    with pytest.raises(UserError, match="attn_backend=flash needs a CUDA device"):
+    with pytest.raises(UserError, match="attn_backend=flash cannot run: needs a CUDA device"):
         flash(input_ids=batch["input_ids"])
+    varlen = GraniteForCausalLM(model.config, attn_backend="varlen")
+    with pytest.raises(UserError, match="attn_backend=varlen cannot run: needs a CUDA device"):
+        varlen(input_ids=batch["input_ids"])
     with pytest.raises(UserError, match="attn_backend='xformers'"):
         GraniteForCausalLM(model.config, attn_backend="xformers")
