@@ -290,6 +290,9 @@ def check_tool(tool: str, args: List[str], stand_ins, monkeypatch) -> None:
         assert opts["out"], "python -m granite_train.prepare needs --out DIR"
     elif tool == "plot_lr":
         overrides, _ = mod._parse(args)
+    elif tool == "doctor":
+        mod = importlib.import_module("granite_train.doctor.run")
+        overrides, _ = mod._parse(args)
     else:
         pytest.fail(f"no check for python -m {module}: add one to tests/test_docs.py")
     compose(overrides, stand_ins)

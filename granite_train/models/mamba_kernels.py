@@ -101,7 +101,8 @@ def import_error(backend: str) -> Optional[str]:
     return None
 
 
-def _unavailable(backend: str, d_conv: int) -> Optional[str]:
+def backend_unavailable(backend: str, d_conv: int) -> Optional[str]:
+    """Why `backend`'s kernels cannot run a mixer of conv width `d_conv` on a CUDA device, or None."""
     missing = _missing(backend)
     if missing:
         return f"{' and '.join(missing)} not installed ({_FIX})"
@@ -125,14 +126,14 @@ def resolve_mamba_backend(requested: str, device: torch.device, d_conv: int) -> 
                             f"this run is on {device.type}; use model.mamba_backend=auto")
         return "torch", None
     if requested != "auto":
-        why = _unavailable(requested, d_conv)
+        why = backend_unavailable(requested, d_conv)
         if why is not None:
             raise UserError(f"model.mamba_backend={requested} cannot run: {why}; "
                             "or use model.mamba_backend=auto")
         return requested, None
     whys = []
     for backend in FAST_BACKENDS:
-        why = _unavailable(backend, d_conv)
+        why = backend_unavailable(backend, d_conv)
         if why is None:
             return backend, None
         whys.append(f"{backend}: {why}")

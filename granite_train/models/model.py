@@ -260,7 +260,7 @@ class GraniteForCausalLM(nn.Module):
             return self._context_layout(input_ids, context)
         B, T = input_ids.shape
         device = input_ids.device
-        backend, mamba_backend = self._resolve_backends(device)
+        backend, mamba_backend = self.resolve_backends(device)
 
         if cu_seq_lens is None and seq_idx is not None and B == 1:
             # Only seq_idx given: boundaries from the explicit example index (never from tokens).
@@ -292,7 +292,7 @@ class GraniteForCausalLM(nn.Module):
                          cu_seq_lens=cu_seq_lens, bounds=bounds, max_seq_len=max_len, seq_idx=seq_idx,
                          real_tokens=real_tokens)
 
-    def _resolve_backends(self, device: torch.device) -> Tuple[str, str]:
+    def resolve_backends(self, device: torch.device) -> Tuple[str, str]:
         """(attention, Mamba-2) kernels for `device`, resolved and logged once per device type."""
         backend = self._backend_by_device.get(device.type)
         if backend is None:
@@ -319,7 +319,7 @@ class GraniteForCausalLM(nn.Module):
             raise UserError(f"a context-parallel slice of {T} tokens is shorter than the Mamba conv's halo "
                             f"(mamba_d_conv - 1 = {c.mamba_d_conv - 1}); raise trainer.micro_batch_tokens")
         device = input_ids.device
-        attn_backend, mamba_backend = self._resolve_backends(device)
+        attn_backend, mamba_backend = self.resolve_backends(device)
         bounds = cp_geometry.local_bounds(shard)
         position_ids = cp_geometry.global_positions(shard, device)
         cos_BTD = sin_BTD = None

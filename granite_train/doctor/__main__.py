@@ -1,0 +1,5 @@
+import sys
+
+from granite_train.doctor.run import main
+
+sys.exit(main())
