@@ -14,6 +14,7 @@ tokens on 2 cores), so CPU times one step after the warm-up.
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -43,7 +44,7 @@ def _preset_arch(preset: str, overrides: Sequence[str]):
 
 def _cpu_rss() -> int:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _cpu_hwm_reset() -> None:

@@ -33,14 +33,6 @@ import torch
 from granite_train.errors import UserError
 
 
-def _pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
-    if choice in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 OPTIONS = {"json": None, "peak-tflops": None}
 
 
@@ -98,7 +90,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         from granite_train.cli import compose_config
 
         cfg = compose_config(overrides)
-        device = _pick_device(cfg.trainer.device)
+        from granite_train.parallel.env import pick_device
+
+        device = pick_device(cfg.trainer.device)
     except UserError as exc:
         print(f"granite-train: error: {exc}", file=sys.stderr)
         return 2

@@ -52,7 +52,8 @@ class Env:
         return cls(0, 1, 0, device, autocast_dtype)
 
 
-def _pick_device(choice: str, local_rank: int) -> torch.device:
+def pick_device(choice: str, local_rank: int = 0) -> torch.device:
+    """The device `trainer.device` names for this process (set as current on CUDA)."""
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise UserError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
@@ -100,7 +101,7 @@ def init_env(trainer: TrainerConfig, distributed: DistributedConfig) -> Env:
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _pick_device(trainer.device, local_rank)
+    device = pick_device(trainer.device, local_rank)
     if world_size > 1 or distributed.zero_stage is not None:
         init_process_group(distributed.backend, device, world_size)
     return Env(rank, world_size, local_rank, device, _pick_dtype(trainer.dtype, device))
