@@ -251,6 +251,10 @@ class DistributedConfig:
     # contiguous slice of micro_batch_tokens; exact (granite_train/parallel/context_parallel.py).
     # Data-parallel size = world / size. 1: off.
     context_parallel_size: int = 1
+    # Plain data parallel (zero_stage=null): gradients are SUM all-reduced in buckets of this many
+    # MiB while the backward still runs (as torch DDP's bucket_cap_mb=25). 0: one bucket after the
+    # backward, no overlap. DeepSpeed has its own buckets (reduce_bucket_size).
+    bucket_mb: float = 25.0
 
 
 @dataclass
@@ -616,6 +620,9 @@ def _validate_distributed(cfg: RunConfig) -> None:
     if ep > 1 and cfg.model.path is None and cfg.model.arch.num_local_experts % ep:
         raise UserError(f"model.arch.num_local_experts={cfg.model.arch.num_local_experts} does not split over "
                         f"distributed.expert_parallel_size={ep} ranks; pick a size that divides the experts")
+    if not d.bucket_mb >= 0:  # also NaN
+        raise UserError(f"distributed.bucket_mb={d.bucket_mb} must be >= 0 (MiB per gradient bucket; 0: one "
+                        f"bucket reduced after the backward)")
     if d.zero_stage is None:
         if d.offload_params:
             raise UserError("distributed.offload_params=true needs DeepSpeed ZeRO-3: set "

@@ -241,7 +241,7 @@ class DeepSpeedEngine:
     def forward(self, **inputs: Any) -> Any:
         return self.engine(**inputs)
 
-    def backward(self, objective: torch.Tensor) -> None:
+    def backward(self, objective: torch.Tensor, last: bool = True) -> None:
         # scale_wrt_gas=False: the objective is already weighted by its share of the step.
         self.engine.backward(objective * self.world, scale_wrt_gas=False)
 
@@ -261,6 +261,9 @@ class DeepSpeedEngine:
         backward and expert parallelism exchanges tokens in it, so all ranks run the same number
         of them (at ZeRO 0/1 without experts it costs a tiny forward and is kept for uniformity)."""
         self._dummy_backward(0.0)
+
+    def backwards_done(self) -> None:
+        pass  # DeepSpeed reduces inside its backward and step
 
     def _backward_nan(self) -> None:
         """NaN into every gradient: DeepSpeed then skips the update (ZeRO 1-3)."""

@@ -6,7 +6,8 @@ step, all ranks). An engine turns those objectives into one optimizer update who
 the SUM over micro-batches and ranks, clipped by the global norm, skipped on every rank alike
 when not finite:
 
-- `PlainEngine`: every rank holds everything; one flat SUM all-reduce per step (the default,
+- `PlainEngine`: every rank holds everything; the gradients are SUM all-reduced in buckets
+  while the last backward of the step runs (`grad_buckets.py`; the default,
   `distributed.zero_stage=null`).
 - `DeepSpeedEngine` (`deepspeed_engine.py`): DeepSpeed ZeRO stage 0-3, the same math.
 
@@ -15,20 +16,23 @@ when not finite:
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
 
 from granite_train.errors import UserError
 from granite_train.parallel.env import Env
+from granite_train.parallel.grad_buckets import GradBuckets
 from granite_train.parallel.grad_norm import clip_by_global_norm
 from granite_train.parallel.plan import ParallelPlan
 from granite_train.serialization import safe_load
+
+log = logging.getLogger(__name__)
 
 OPTIMIZER_FILE = "optimizer.pt"  # plain engine: the optimizer's state_dict, inside a checkpoint
 DS_STATE_DIR = "deepspeed"  # DeepSpeed engine: every rank's state, inside a checkpoint
@@ -44,11 +48,16 @@ class Engine(Protocol):
 
     def forward(self, **inputs: Any) -> Any: ...
 
-    def backward(self, objective: torch.Tensor) -> None: ...
+    def backward(self, objective: torch.Tensor, last: bool = True) -> None:
+        """`last`: this rank's last backward of the step (an engine may reduce during it)."""
 
     def backward_nothing(self) -> None:
         """A micro-batch that trains no token on this rank (engines whose backward is a
         collective run a dummy one, so every rank runs as many)."""
+
+    def backwards_done(self) -> None:
+        """This rank's backwards of the step are over; called before the step's other
+        collectives (an engine may launch the rest of its gradient reduction here)."""
 
     def step(self, loss_is_finite: bool) -> Tuple[float, bool]:
         """Reduce, clip and update: (global grad norm, whether the update was applied)."""
@@ -86,23 +95,22 @@ def saved_zero_stage(ckpt: Path) -> Optional[int]:
         return None
 
 
-def _allreduce_sum(tensors: List[torch.Tensor]) -> None:
-    # One flat buffer: a single collective per step. Sum, because every rank already divided its
-    # loss by the global token count.
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    for t, synced in zip(tensors, flat.split([t.numel() for t in tensors])):
-        t.copy_(synced.view_as(t))
-
-
 class PlainEngine:
-    """Plain data parallel: local accumulation, one summed all-reduce, global-norm clipping."""
+    """Plain data parallel: local accumulation, the summed reduction overlapped with the last
+    backward (buckets of `bucket_mb`), global-norm clipping."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, env: Env, grad_clip: float,
-                 plan: ParallelPlan) -> None:
+                 plan: ParallelPlan, bucket_mb: float = 25.0) -> None:
         self.model, self.optimizer, self.env, self.plan = model, optimizer, env, plan
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.clip = grad_clip
+        # One process reduces nothing: its gradients stay autograd's own (freed between steps).
+        self.buckets = GradBuckets(self.params, int(bucket_mb * 2 ** 20)) if env.distributed else None
+        if self.buckets is not None and env.is_main:
+            log.info("data parallel over %d ranks: gradients SUM all-reduced in %d bucket(s) of <= %.1f MiB %s "
+                     "(distributed.bucket_mb=%g)", env.world_size, len(self.buckets.buckets),
+                     self.buckets.max_bucket_bytes / 2 ** 20,
+                     "during the backward" if bucket_mb > 0 else "after the backward", bucket_mb)
 
     @classmethod
     def one_process(cls, model: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float = 0.0) -> "PlainEngine":
@@ -118,23 +126,29 @@ class PlainEngine:
     def forward(self, **inputs: Any) -> Any:
         return self.model(**inputs)
 
-    def backward(self, objective: torch.Tensor) -> None:
+    def backward(self, objective: torch.Tensor, last: bool = True) -> None:
+        if last and self.buckets is not None:
+            self.buckets.arm()
         objective.backward()
 
     def backward_nothing(self) -> None:
-        pass  # the all-reduce in `step` covers parameters without a gradient
+        pass  # `backwards_done` launches every bucket the backward did not
+
+    def backwards_done(self) -> None:
+        if self.buckets is not None:
+            self.buckets.launch_rest()
 
     def step(self, loss_is_finite: bool) -> Tuple[float, bool]:
-        for p in self.params:
-            if p.grad is None:  # a rank whose micro-batches never touched p still syncs it
-                p.grad = torch.zeros_like(p)
-        if self.env.distributed:
-            _allreduce_sum([p.grad for p in self.params])
+        if self.buckets is not None:
+            self.buckets.finish()  # waits for every bucket (launching any still left)
         grad_norm = clip_by_global_norm(self.params, self.clip)
         stepped = loss_is_finite and math.isfinite(grad_norm)
         if stepped:  # every rank sees the same reduced values, so all skip together
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.buckets is not None:
+            self.buckets.zero()  # the gradients are views of the buckets: zeroed, never dropped
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, stepped
 
     export_shard_size = 5 * 10 ** 9  # transformers' default
@@ -145,6 +159,8 @@ class PlainEngine:
 
     def release_optimizer_state(self) -> None:
         self.optimizer.state.clear()
+        if self.buckets is not None:  # no step follows: the gradient buckets go too
+            self.buckets.release()
 
     def save_state(self, directory: Path, is_main: bool) -> None:
         if is_main:  # every rank holds the same optimizer state

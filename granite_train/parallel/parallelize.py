@@ -103,5 +103,5 @@ def parallelize(model: nn.Module, cfg: RunConfig, env: Env) -> Engine:
     if plan.zero_stage is None:
         if expert is not None:
             raise ValueError("expert parallelism runs on DeepSpeed (config validation lets no such run through)")
-        return PlainEngine(model, optimizer, env, cfg.optim.grad_clip, plan)
+        return PlainEngine(model, optimizer, env, cfg.optim.grad_clip, plan, cfg.distributed.bucket_mb)
     return DeepSpeedEngine(model, optimizer, env, cfg, plan)

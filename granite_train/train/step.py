@@ -93,10 +93,12 @@ def forward_backward(engine: Engine, step: Any, s: StepSettings) -> StepSums:
     # micro-batches are all empty: every rank must run the same collectives after this.
     expert_counts = torch.zeros(s.expert_shape, device=s.device) if s.expert_shape else None
     saw_aux = False
-    for mb in step.micro_batches:
-        # Counted on the host copy, before the transfer: no device sync per micro-batch. Under
-        # context parallelism the row decides (every rank of the group sees the same row).
-        n_mb = 0 if is_empty(mb) or n_global == 0 else int((mb["labels"] != -100).sum())
+    # Counted on the host copies, before the transfer: no device sync per micro-batch. Under
+    # context parallelism the row decides (every rank of the group sees the same row).
+    trained = [0 if is_empty(mb) or n_global == 0 else int((mb["labels"] != -100).sum())
+               for mb in step.micro_batches]
+    last = max((i for i, n in enumerate(trained) if n), default=-1)  # the engine may reduce during it
+    for i, (mb, n_mb) in enumerate(zip(step.micro_batches, trained)):
         if n_mb == 0:
             engine.backward_nothing()  # every rank runs as many backwards
             continue
@@ -116,10 +118,11 @@ def forward_backward(engine: Engine, step: Any, s: StepSettings) -> StepSums:
             objective = objective + s.aux_coef * output.aux_loss * share
             aux_sum += output.aux_loss.detach().double() * share / (s.context.size if s.context else 1)
             saw_aux = True
-        engine.backward(objective)
+        engine.backward(objective, last=i == last)
         if output.expert_counts is not None:
             expert_counts = output.expert_counts if expert_counts is None else expert_counts + output.expert_counts
         loss_sum += output.loss.detach().double() * n_mb
+    engine.backwards_done()  # before the sums' collectives: every rank issues its gradient buckets first
     return StepSums(loss_sum, aux_sum, saw_aux, expert_counts)
 
 

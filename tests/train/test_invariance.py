@@ -5,6 +5,7 @@ The one-process runs train in this process; every 2-rank run of the module train
 torchrun launch (`two_ranks`), one run after the other."""
 
 import json
+import re
 
 import pytest
 
@@ -54,7 +55,9 @@ def two_ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("two_ranks")
     cp = root / "hybrid_cp_ep"
     runs = [
-        {"name": "dp", "args": [*COMMON, "trainer.micro_batch_tokens=1024", f"trainer.output_dir={root / 'dp'}"]},
+        # small gradient buckets: several reduced during the backward
+        {"name": "dp", "args": [*COMMON, "trainer.micro_batch_tokens=1024", "distributed.bucket_mb=0.1",
+                                f"trainer.output_dir={root / 'dp'}"]},
         {"name": "empty_rank", "args": [*EMPTY_RANK, f"trainer.output_dir={root / 'empty_rank'}"]},
         {"name": "cp", "args": [*COMMON, "trainer.micro_batch_tokens=256", "distributed.context_parallel_size=2",
                                 f"trainer.output_dir={root / 'cp'}"]},
@@ -95,8 +98,10 @@ def test_two_ranks_equal_one(cli, tmp_path, two_ranks):
     one = tmp_path / "one"
     proc = cli(*COMMON, "trainer.micro_batch_tokens=1024", f"trainer.output_dir={one}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    two, _ = ran(two_ranks, "dp")
+    two, err = ran(two_ranks, "dp")
     assert_same_curve(curve(one), curve(two), rel=1e-5)
+    buckets = re.search(r"gradients SUM all-reduced in (\d+) bucket\(s\) of <= [\d.]+ MiB during the backward", err)
+    assert buckets and int(buckets[1]) > 2, err[-2000:]
 
 
 def test_padded_baseline_trains_the_same_loss_as_packed(cli, tmp_path):
