@@ -69,7 +69,8 @@ def _combos(family: str, device: torch.device) -> List[Tuple[str, str, Optional[
         from granite_train.compat import cpu_has_native_bf16
 
         # Without native bf16 matmuls (AVX512-BF16 / AMX) bf16 is emulated: minutes per step at
-        # these widths, and trainer.dtype=auto never picks it there.
+        # these widths. With them both run (trainer.dtype=auto is fp32 on CPU: bf16 autocast
+        # lost there, benchmarks/cpu_dtype.py; here is this machine's own comparison).
         bf16 = [("sdpa", "torch", torch.bfloat16)] if cpu_has_native_bf16() else []
         return [("sdpa", "torch", None), *bf16]
     combos = [("auto", "auto", torch.bfloat16), ("sdpa", "auto", torch.bfloat16)]

@@ -11,8 +11,11 @@ Two fast backends, both on CUDA devices only, beside the exact PyTorch reference
 "auto" takes "cuda", then "triton", then the PyTorch path (with a warning naming what is
 missing). None of these packages imports on a CPU-only machine, so nothing here imports them at
 module level or for a CPU device: `_missing` asks `importlib.util.find_spec` (which does not
-import); for a CUDA device `import_error` then tries the imports (a mamba-ssm built without its
-CUDA extension is findable but does not import); the glue functions import inside their bodies.
+import); for a CUDA device `import_error` then tries the imports; the glue functions import inside their bodies. A mamba-ssm installed without its CUDA
+extension (`MAMBA_SKIP_CUDA_BUILD=TRUE`, the usual way around a failing build) cannot import its
+package: `mamba_ssm/__init__` imports `selective_scan_cuda`. Its Triton kernels need nothing of
+that, so `mamba_triton_importable` then imports them under an empty package module over the
+installed directory (logged once): the "triton" backend needs only pip-installable Python code.
 
 Kernel contracts used here (causal-conv1d 1.4+, mamba-ssm 2.2+, fla-core 0.6+):
 
@@ -43,7 +46,11 @@ Kernel contracts used here (causal-conv1d 1.4+, mamba-ssm 2.2+, fla-core 0.6+):
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import logging
+import sys
+import types
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -83,9 +90,31 @@ def config_unsupported(d_conv: int, backend: str = "cuda") -> Optional[str]:
     return None
 
 
-# What each backend imports first: mamba_ssm/__init__ imports its CUDA extension
-# (selective_scan_cuda), so a mamba-ssm installed without its CUDA build is findable but not
-# importable.
+def mamba_triton_importable() -> None:
+    """Make `mamba_ssm.ops.triton.*` importable where mamba-ssm lacks its CUDA extension (see the
+    module doc); nothing when the package imports (or is already imported). Raises what the
+    import raised for any other failure."""
+    if "mamba_ssm" in sys.modules:
+        return
+    try:
+        importlib.import_module("mamba_ssm")
+        return
+    except ImportError as exc:
+        spec = importlib.util.find_spec("mamba_ssm")
+        locations = getattr(spec, "submodule_search_locations", None)
+        if "selective_scan_cuda" not in f"{exc.name} {exc}" or not locations:
+            raise
+    for name in [n for n in sys.modules if n.startswith("mamba_ssm.")]:  # left by the failed import
+        del sys.modules[name]
+    package = types.ModuleType("mamba_ssm")
+    package.__path__ = list(locations)
+    sys.modules["mamba_ssm"] = package
+    logging.getLogger(__name__).info(
+        "mamba-ssm is installed without its CUDA extension (selective_scan_cuda): its Triton kernels are "
+        "imported on their own")
+
+
+# What each backend imports first (after `mamba_triton_importable`).
 _FIRST_IMPORTS = {"cuda": ("mamba_ssm.ops.triton.ssd_combined", "causal_conv1d"),
                   "triton": ("mamba_ssm.ops.triton.ssd_combined", "fla.modules.causal_conv1d")}
 
@@ -95,9 +124,11 @@ def import_error(backend: str) -> Optional[str]:
     device (never on a CPU-only machine)."""
     for name in _FIRST_IMPORTS[backend]:
         try:
+            if name.startswith("mamba_ssm."):
+                mamba_triton_importable()
             importlib.import_module(name)
         except Exception as exc:  # an ImportError, or a CUDA extension failing to load
-            return f"import {name} failed ({type(exc).__name__}: {exc}; mamba-ssm needs its CUDA build)"
+            return f"import {name} failed ({type(exc).__name__}: {exc})"
     return None
 
 
@@ -177,6 +208,7 @@ def chunk_scan(x_BTHP: torch.Tensor, dt_raw_BTH: torch.Tensor, A_H: torch.Tensor
                seq_idx_BT: Optional[torch.Tensor]) -> torch.Tensor:
     """y = SSD(x, clamp(softplus(dt_raw + dt_bias), dt_limit), A, B, C) + D x via
     `mamba_chunk_scan_combined`; the state restarts wherever `seq_idx_BT` changes."""
+    mamba_triton_importable()
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined  # a fast backend only
 
     seq = None
@@ -207,6 +239,7 @@ def conv_silu_varlen(xBC_BTC: torch.Tensor, weight_C1K: torch.Tensor, bias_C: Op
 def gated_rmsnorm(y_BTD: torch.Tensor, z_BTD: torch.Tensor, weight_D: torch.Tensor, eps: float,
                   group_size: int) -> torch.Tensor:
     """`weight * rms_norm(y * silu(z))` per group of `group_size` channels via mamba-ssm's kernel."""
+    mamba_triton_importable()
     from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn  # Triton: a fast backend only
 
     return rmsnorm_fn(y_BTD, weight_D, None, z=z_BTD, eps=eps, group_size=group_size, norm_before_gate=False)

@@ -16,12 +16,11 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from granite_train.compat import cpu_has_native_bf16
 from granite_train.config import DistributedConfig, TrainerConfig
 from granite_train.errors import UserError
 
@@ -37,6 +36,7 @@ class Env:
     local_rank: int
     device: torch.device
     autocast_dtype: Optional[torch.dtype]  # None: plain fp32
+    dtype_reason: str = ""  # trainer.dtype=auto: why it picked what it did (the start-up line)
 
     @property
     def is_main(self) -> bool:
@@ -62,16 +62,26 @@ def pick_device(choice: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def _pick_dtype(choice: str, device: torch.device) -> Optional[torch.dtype]:
+# bf16 autocast against fp32 on CPUs with native bf16 (AVX512-BF16), recipe=sft_tiny at
+# micro-batches of 512-4096 tokens on an idle 2-core EPYC (benchmarks/cpu_dtype.py,
+# docs/benchmarks.md): 0.91-1.13x the speed at 1.20-1.74x the peak memory, and 0.86-1.13x at
+# 1.43-1.94x on a real fine-tune (issue 29). Autocast keeps the fp32 weights and adds bf16 copies
+# and casts, and CPU kernels gain little from bf16: no speed worth the memory, and fp32 is exact.
+CPU_AUTO_REASON = ("trainer.dtype=auto picks fp32 on CPU: bf16 autocast measured 0.86-1.13x its speed at "
+                   "1.2-1.9x its memory (benchmarks/cpu_dtype.py); trainer.dtype=bf16 forces it")
+
+
+def _pick_dtype(choice: str, device: torch.device) -> Tuple[Optional[torch.dtype], str]:
+    """The autocast dtype of `trainer.dtype` (None: fp32) and, for auto, why."""
     if choice == "fp32":
-        return None
+        return None, ""
     if choice == "bf16":
-        return torch.bfloat16
-    # auto: bf16 autocast where the hardware has native bf16 matmuls (CUDA Ampere+, CPUs with
-    # AVX512-BF16/AMX: measured 1.4x faster than fp32 here); elsewhere fp32.
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_native_bf16() else None
+        return torch.bfloat16, ""
+    if device.type == "cuda":  # bf16 tensor cores (Ampere+): the training dtype of every Granite
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "trainer.dtype=auto picks bf16 autocast: the GPU has bf16 tensor cores"
+        return None, "trainer.dtype=auto picks fp32: this GPU has no native bf16"
+    return None, CPU_AUTO_REASON
 
 
 def launched() -> bool:
@@ -104,7 +114,7 @@ def init_env(trainer: TrainerConfig, distributed: DistributedConfig) -> Env:
     device = pick_device(trainer.device, local_rank)
     if world_size > 1 or distributed.zero_stage is not None:
         init_process_group(distributed.backend, device, world_size)
-    return Env(rank, world_size, local_rank, device, _pick_dtype(trainer.dtype, device))
+    return Env(rank, world_size, local_rank, device, *_pick_dtype(trainer.dtype, device))
 
 
 def agree(env: Env, value: Any) -> Any:

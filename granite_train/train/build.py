@@ -128,9 +128,9 @@ def describe(cfg: RunConfig, model: GraniteForCausalLM, tokenizer: Any, env: Env
     log.info("data: %s (format %s, packing %s, max_length %d) | tokenizer: %s (%d tokens)",
              what, "per source" if cfg.data.sources else cfg.data.format, cfg.data.packing, cfg.data.max_length,
              cfg.data.tokenizer or cfg.model.path or "gpt2-bundled", tokenizer.vocab_size)
-    log.info("batch: %d tokens/step over %d rank(s), micro-batches of <= %d tokens | device %s, %s",
+    log.info("batch: %d tokens/step over %d rank(s), micro-batches of <= %d tokens | device %s, %s%s",
              cfg.trainer.tokens_per_step, env.world_size, cfg.trainer.micro_batch_tokens,
-             env.device, precision_line(cfg, env))
+             env.device, precision_line(cfg, env), f" ({env.dtype_reason})" if env.dtype_reason else "")
     cp = cfg.distributed.context_parallel_size
     if cp > 1:
         log.info("context parallel: groups of %d ranks share rows of <= %d tokens (%d each, examples up to "

@@ -9,8 +9,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from granite_train.parallel.env import LAUNCHER_VARS, launched
+from granite_train.parallel.env import LAUNCHER_VARS, _pick_dtype, launched
 
 from ..tiny_tokenizer import TINY_TOKENIZER
 
@@ -53,3 +54,11 @@ def test_launched_needs_every_launcher_variable(monkeypatch):
     assert launched()
     monkeypatch.delenv("MASTER_PORT")
     assert not launched()
+
+
+def test_dtype_auto_is_fp32_on_cpu_and_says_why():
+    # bf16 autocast lost to fp32 on CPU at every micro-batch size measured (benchmarks/cpu_dtype.py)
+    dtype, reason = _pick_dtype("auto", torch.device("cpu"))
+    assert dtype is None and "benchmarks/cpu_dtype.py" in reason and "trainer.dtype=bf16" in reason
+    assert _pick_dtype("bf16", torch.device("cpu")) == (torch.bfloat16, "")
+    assert _pick_dtype("fp32", torch.device("cpu")) == (None, "")

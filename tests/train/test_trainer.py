@@ -10,8 +10,8 @@ from ..tiny_tokenizer import TINY_TOKENIZER
 
 pytestmark = pytest.mark.slow
 
-# fp32 everywhere: trainer.dtype=auto picks bf16 autocast on CPUs with native bf16, and the
-# exactness asserted here (compile vs eager to 1e-5) is fp32's.
+# fp32 everywhere, set explicitly (trainer.dtype=auto is fp32 on CPU today): the exactness
+# asserted here (compile vs eager to 1e-5) is fp32's.
 FAST = ["recipe=sft_tiny", "model=granite-tiny", "data.max_examples=600", "data.max_length=512",
         "trainer.tokens_per_step=4096", "trainer.micro_batch_tokens=2048",
         "model.arch.hidden_size=64", "model.arch.intermediate_size=128",
