@@ -304,11 +304,13 @@ def save_model(model: torch.nn.Module, path: Union[str, Path], max_shard_size: U
 
 
 def save_pieces(cfg: GraniteConfig, pieces: Iterable[Dict[str, torch.Tensor]], path: Union[str, Path],
-                max_shard_size: Union[int, str] = "5GB", write: bool = True) -> None:
+                max_shard_size: Union[int, str] = "5GB", write: bool = True,
+                published_as: Optional[Path] = None) -> None:
     """`save_model` from the model's state in pieces (full names; e.g. one layer at a time, as
     a ZeRO-3 engine gathers them): each shard is written as soon as it is full, so the writer
     holds at most one shard plus one piece. Every rank may iterate (a gather is collective);
-    only `write=True` writes."""
+    only `write=True` writes. `published_as`: the name the log line gives (`path` is a staging
+    directory renamed to it afterwards)."""
     path = Path(path)
     limit = parse_size(max_shard_size)
     tmp = None
@@ -368,4 +370,4 @@ def save_pieces(cfg: GraniteConfig, pieces: Iterable[Dict[str, torch.Tensor]], p
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("saved %s (%d file(s), %s)", path, len(names), dtype_name)
+    log.info("saved %s (%d file(s), %s)", published_as or path, len(names), dtype_name)

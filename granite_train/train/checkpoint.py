@@ -74,7 +74,7 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
     """fsync every file and directory under `path` (so the rename publishes durable data)."""
     for dirpath, _, files in os.walk(path):
         for name in files:
@@ -83,10 +83,10 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(str(path), os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -112,11 +112,11 @@ def publish(tmp: Path, step: int, keep: int) -> Path:
     """Rank 0: fsync, rename into place, then drop all but the newest `keep` checkpoints."""
     root = tmp.parent
     final = root / f"step_{step}"
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if final.exists():  # a save of the same step by an earlier attempt of this run
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     if keep > 0:
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -36,6 +36,7 @@ from granite_train.models.model import full_size
 from granite_train.schedule import Schedule, run_steps
 from granite_train.train.adapter import AdapterState, AdapterSummary, adapt_model, save_adapter_dir, trainable_keys
 from granite_train.train.build import build_run_model, describe, loads_sharded
+from granite_train.train import final_export
 from granite_train.train.evaluate import evaluate
 from granite_train.train.memory import MemoryMeter, log_weights_loaded
 from granite_train.train.metrics import MetricsSink, peak_tflops, step_flops, step_record, truncate_metrics
@@ -237,8 +238,8 @@ class Trainer:
             log.info("nothing to train: %s by %s; raise trainer.max_steps (or trainer.max_tokens) to train "
                      "further, or set a new trainer.output_dir for a new run", reached, self.resume)
         self.sink.close()
-        if not (self.out / "final" / "config.json").is_file():
-            self._export_final()
+        if not final_export.is_complete(self.out / "final"):
+            self._export_final()  # a kill during the export left none (or an older run's, without a marker)
 
     def _train_one(self, step: Any) -> StepOutcome:
         c, tr = self.counters, self.cfg.trainer
@@ -317,16 +318,20 @@ class Trainer:
     def _export_final(self) -> None:
         final = self.out / "final"
         self.engine.release_optimizer_state()  # training is over and checkpointed
-        # Every rank iterates the pieces (ZeRO-3 / expert parallelism gather); rank 0 writes.
+        # Every rank iterates the pieces (ZeRO-3 / expert parallelism gather); rank 0 writes,
+        # into a staging directory published whole (final_export.py).
+        staging = final_export.begin(self.out) if self.env.is_main else final
         if self.adapter is not None:
             spec = self.adapter.spec
-            save_adapter_dir(final, self.engine.full_pieces(trainable_keys(spec)), spec, self.engine.model,
+            save_adapter_dir(staging, self.engine.full_pieces(trainable_keys(spec)), spec, self.engine.model,
                              self.base_model, self.env.is_main)
         else:
-            save_pieces(self.engine.model.config, self.engine.full_pieces(), final, self.engine.export_shard_size,
-                        write=self.env.is_main)
+            save_pieces(self.engine.model.config, self.engine.full_pieces(), staging, self.engine.export_shard_size,
+                        write=self.env.is_main, published_as=final)
         if self.env.is_main:
-            self.tokenizer.save(final)
+            self.tokenizer.save(staging)
+            final_export.publish(staging, final, {"step": self.counters.step, "tokens_seen": self.counters.tokens_seen,
+                                                  "kind": "peft_adapter" if self.adapter is not None else "hf_model"})
             what = "PEFT adapter" if self.adapter is not None else "HF checkpoint"
             log.info("done: %d steps, %d tokens, final loss %.4f | %s: %s",
                      self.counters.step, self.counters.tokens_seen, self.last_loss, what, final)

@@ -122,6 +122,19 @@ def test_a_finished_run_relaunched_says_nothing_to_train(terminal_run, cli_at):
     assert (out / "final" / "model.safetensors").stat().st_mtime_ns == before  # not re-exported
     log = (out / "train.log").read_text()
     assert log.count("---- run started") == 2 and "nothing to train" in log  # appended
+    marker = json.loads((out / "final" / "export.json").read_text())
+    assert marker["step"] == 4 and marker["kind"] == "hf_model"
+
+    # Killed during the export: the new final/ never got its marker (and a staging directory
+    # was left). The relaunch exports again, whole, and cleans up.
+    (out / "final" / "export.json").unlink()
+    (out / ".final.partial").mkdir()
+    (out / ".final.partial" / "model.safetensors").write_bytes(b"half")
+    proc = cli_at(root, *RUN, f"trainer.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nothing to train" in proc.stderr and f"saved {out / 'final'} " in proc.stderr
+    assert (out / "final" / "export.json").is_file() and (out / "final" / "tokenizer.json").is_file()
+    assert not (out / ".final.partial").exists() and not (out / ".final.old").exists()
 
 
 def test_another_run_in_the_same_directory_is_sent_to_a_free_one(terminal_run, cli_at, tmp_path):
