@@ -20,8 +20,9 @@ against ZeRO's arithmetic (`theory_bytes_per_param`): per rank, bf16 = the ZeRO 
 weights + 2 B gradients + 12 B fp32 master, m and v, divided over the ranks as the stage shards
 them; fp32 = 4 + 4 + 12 (DeepSpeed keeps a separate fp32 master partition). Issue 15's bar is
 (theory + 1 GiB) x 1.15. A sampler kills the run when the machine's free memory falls under
-0.7 GiB (an OOM would take the shell with it). `--table` prints the analytic per-GPU figure for
-4.0-H-Tiny and 4.0-H-Small on 8 x 80 GB instead.
+0.7 GiB (an OOM would take the shell with it). `--table` prints the memory planner's per-GPU
+figure (`python -m granite_train.info --memory`) for 4.0-H-Tiny and 4.0-H-Small on 8 x 80 GB
+instead.
 """
 
 from __future__ import annotations
@@ -176,45 +177,62 @@ def theory_bytes_per_param(stage: int, dtype: str, ranks: int) -> float:
     return w + g + opt
 
 
+SMALL = ["model.arch.hidden_size=4096", "model.arch.num_local_experts=72", "model.arch.num_experts_per_tok=10",
+         "model.arch.intermediate_size=768", "model.arch.shared_intermediate_size=8192",
+         "model.arch.num_attention_heads=32", "model.arch.num_key_value_heads=8", "model.arch.mamba_n_heads=128"]
+
+
 def per_gpu_table(gpus: int = 8, gpu_gib: float = 80.0) -> str:
-    """The analytic per-GPU memory of full fine-tuning 4.0-H-Tiny and 4.0-H-Small, bf16 ZeRO-3 on
-    `gpus` GPUs, activation checkpointing (markdown). Activations: every layer keeps its input
-    (T x hidden bf16) for the recompute, plus one layer's recompute working set (its widest
-    per-token tensors, forward and backward), plus one gathered layer (bf16 weights + grads)."""
-    import torch
-
+    """`python -m granite_train.info --memory` (granite_train/memory_plan.py) for full
+    fine-tuning 4.0-H-Tiny and 4.0-H-Small on `gpus` GPUs, bf16 ZeRO-3, activation
+    checkpointing, the loss in chunks of 4096 tokens, at 4k, 32k and 128k tokens per micro-batch
+    (128k also split over 8 context-parallel ranks), as markdown."""
     from granite_train.cli import compose_config
-    from granite_train.models import build_model
+    from granite_train.memory_plan import GIB, Settings, Shape, plan
 
-    small = ["model.arch.hidden_size=4096", "model.arch.num_local_experts=72", "model.arch.num_experts_per_tok=10",
-             "model.arch.intermediate_size=768", "model.arch.shared_intermediate_size=8192",
-             "model.arch.num_attention_heads=32", "model.arch.num_key_value_heads=8", "model.arch.mamba_n_heads=128"]
-    rows = ["| model | P | weights | grads | Adam + master | live layer | acts 4k | acts 32k | total 4k | total 32k |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, extra in (("granite-4.0-h-tiny", []), ("granite-4.0-h-small (assumed shapes)", small)):
-        a = compose_config(["model=granite-4.0-h-tiny", *extra]).model.arch
-        with torch.device("meta"):
-            model = build_model(a)
-        p = sum(t.numel() for t in model.parameters())
-        layer = max(sum(t.numel() for t in layer.parameters()) for layer in model.model.layers)
-        d_inner = a.mamba_expand * a.hidden_size
-        in_proj = 2 * d_inner + 2 * a.mamba_n_groups * a.mamba_d_state + a.mamba_n_heads
-        per_token = (in_proj + 3 * d_inner + a.num_experts_per_tok * 4 * a.intermediate_size
-                     + 4 * a.shared_intermediate_size + 8 * a.hidden_size)
-        weights, grads, opt = 2 * p / gpus, 2 * p / gpus, 12 * p / gpus
-        live = 2 * 2 * layer
-
-        def acts(tokens: int) -> float:
-            saved = a.num_hidden_layers * tokens * a.hidden_size * 2
-            working = 2 * tokens * per_token * 2  # forward + backward of one layer, bf16
-            ssd = (tokens // a.mamba_chunk_size) * a.mamba_n_heads * (d_inner // a.mamba_n_heads) * a.mamba_d_state * 4
-            return saved + working + 2 * ssd
-
-        g = lambda b: f"{b / GIB:.1f}"
-        base = weights + grads + opt + live
-        rows.append(f"| {name} | {p / 1e9:.2f}B | {g(weights)} | {g(grads)} | {g(opt)} | {g(live)} | {g(acts(4096))} | "
-                    f"{g(acts(32768))} | {g(base + acts(4096))} / {gpu_gib:.0f} | {g(base + acts(32768))} / {gpu_gib:.0f} |")
+    rows = ["| model | P | micro-batch | weights + grads + Adam | live layer / embedding | activations (saved + largest phase) | "
+            f"peak per GPU | fits {gpu_gib:.0f} GB |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, extra in (("granite-4.0-h-tiny", []), ("granite-4.0-h-small (assumed shapes)", SMALL)):
+        shape = Shape.of(compose_config(["model=granite-4.0-h-tiny", *extra]).model.arch)
+        for tokens, cp in ((4096, 1), (32768, 1), (131072, 1), (131072, 8)):
+            s = Settings(world_size=gpus, zero_stage=3, context_parallel_size=cp, dtype="bf16",
+                         micro_batch_tokens=tokens // cp, activation_checkpointing=True, loss_chunk_tokens=4096)
+            p = plan(shape, s)
+            b = {k: v / GIB for k, v in p.bytes.items()}
+            state = b["weights"] + b["gradients"] + b["optimizer"]
+            phase = p.phase_bytes()[p.peak_phase] / GIB
+            acts = b["saved_activations"] + phase - (b["live_layer"] if p.peak_phase == "layer" else 0) \
+                - (b["live_embedding"] if p.peak_phase == "lm_head" else 0)
+            what = f"{tokens // 1024}k" + (f" (CP {cp}: {tokens // cp // 1024}k per rank)" if cp > 1 else "")
+            rows.append(f"| {name} | {shape.params / 1e9:.2f}B | {what} | {state:.1f} | {b['live_layer']:.1f} / "
+                        f"{b['live_embedding']:.1f} | {acts:.1f} | {p.peak_gib_per_rank:.1f} | "
+                        f"{'yes' if p.peak_gib_per_rank <= gpu_gib else 'no'} |")
     return "\n".join(rows)
+
+
+def planned_peak_gib(ckpt: Path, ranks: int, stage: int, dtype: str, micro: int, expert_parallel: int) -> dict:
+    """The memory planner's prediction for a run of `run` (same settings)."""
+    from granite_train.memory_plan import Settings, Shape, plan
+    from granite_train.models.hf_io import read_config
+
+    s = Settings(world_size=ranks, zero_stage=stage, expert_parallel_size=expert_parallel, dtype=dtype,
+                 micro_batch_tokens=micro, activation_checkpointing=True, device="cpu")
+    p = plan(Shape.of(read_config(ckpt)), s)
+    return {"planned_peak_gib": round(p.peak_gib_per_rank, 2), "planned_peak_phase": p.peak_phase}
+
+
+def compare(rows: list, ckpt: Path) -> str:
+    """Markdown: the planner against each measured first-step peak in `rows`."""
+    lines = ["| ZeRO | EP | dtype | measured step peak (max rank) | planned | planned / measured | largest phase |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = planned_peak_gib(ckpt, r["ranks"], r["stage"], r["dtype"], r["micro_batch_tokens"],
+                             r.get("expert_parallel_size", 1))
+        measured = r["first_step_peak_gib_max_rank"]
+        lines.append(f"| {r['stage']} | {r.get('expert_parallel_size', 1)} | {r['dtype']} | {measured:.2f} | "
+                     f"{p['planned_peak_gib']:.2f} | {p['planned_peak_gib'] / measured:.3f} | {p['planned_peak_phase']} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -229,13 +247,25 @@ def main() -> int:
     parser.add_argument("--export-shard", default="1GB", help="--max-shard-size of the offline export")
     parser.add_argument("--expert-parallel", type=int, default=1, help="distributed.expert_parallel_size (ZeRO 0-2)")
     parser.add_argument("--table", action="store_true",
-                        help="print the analytic per-GPU table for 4.0-H-Tiny/Small on 8 x 80 GB and exit")
+                        help="print the planner's per-GPU table for 4.0-H-Tiny/Small on 8 x 80 GB and exit")
+    parser.add_argument("--compare", metavar="COMMIT",
+                        help="print the planner against every measured row of results/zero_memory.json at COMMIT "
+                             "(a prefix) with --layers, and exit")
     args = parser.parse_args()
     if args.table:
         print(per_gpu_table())
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     ckpt = args.work / f"h-tiny-{args.layers}l"
+    if args.compare:
+        if not (ckpt / "config.json").is_file():
+            subprocess.run([sys.executable, __file__, "--build-only", f"--layers={args.layers}",
+                            f"--work={args.work}"], check=True)
+        rows = [r for r in json.loads((REPO / "benchmarks" / "results" / "zero_memory.json").read_text())
+                if r.get("commit", "").startswith(args.compare) and r.get("layers") == args.layers
+                and r.get("rc") == 0]
+        print(compare(rows, ckpt))
+        return 0
     if args.build_only:
         build_checkpoint(ckpt, args.layers, build=True)
         return 0
@@ -253,7 +283,8 @@ def main() -> int:
               "expert_parallel_size": args.expert_parallel, "theory_bytes_per_param": round(per_param, 2),
               "theory_per_rank_gib": round(theory, 2),
               # issue 15's bar: within 15% of the theory plus a fixed ~1 GB
-              "bar_gib": round((theory + 1) * 1.15, 2), **result}
+              "bar_gib": round((theory + 1) * 1.15, 2),
+              **planned_peak_gib(ckpt, args.ranks, args.stage, args.dtype, args.micro, args.expert_parallel), **result}
     print(json.dumps(record, indent=2))
     results = REPO / "benchmarks" / "results" / "zero_memory.json"
     old = json.loads(results.read_text()) if results.is_file() else []

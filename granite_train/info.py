@@ -1,4 +1,4 @@
-"""usage: python -m granite_train.info [overrides] [--json]
+"""usage: python -m granite_train.info [overrides] [--json] [--memory [--world-size N] [--device D] [--gpu-memory GiB]]
 
 What a model config amounts to: total and active parameters, training FLOPs per token and the
 layer pattern, for a preset (`model=granitemoe-tiny`), any `model.arch.*` overrides, or a
@@ -8,9 +8,22 @@ so real shapes cost nothing. Counts print as 3 significant digits (6.94B, 14.4M)
   --json       the same as JSON, exact numbers
   -h, --help   this help
 
+With --memory, the per-rank memory of training it (granite_train/memory_plan.py): weights,
+gradients, optimizer state (DeepSpeed's fp32 masters included), the ZeRO-3 live set,
+activations of one trainer.micro_batch_tokens micro-batch (activation checkpointing, Mamba
+states, MoE dispatch, logits) and peak_gib_per_rank, for the configured distributed.zero_stage,
+expert_parallel_size, context_parallel_size, trainer.dtype and model.activation_checkpointing:
+
+  --memory            print the plan
+  --world-size N      ranks (default 1)
+  --device D          cuda (default) or cpu: trainer.dtype=auto is bf16 on cuda, fp32 on cpu
+  --gpu-memory GiB    also list the cheapest settings that fit (fewest ranks, no offload first)
+
 Examples:
   python -m granite_train.info model=granitemoe-tiny
   python -m granite_train.info model.path=/ckpt/granite-3.3-2b --json
+  python -m granite_train.info model=granite-4.0-h-tiny trainer.micro_batch_tokens=32768 \\
+      trainer.tokens_per_step=262144 distributed.zero_stage=3 model.activation_checkpointing=true --memory --world-size 8 --gpu-memory 80
 """
 
 from __future__ import annotations
@@ -20,7 +33,7 @@ import json
 import math
 import sys
 from itertools import groupby
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -30,6 +43,9 @@ from granite_train.errors import UserError
 from granite_train.models import build_model
 from granite_train.models.hf_io import read_config
 from granite_train.models.moe import ExpertWeight
+
+if TYPE_CHECKING:
+    from granite_train.memory_plan import Settings
 
 
 def human_count(n: float) -> str:
@@ -80,22 +96,117 @@ def _build(overrides: Sequence[str]):
         return build_model(arch), cfg
 
 
+FLAGS = ("--json", "--memory")
+VALUED = ("--world-size", "--gpu-memory", "--device")  # each takes a value (also as --name=value)
+_TYPES = {"--world-size": int, "--gpu-memory": float, "--device": str}
+
+
+def _options(args: List[str]) -> Tuple[List[str], Dict[str, Any]]:
+    """(config overrides, {option: value}) of the command line; a UserError for a bad option."""
+    overrides: List[str] = []
+    options: Dict[str, Any] = {}
+    it = iter(args)
+    for a in it:
+        name, _, inline = a.partition("=") if a.startswith("--") else (a, "", "")
+        if name in FLAGS:
+            options[name] = True
+        elif name in VALUED:
+            value = inline or next(it, None)
+            try:
+                options[name] = _TYPES[name](value)
+            except (TypeError, ValueError):
+                raise UserError(f"{name} needs a {_TYPES[name].__name__} value, got {value!r} (see --help)") from None
+        elif a.startswith("-"):
+            raise UserError(f"unknown option {a!r}; granite_train.info takes --json, --memory, --world-size, "
+                            f"--device, --gpu-memory and config overrides (see --help)")
+        else:
+            overrides.append(a)
+    if options.get("--device", "cuda") not in ("cuda", "cpu"):
+        raise UserError(f"--device={options['--device']} is not one of cuda, cpu")
+    if options.get("--world-size", 1) < 1:
+        raise UserError(f"--world-size={options['--world-size']} must be >= 1")
+    return overrides, options
+
+
+def memory_settings(cfg: Any, options: Dict[str, Any]) -> "Settings":
+    from granite_train.memory_plan import Settings
+
+    device = options.get("--device", "cuda")
+    dtype = cfg.trainer.dtype if cfg.trainer.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
+    d = cfg.distributed
+    world = options.get("--world-size", 1)
+    for name, size in (("expert_parallel_size", d.expert_parallel_size), ("context_parallel_size",
+                                                                          d.context_parallel_size)):
+        if world % size:
+            raise UserError(f"distributed.{name}={size} does not divide --world-size={world}")
+    return Settings(world_size=world, zero_stage=d.zero_stage, expert_parallel_size=d.expert_parallel_size,
+                    context_parallel_size=d.context_parallel_size, dtype=dtype,
+                    micro_batch_tokens=cfg.trainer.micro_batch_tokens,
+                    activation_checkpointing=cfg.model.activation_checkpointing,
+                    loss_chunk_tokens=cfg.model.loss_chunk_tokens, offload_optimizer=d.offload_optimizer,
+                    device=device)
+
+
+def _describe_settings(s: Any) -> str:
+    zero = "plain data parallel" if s.zero_stage is None else f"ZeRO-{s.zero_stage}"
+    extra = [f"EP {s.expert_parallel_size}" if s.expert_parallel_size > 1 else "",
+             f"CP {s.context_parallel_size}" if s.context_parallel_size > 1 else "",
+             "activation checkpointing" if s.activation_checkpointing else "",
+             "optimizer offloaded" if s.offload_optimizer else ""]
+    return ", ".join([f"{s.world_size} rank(s)", zero, *[e for e in extra if e], s.dtype,
+                      f"{s.micro_batch_tokens} tokens per micro-batch"])
+
+
+def _memory(model: Any, cfg: Any, options: Dict[str, Any]) -> int:
+    from granite_train.memory_plan import GIB, HELD, PHASES, Shape, fitting, plan
+
+    shape = Shape.of(model.config)
+    settings = memory_settings(cfg, options)
+    result = plan(shape, settings)
+    fits = None
+    if "--gpu-memory" in options:
+        fits = fitting(shape, settings, options["--gpu-memory"])
+    if options.get("--json"):
+        out = {"model": describe(model, seq_len=cfg.data.max_length), **result.to_json()}
+        if fits is not None:
+            out["gpu_memory_gib"] = options["--gpu-memory"]
+            out["fits"] = [f.to_json() for f in fits]
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"{model.config.model_type}: {human_count(shape.params)} parameters "
+          f"({human_count(shape.expert_params)} in experts) | {_describe_settings(settings)}")
+    width = max(len(k) for k in result.bytes) + 2
+    print("held through the step:")
+    for key in HELD:
+        print(f"  {key:<{width}}  {result.bytes[key] / GIB:8.2f} GiB")
+    for phase, total in result.phase_bytes().items():
+        print(f"{phase} phase: {total / GIB:.2f} GiB{' (the largest)' if phase == result.peak_phase else ''}")
+        for key in PHASES[phase]:
+            print(f"  {key:<{width}}  {result.bytes[key] / GIB:8.2f} GiB")
+    print(f"peak_gib_per_rank {result.peak_gib_per_rank:.2f} GiB (held + the {result.peak_phase} phase)")
+    if fits is not None:
+        print(f"cheapest settings that fit {options['--gpu-memory']:g} GiB per rank:" if fits else
+              f"nothing fits {options['--gpu-memory']:g} GiB per rank up to 1024 ranks: shorten "
+              f"trainer.micro_batch_tokens")
+        for f in fits:
+            print(f"  {f.peak_gib_per_rank:6.2f} GiB  {_describe_settings(f.settings)}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         print(__doc__.strip())
         return 0
-    as_json = "--json" in args
-    args = [a for a in args if a != "--json"]
     try:
-        flags = [a for a in args if a.startswith("-")]
-        if flags:
-            raise UserError(f"unknown option {flags[0]!r}; granite_train.info takes --json and config "
-                            f"overrides (see --help)")
-        model, cfg = _build(args)
+        overrides, options = _options(args)
+        model, cfg = _build(overrides)
+        if options.get("--memory"):
+            return _memory(model, cfg, options)
     except UserError as exc:
         print(f"granite-train: error: {exc}", file=sys.stderr)
         return 2
+    as_json = options.get("--json", False)
     info = describe(model, seq_len=cfg.data.max_length)
     if as_json:
         print(json.dumps(info, indent=1))

@@ -261,9 +261,15 @@ def check_tool(tool: str, args: List[str], stand_ins, monkeypatch) -> None:
     assert importlib.util.find_spec(module) is not None, f"no module {module}"
     if any(a in ("-h", "--help") for a in args):
         return
-    if tool == "info":  # its flag is --json; importing it (the model code) would cost a second
-        overrides = [a for a in args if a != "--json"]
-        assert not [a for a in overrides if a.startswith("-")], f"info takes --json and overrides: {args}"
+    if tool == "info":  # importing it (the model code) would cost a second
+        flags, valued = module_constant(module, "FLAGS"), module_constant(module, "VALUED")
+        overrides, rest = [], iter(args)
+        for a in rest:
+            if a.split("=")[0] in valued:
+                assert "=" in a or next(rest, None) is not None, f"{a} needs a value: {args}"
+            elif a not in flags:
+                overrides.append(a)
+        assert not [a for a in overrides if a.startswith("-")], f"info takes {flags + valued} and overrides: {args}"
         compose(overrides, stand_ins)
         return
     if tool == "coord_check":  # importing it pulls in the training step and datasets (seconds)
