@@ -35,7 +35,7 @@ from granite_train.models.mamba import Mamba2Mixer
 from granite_train.models.moe import MoE
 from granite_train.parallel.engine import DS_STATE_DIR, OPTIMIZER_FILE, saved_zero_stage
 from granite_train.parallel.env import Env
-from granite_train.parallel.expert_parallel import gathered_experts
+from granite_train.parallel.expert_parallel import expert_stack_names, gathered_layers
 from granite_train.parallel.plan import ParallelPlan
 from granite_train.serialization import safe_load
 
@@ -305,14 +305,15 @@ class DeepSpeedEngine:
     def full_pieces(self, select: Optional[Callable[[str], bool]] = None) -> Iterator[Dict[str, torch.Tensor]]:
         """The whole model's state in pieces (every rank must iterate: the weights are gathered).
         ZeRO-3 gathers one piece (a layer, the embedding, ...) at a time and copies it out, so
-        no rank ever holds the whole model; expert parallelism gathers the experts. `select`:
+        no rank ever holds the whole model; expert parallelism gathers one MoE layer's experts at
+        a time (`expert_parallel.gathered_layers`). `select`:
         only the tensors whose names it accepts are gathered and returned."""
         keep = (lambda name: True) if select is None else select
         if self.plan.expert is not None:
-            names = {id(p): n for n, p in self.model.named_parameters()}
-            wanted = {id(p) for p in self.plan.expert.params if keep(names.get(id(p), ""))}
-            with gathered_experts(self.model, self.plan.expert, only=wanted) as model:
-                yield {k: v for k, v in model.state_dict().items() if keep(k)}
+            # The weights every rank holds whole, then one MoE layer's experts at a time.
+            expert_names = set(expert_stack_names(self.model))
+            yield {k: v for k, v in self.model.state_dict().items() if k not in expert_names and keep(k)}
+            yield from gathered_layers(self.model, self.plan.expert, keep)
         elif self.stage == 3:
             # A forward (an eval just before this save) can leave prefetched weights in flight;
             # GatheredParameters would then fail to re-partition them ("Cannot partition a

@@ -16,9 +16,8 @@ and evaluation run a dummy micro-batch where a rank has none (`ParallelPlan.lock
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Any, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -159,23 +158,28 @@ def apply_expert_parallel(model: nn.Module, size: int, env: Env, source: str) ->
     return plan
 
 
-@contextlib.contextmanager
-def gathered_experts(model: nn.Module, plan: ExpertParallelPlan, only: Optional[set] = None) -> Iterator[nn.Module]:
-    """Every rank of each expert-parallel group must enter: all of a layer's experts on every
-    rank inside (their weights and any LoRA factors; `only`: the ids of the stacks to gather),
-    this rank's own (untouched) again after."""
-    swapped = []
-    try:
-        with torch.no_grad():
-            for layer in moe_layers(model):
-                for p in (p for w in (layer.input_linear, layer.output_linear) for p in w.stacks()):
-                    if only is not None and id(p) not in only:
-                        continue  # (`only`: ids of the stacks to gather; the others stay this rank's slice)
-                    parts = [torch.empty_like(p) for _ in range(plan.size)]
-                    dist.all_gather(parts, p.detach().contiguous(), group=plan.group)
-                    swapped.append((p, p.data))
-                    p.data = torch.cat(parts)
-        yield model
-    finally:
-        for p, data in swapped:
-            p.data = data
+def expert_stack_names(model: nn.Module) -> List[str]:
+    """The state names of every MoE layer's expert stacks (weights and LoRA factors): the
+    tensors expert parallelism slices."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    return [names[id(p)] for layer in moe_layers(model)
+            for w in (layer.input_linear, layer.output_linear) for p in w.stacks()]
+
+
+def gathered_layers(model: nn.Module, plan: ExpertParallelPlan,
+                    keep: Callable[[str], bool] = lambda name: True) -> Iterator[Dict[str, torch.Tensor]]:
+    """Every expert of one MoE layer at a time, {state name: all of the group's experts stacked}
+    (the weights and any LoRA factors whose names `keep` accepts): at most one layer's experts
+    are ever gathered, whatever the expert-parallel size. Every rank of each expert-parallel
+    group must iterate to the end (each layer is an all-gather)."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    with torch.no_grad():
+        for layer in moe_layers(model):
+            stacks = [p for w in (layer.input_linear, layer.output_linear) for p in w.stacks() if keep(names[id(p)])]
+            piece: Dict[str, torch.Tensor] = {}
+            for p in stacks:  # gathered straight into the stacked tensor (its dim-0 chunks)
+                full = torch.empty((plan.size * p.shape[0], *p.shape[1:]), dtype=p.dtype, device=p.device)
+                dist.all_gather(list(full.chunk(plan.size)), p.detach().contiguous(), group=plan.group)
+                piece[names[id(p)]] = full
+            if piece:
+                yield piece

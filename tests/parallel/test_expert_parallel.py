@@ -76,9 +76,56 @@ def _run_case(rank, case, failures):
     check("output_linear grad", gos, gof[local.start:local.stop])
 
 
+def _save_case(rank, size, failures):
+    """What a save (`DeepSpeedEngine.full_pieces`) gathers under expert parallelism: the weights
+    every rank holds, then one MoE layer's experts at a time (counted on the all-gathers: never
+    more than one layer's experts between two pieces), together bit-equal to the unsharded model."""
+    import copy
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from granite_train.parallel.deepspeed_engine import DeepSpeedEngine
+    from granite_train.parallel.plan import ExpertParallelPlan
+
+    torch.manual_seed(0)
+    full = _moe_model(experts=4, layers=3)
+    sharded = copy.deepcopy(full)
+    layers = [m for m in sharded.modules() if isinstance(m, MoE)]
+    for layer in layers:
+        layer.keep_experts(range(rank * 2, rank * 2 + 2), AllToAllDispatch(dist.group.WORLD, size))
+    plan = ExpertParallelPlan(size=size, rank=rank, group=dist.group.WORLD, group_name="ep", num_experts=4,
+                              params=tuple(p for layer in layers for w in (layer.input_linear, layer.output_linear)
+                                           for p in w.stacks()))
+    one_layer = sum(p.numel() * p.element_size() for w in (layers[0].input_linear, layers[0].output_linear)
+                    for p in w.stacks()) * size
+    gathered, real = [], dist.all_gather
+
+    def counting(tensors, tensor, group=None):
+        gathered.append(sum(t.numel() * t.element_size() for t in tensors))
+        return real(tensors, tensor, group=group)
+
+    merged, per_piece = {}, []
+    with mock.patch.object(dist, "all_gather", counting):
+        for piece in DeepSpeedEngine.full_pieces(SimpleNamespace(plan=SimpleNamespace(expert=plan), model=sharded)):
+            per_piece.append(sum(gathered))
+            gathered.clear()
+            if set(piece) & set(merged):
+                failures.append(f"rank {rank}: {sorted(set(piece) & set(merged))} in two pieces")
+            merged.update(piece)
+    if len(per_piece) != 1 + len(layers) or per_piece[0] != 0 or max(per_piece) > one_layer:
+        failures.append(f"rank {rank}: gathered bytes per piece {per_piece}, one layer's experts are {one_layer}")
+    want = full.state_dict()
+    if set(merged) != set(want):
+        failures.append(f"rank {rank}: keys differ: {sorted(set(merged) ^ set(want))}")
+    bad = [k for k in want if k in merged and not torch.equal(merged[k], want[k])]
+    if bad:
+        failures.append(f"rank {rank}: {bad} differ from the unsharded model")
+
+
 def _cases(rank, size, failures):
     for case in CASES:
         _run_case(rank, case, failures)
+    _save_case(rank, size, failures)
 
 
 @pytest.mark.slow
@@ -87,11 +134,11 @@ def test_sharded_experts_equal_the_full_layer(tmp_path):
     assert not failures, failures
 
 
-def _moe_model(experts=4):
+def _moe_model(experts=4, layers=2):
     from granite_train.models import build_model
 
     cfg = GraniteConfig(model_type="granitemoe", vocab_size=64, hidden_size=24, intermediate_size=20,
-                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
                         num_local_experts=experts, num_experts_per_tok=2)
     return build_model(cfg)
 
