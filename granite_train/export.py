@@ -7,7 +7,8 @@ safetensors shards (+ the tokenizer files) that transformers and vLLM load.
 It runs on any machine, without the training ranks, and streams: one piece of the model (a
 layer, the embedding, ...) is read, written into the current shard and dropped, so the export
 holds at most one shard plus one piece, never the whole model. The weights come from the
-checkpoint's `model/` when it holds them (plain data parallel, expert parallelism,
+checkpoint's `model/` when it holds them (plain data parallel, expert parallelism: with the
+experts from each rank's slice in `experts/`, one layer's at a time;
 `trainer.checkpoint_hf_weights=always`), else from the ranks' DeepSpeed ZeRO shards
 (`parallel/zero_checkpoint.py`). The checkpoint is verified first (its manifest), and every
 weight is checked against config.json, so a damaged checkpoint fails here with one clear line
@@ -35,6 +36,7 @@ import torch
 from granite_train.errors import UserError
 from granite_train.models.hf_io import checkpoint_pieces, group_keys, has_weights, read_config, save_pieces
 from granite_train.models.config import GraniteConfig
+from granite_train.models.expert_shards import EXPERTS_DIR
 from granite_train.models.lora import merged_state
 from granite_train.models.model import GraniteForCausalLM
 from granite_train.models.peft_io import ADAPTER_CONFIG, read_adapter
@@ -191,7 +193,9 @@ def export(checkpoint: Path, out: Path, max_shard_size: str = "5GB", merge: bool
         raise UserError(f"{out} exists and is not empty; choose a new output directory")
     model_dir = ckpt / "model"
     cfg = read_config(model_dir)
-    pieces = checkpoint_pieces(model_dir, cfg) if has_weights(model_dir) else _zero_pieces(ckpt, cfg)
+    experts = ckpt / EXPERTS_DIR  # expert parallelism: each rank's slice of the experts
+    pieces = (checkpoint_pieces(model_dir, cfg, experts if experts.is_dir() else None) if has_weights(model_dir)
+              else _zero_pieces(ckpt, cfg))
     save_pieces(cfg, pieces, out, max_shard_size)
     # Tokenizer and chat template files travel with the weights (everything but the weights).
     for f in model_dir.iterdir():

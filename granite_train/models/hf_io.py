@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from granite_train.errors import UserError
 from granite_train.models.config import GraniteConfig
+from granite_train.models.expert_shards import ExpertSlices
 from granite_train.models.model import GraniteForCausalLM, full_size
 from granite_train.models.moe import EXPERT_KEYS, MoE, awaiting_dispatch
 from granite_train.models.param_roles import restamp
@@ -84,18 +85,28 @@ def _listing(names: List[str]) -> str:
     return shown + (f" (+{len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
 
 
-def checkpoint_index(path: Path, model: GraniteForCausalLM) -> Dict[str, Path]:
+def checkpoint_index(path: Path, model: GraniteForCausalLM,
+                     slices: Optional[ExpertSlices] = None) -> Dict[str, Path]:
     """Which file holds each of `model`'s tensors, checked against the files' headers before
-    anything is read: every missing key, unexpected key and shape mismatch in one UserError."""
+    anything is read: every missing key, unexpected key and shape mismatch in one UserError.
+    `slices`: the expert stacks are in those instead (an expert-parallel checkpoint's experts/)."""
     cfg = model.config
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong: List[str] = []
+    unexpected: List[str] = []
     tolerated = set()
+    if slices is not None:
+        for key in slices.keys:
+            if key not in expected:
+                unexpected.append(f"{key} (in {slices.directory.name}/)")
+            elif slices.shape(key) != expected[key]:
+                wrong.append(f"{key} (slices {list(slices.shape(key))} vs model {list(expected[key])})")
+            expected.pop(key, None)
+            tolerated.add(key)  # a consolidated copy beside them (checkpoint_hf_weights=always)
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
         tolerated.add("lm_head.weight")  # some tied checkpoints store the copy anyway
     where: Dict[str, Path] = {}
-    unexpected: List[str] = []
-    wrong: List[str] = []
     for file in _weight_files(path):
         try:
             with safe_open(str(file), framework="pt") as f:
@@ -128,13 +139,16 @@ class TensorReader:
     not 64-byte aligned, which sends CPU matmuls down other, differently rounded, kernels)."""
 
     def __init__(self, opened: Dict[Path, object], where: Dict[str, Path], dtype: Optional[torch.dtype],
-                 experts: Optional[range] = None) -> None:
+                 experts: Optional[range] = None, slices: Optional[ExpertSlices] = None) -> None:
         self._opened, self._where, self._dtype, self._experts = opened, where, dtype, experts
+        self._slices = slices
 
     def __contains__(self, key: str) -> bool:
-        return key in self._where
+        return key in self._where or (self._slices is not None and key in self._slices)
 
     def __call__(self, key: str) -> torch.Tensor:
+        if self._slices is not None and key in self._slices:
+            return self._slices.read(key, self._experts, self._dtype)
         f = self._opened[self._where[key]]
         if self._experts is not None and key.endswith(EXPERT_KEYS):  # only this rank's experts are read
             t = f.get_slice(key)[self._experts.start:self._experts.stop]
@@ -145,15 +159,18 @@ class TensorReader:
 
 @contextlib.contextmanager
 def read_tensors(path: Union[str, Path], cfg: GraniteConfig, dtype: Optional[torch.dtype] = torch.float32,
-                 experts: Optional[range] = None) -> Iterator[TensorReader]:
+                 experts: Optional[range] = None, expert_dir: Optional[Path] = None) -> Iterator[TensorReader]:
     """A reader of the checkpoint at `path`, checked first against a model of `cfg` (missing or
     unexpected keys, shapes: one UserError); `dtype=None` keeps each tensor's saved dtype;
-    `experts`: MoE expert stacks are read as that slice (an expert-parallel rank's)."""
+    `experts`: MoE expert stacks are read as that slice (an expert-parallel rank's).
+    `expert_dir`: the expert stacks are read from the slices there instead (an expert-parallel
+    checkpoint's experts/, models/expert_shards.py)."""
+    slices = ExpertSlices(expert_dir) if expert_dir is not None else None
     with torch.device("meta"):
-        where = checkpoint_index(Path(path), GraniteForCausalLM(cfg))
+        where = checkpoint_index(Path(path), GraniteForCausalLM(cfg), slices)
     with contextlib.ExitStack() as files:
         opened = {f: files.enter_context(safe_open(str(f), framework="pt")) for f in sorted(set(where.values()))}
-        yield TensorReader(opened, where, dtype, experts)
+        yield TensorReader(opened, where, dtype, experts, slices)
 
 
 def weight_groups(model: GraniteForCausalLM) -> List[Tuple[str, nn.Module]]:
@@ -220,11 +237,12 @@ def group_keys(cfg: GraniteConfig) -> List[List[str]]:
     return [[f"{prefix}.{k}" for k in piece.state_dict()] for prefix, piece in weight_groups(model)]
 
 
-def checkpoint_pieces(path: Union[str, Path], cfg: GraniteConfig) -> Iterator[Dict[str, torch.Tensor]]:
+def checkpoint_pieces(path: Union[str, Path], cfg: GraniteConfig,
+                      expert_dir: Optional[Path] = None) -> Iterator[Dict[str, torch.Tensor]]:
     """The weights of the HF-layout checkpoint at `path` one piece (a layer, ...) at a time, in
     the dtype they were saved in (checked against `cfg` first): a copy that never holds the
-    whole model."""
-    with read_tensors(path, cfg, dtype=None) as read:
+    whole model. `expert_dir`: the expert stacks from those slices (one layer's at a time)."""
+    with read_tensors(path, cfg, dtype=None, expert_dir=expert_dir) as read:
         for keys in group_keys(cfg):
             yield {k: read(k) for k in keys if k in read}
 

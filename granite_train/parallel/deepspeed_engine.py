@@ -35,7 +35,8 @@ from granite_train.models.mamba import Mamba2Mixer
 from granite_train.models.moe import MoE
 from granite_train.parallel.engine import DS_STATE_DIR, OPTIMIZER_FILE, saved_zero_stage
 from granite_train.parallel.env import Env
-from granite_train.parallel.expert_parallel import expert_stack_names, gathered_layers
+from granite_train.models.expert_shards import EXPERTS_DIR, save_slice
+from granite_train.parallel.expert_parallel import expert_stack_names, expert_stack_names_by_layer, gathered_layers
 from granite_train.parallel.plan import ParallelPlan
 from granite_train.serialization import safe_load
 
@@ -330,6 +331,15 @@ class DeepSpeedEngine:
         else:
             yield {k: v for k, v in self.model.state_dict().items() if keep(k)}
 
+    def checkpoint_pieces(self) -> Iterator[Dict[str, torch.Tensor]]:
+        """What a checkpoint's model/ holds: `full_pieces`, but under expert parallelism the
+        experts stay out (each rank writes its own slice in `save_state`: nothing is gathered)."""
+        if self.plan.expert is None:
+            yield from self.full_pieces()
+            return
+        expert_names = set(expert_stack_names(self.model))
+        yield from self.full_pieces(lambda name: name not in expert_names)
+
     def release_optimizer_state(self) -> None:
         # Adam's m and v of this rank's shard (ZeRO keeps its fp32 masters elsewhere; those stay).
         self.base_optimizer.state.clear()
@@ -348,11 +358,19 @@ class DeepSpeedEngine:
 
     # Expert parallelism: DeepSpeed's own checkpoint code only knows its own MoE layer's
     # parameter names, so each rank writes its optimizer (ZeRO: its shard, fp32 masters included)
-    # itself; the weights come from the consolidated model/ on resume.
+    # itself. The weights: model/ holds the ones every rank has, and the ranks of the first
+    # expert-parallel group write their own slice of the experts into experts/
+    # (models/expert_shards.py); a resume reads its slice from there, an export every slice.
     def _ep_state_file(self, state_dir: Path, rank: int) -> Path:
         return state_dir / f"expert_parallel_rank_{rank:05d}.pt"
 
     def _save_expert_parallel_state(self, state_dir: Path) -> None:
+        plan = self.plan.expert
+        if self.env.rank < plan.size:  # one copy of each slice: the first expert-parallel group's
+            state = self.model.state_dict()
+            for layer, names in enumerate(expert_stack_names_by_layer(self.model)):  # a file per layer
+                save_slice({k: state[k] for k in names}, state_dir.parent / EXPERTS_DIR, plan.local_experts,
+                           plan.num_experts, layer)
         state_dir.mkdir(parents=True, exist_ok=True)
         torch.save({"optimizer": self.optimizer.state_dict(), "zero_stage": self.stage, "world_size": self.world,
                     "expert_parallel_size": self.plan.expert.size},
@@ -376,8 +394,9 @@ class DeepSpeedEngine:
                         else "without expert parallelism" if (state / _DS_TAG).is_dir() or (ckpt / OPTIMIZER_FILE).is_file()
                         else "with fewer ranks")
                 raise UserError(f"cannot resume {ckpt}: it was saved {what}; this run has zero_stage={self.stage} on "
-                                f"{self.world} ranks with expert_parallel_size={size}; resume with the "
-                                f"saved settings (or start from its model/ with model.path= and a fresh run)")
+                                f"{self.world} ranks with expert_parallel_size={size}; resume with the saved "
+                                f"settings, or convert it (python -m granite_train.export {ckpt} OUT) and start a "
+                                f"fresh run from OUT with model.path=OUT")
             return
         ep_files = sorted(state.glob("expert_parallel_rank_*.pt"))
         if ep_files:

@@ -74,6 +74,9 @@ class Engine(Protocol):
         sharded engine gathers one piece at a time). `select(name)`: only those tensors (and
         only those are gathered: an adapter run's checkpoint never gathers its frozen base)."""
 
+    def checkpoint_pieces(self) -> Iterator[Dict[str, torch.Tensor]]:
+        """What a checkpoint's model/ holds (weights the engine's own state does not)."""
+
     def release_optimizer_state(self) -> None:
         """Free the optimizer's moment estimates (after the last checkpoint: the final export
         then has that memory, 8 bytes per parameter per rank, to gather and write in)."""
@@ -156,6 +159,9 @@ class PlainEngine:
 
     def full_pieces(self, select: Optional[Callable[[str], bool]] = None) -> Iterator[Dict[str, torch.Tensor]]:
         yield {k: v for k, v in self.model.state_dict().items() if select is None or select(k)}
+
+    def checkpoint_pieces(self) -> Iterator[Dict[str, torch.Tensor]]:
+        return self.full_pieces()
 
     def release_optimizer_state(self) -> None:
         self.optimizer.state.clear()

@@ -158,12 +158,16 @@ def apply_expert_parallel(model: nn.Module, size: int, env: Env, source: str) ->
     return plan
 
 
-def expert_stack_names(model: nn.Module) -> List[str]:
-    """The state names of every MoE layer's expert stacks (weights and LoRA factors): the
+def expert_stack_names_by_layer(model: nn.Module) -> List[List[str]]:
+    """Per MoE layer, the state names of its expert stacks (weights and LoRA factors): the
     tensors expert parallelism slices."""
     names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    return [names[id(p)] for layer in moe_layers(model)
-            for w in (layer.input_linear, layer.output_linear) for p in w.stacks()]
+    return [[names[id(p)] for w in (layer.input_linear, layer.output_linear) for p in w.stacks()]
+            for layer in moe_layers(model)]
+
+
+def expert_stack_names(model: nn.Module) -> List[str]:
+    return [name for layer in expert_stack_names_by_layer(model) for name in layer]
 
 
 def gathered_layers(model: nn.Module, plan: ExpertParallelPlan,

@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from granite_train.errors import UserError
+from granite_train.models.expert_shards import EXPERTS_DIR
 from granite_train.models.hf_io import has_weights, read_config, read_tensors, save_config, save_pieces
 from granite_train.models.moe import held_experts
 from granite_train.parallel.deepspeed_engine import fill_sharded
@@ -168,6 +169,12 @@ class RunConfigState:
         pass  # the run's own config wins; `check` made sure nothing that matters changed
 
 
+def _expert_dir(ckpt: Path) -> Optional[Path]:
+    """An expert-parallel checkpoint's experts/ (each rank's slice), if it has one."""
+    d = ckpt / EXPERTS_DIR
+    return d if d.is_dir() else None
+
+
 class ModelState:
     """model/: config.json + the tokenizer, and the consolidated weights in HF layout (loadable
     by transformers) where the engine's own state does not hold them (`hf_weights`).
@@ -175,8 +182,9 @@ class ModelState:
     It loads into the model before `parallelize` cuts it, one tensor at a time (a ZeRO-3 load
     is already sharded: `sharded`, and each tensor is gathered, written, re-sharded); a
     checkpoint without weights in model/ gets them from the engine's state. It saves through
-    `full_pieces` (the engine's, once there is one: ZeRO-3 gathers one layer at a time, expert
-    parallelism the experts)."""
+    `full_pieces` (the engine's `checkpoint_pieces`, once there is one: ZeRO-3 gathers one layer
+    at a time; under expert parallelism the experts are not in model/ but in experts/, each
+    rank's slice as it holds it, and are read back from there)."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, allow: List[str], env: Env, sharded: bool = False) -> None:
         self.model, self.tokenizer, self.allow, self.env, self.sharded = model, tokenizer, allow, env, sharded
@@ -203,7 +211,7 @@ class ModelState:
         if not has_weights(ckpt / "model"):
             return  # in the engine's state (DeepSpeed checks its shapes)
         try:
-            with read_tensors(ckpt / "model", self.model.config):
+            with read_tensors(ckpt / "model", self.model.config, expert_dir=_expert_dir(ckpt)):
                 pass  # the files' headers against this model's shapes
         except UserError as exc:
             raise UserError(f"cannot resume {ckpt}: the model must keep the checkpoint's shapes ({exc})") from None
@@ -216,8 +224,8 @@ class ModelState:
             return
         tied = self.model.config.tie_word_embeddings
         # A model loaded with only its expert-parallel slice of the experts reads only that slice.
-        with read_tensors(ckpt / "model", self.model.config, experts=held_experts(self.model)) as read, \
-                torch.no_grad():
+        with read_tensors(ckpt / "model", self.model.config, experts=held_experts(self.model),
+                          expert_dir=_expert_dir(ckpt)) as read, torch.no_grad():
             for name, t in self.model.state_dict().items():
                 if not (tied and name == "lm_head.weight"):
                     t.copy_(read(name))

@@ -128,7 +128,11 @@ class Trainer:
             if self.adapter is not None:
                 log.info(self.adapter.line(full_size(model.config)[0]))
         self.engine = parallelize(model, cfg, env)
-        model_state.full_pieces = self.engine.full_pieces
+        # model/ of a checkpoint: under expert parallelism without the experts (the ranks write
+        # their own slices) unless a consolidated copy is asked for; an adapter run's state
+        # selects its adapters from the whole model.
+        consolidated = self.adapter is not None or cfg.trainer.checkpoint_hf_weights == "always"
+        model_state.full_pieces = self.engine.full_pieces if consolidated else self.engine.checkpoint_pieces
         if self.adapter is None:
             model_state.shard_size = self.engine.export_shard_size
             model_state.hf_weights = not self.engine.state_holds_weights or cfg.trainer.checkpoint_hf_weights == "always"

@@ -113,10 +113,10 @@ def curve(out):
 
 
 def weights(path):
-    """Every tensor of an HF-layout directory (one file or shards)."""
+    """Every tensor of an HF-layout directory (one file or shards), or of one safetensors file."""
     from safetensors.torch import load_file
 
-    files = sorted(path.glob("model*.safetensors"))
+    files = [path] if path.is_file() else sorted(path.glob("model*.safetensors"))
     assert files, path
     return {k: v for f in files for k, v in load_file(str(f)).items()}
 
@@ -218,15 +218,25 @@ def test_zero_checkpoints_hold_rank_shards_and_no_consolidated_copy(runs):
     assert (ckpt / "deepspeed").is_dir() and not (ckpt / "optimizer.pt").exists()
     assert sorted(p.name for p in (ckpt / "model").iterdir()) == [
         "config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
-    # Expert parallelism's rank files hold only the optimizer: model/ holds every expert.
+    # Expert parallelism: each rank's file holds its optimizer, each rank its slice of the
+    # experts in experts/ (nothing gathered to save), model/ every other weight.
     ckpt = runs / "ep_zero2" / "checkpoints" / "step_3"
     assert sorted(p.name for p in (ckpt / "deepspeed").iterdir()) == [
         "expert_parallel_rank_00000.pt", "expert_parallel_rank_00001.pt"]
-    experts = weights(ckpt / "model")["model.layers.0.block_sparse_moe.input_linear.weight"]
-    assert experts.shape[0] == 4  # every expert, not one rank's two
+    layers = range(len([k for k in weights(runs / "ep_zero2" / "final") if k.endswith("block_sparse_moe.input_linear.weight")]))
+    assert sorted(p.name for p in (ckpt / "experts").iterdir()) == sorted(
+        f"experts-{first}-of-00004.layer-{i:05d}.safetensors" for first in ("00000-00001", "00002-00003") for i in layers)
+    held = {k: v for i in layers for k, v in
+            weights(ckpt / "experts" / f"experts-00002-00003-of-00004.layer-{i:05d}.safetensors").items()}
+    final = weights(runs / "ep_zero2" / "final")
+    key = "model.layers.0.block_sparse_moe.input_linear.weight"
+    assert held[key].shape[0] == 2 and final[key].shape[0] == 4  # rank 1's two (the export test: the values)
+    in_model = weights(ckpt / "model")
+    assert not [k for k in in_model if "block_sparse_moe.input_linear" in k or "block_sparse_moe.output_linear" in k]
+    assert set(in_model) | set(held) == set(final)
 
 
-@pytest.mark.parametrize("name", ("zero3", "zero2", "zero3_bf16", "zero2_bf16"))
+@pytest.mark.parametrize("name", ("zero3", "zero2", "zero3_bf16", "zero2_bf16", "ep_zero2"))
 def test_offline_export_of_the_rank_shards_is_the_final_model(runs, name, tmp_path):
     """`granite_train.export` without the ranks: the ZeRO shards of the last checkpoint, streamed
     into HF shards, are exactly the weights the run gathered into final/, and load in
