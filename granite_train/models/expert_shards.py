@@ -1,9 +1,10 @@
-"""A checkpoint's experts as slices: `experts/` beside `model/`, one safetensors file per slice.
+"""A checkpoint's experts as slices: `experts/` beside `model/`, safetensors files.
 
 Under expert parallelism each rank holds a contiguous slice of every MoE layer's experts. A
-checkpoint then stores each slice as its holder has it, one file per MoE layer (L counts the MoE layers)
-(`experts/experts-<first>-<last>-of-<E>.layer-<L>.safetensors`: that layer's expert stacks under
-their HF names, sliced along the expert dimension; a write holds one layer's slice, never more),
+checkpoint then stores each slice as its holder has it, one file per MoE layer
+(`experts/experts-<first>-<last>-of-<E>.layer-<L>.safetensors`, L counting the MoE layers: that
+layer's expert stacks under their HF names, sliced along the expert dimension; a write holds one
+layer's slice, never more),
 and `model/` the other weights: a save gathers nothing. A reader assembles any range of experts
 from the slices that cover it: a rank's own slice on resume, every expert of one layer for an
 export, never more than that.
