@@ -402,7 +402,8 @@ class DeepSpeedEngine:
         if ep_files:
             saved_ep = safe_load(ep_files[0])["expert_parallel_size"]
             raise UserError(f"cannot resume {ckpt}: it was saved with distributed.expert_parallel_size={saved_ep} "
-                            f"on {len(ep_files)} ranks; resume it with those settings")
+                            f"on {len(ep_files)} ranks; resume it with those settings, or convert it (python -m "
+                            f"granite_train.export {ckpt} OUT) and start a fresh run from OUT with model.path=OUT")
         if not (state / _DS_TAG).is_dir():
             raise UserError(f"cannot resume {ckpt} with distributed.zero_stage={self.stage}: it holds no "
                             f"DeepSpeed state (it was saved without DeepSpeed); resume it with "
