@@ -53,3 +53,19 @@ def machine_info(threads: int) -> Dict[str, Any]:
         pass
     return dict(cpu=cpu, cpu_count=os.cpu_count(), threads=threads, platform=platform.platform(),
                 python=platform.python_version(), torch=torch.__version__, loadavg_start=list(os.getloadavg()))
+
+
+def write_results(path: str, args: Any, **payload: Any) -> None:
+    """The benchmark's JSON: its arguments, the commit, the machine and the load with `payload`
+    ('' for `path`: nothing written)."""
+    if not path:
+        return
+    import json
+
+    import torch
+
+    record = {"args": vars(args), "commit": git_commit(), "machine": machine_info(torch.get_num_threads()),
+              "load_avg_1m": os.getloadavg()[0], **payload}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=1))
+    print(f"wrote {path}")

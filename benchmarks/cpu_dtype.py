@@ -28,7 +28,7 @@ from typing import Any, Dict, List
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import git_commit, machine_info  # noqa: E402
+from common import write_results  # noqa: E402
 
 
 def run(size: int, dtype: str, steps: int, extra: List[str]) -> Dict[str, Any]:
@@ -65,15 +65,7 @@ def main() -> None:
         print(f"{size:>11} {fp32['tokens_per_s']:>10.0f} {bf16['tokens_per_s']:>10.0f} "
               f"{bf16['tokens_per_s'] / fp32['tokens_per_s']:>5.2f}x {fp32['peak_rss_gib']:>9.2f} "
               f"{bf16['peak_rss_gib']:>9.2f} {bf16['peak_rss_gib'] / fp32['peak_rss_gib']:>6.2f}x", flush=True)
-    if args.json:
-        import torch
-
-        payload = {"args": vars(args), "commit": git_commit(), "machine": machine_info(torch.get_num_threads()),
-                   "load_avg_1m": os.getloadavg()[0], "results": results}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=1))
-        print(f"wrote {args.json}")
-
+    write_results(args.json, args, results=results)
 
 if __name__ == "__main__":
     main()

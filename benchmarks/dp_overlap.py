@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import git_commit, machine_info  # noqa: E402
+from common import write_results  # noqa: E402
 
 from granite_train.data import TrainStep  # noqa: E402
 from granite_train.data.collator import collate_flat  # noqa: E402
@@ -177,13 +177,7 @@ def main() -> None:
     losses = {r["modes"][m]["loss"] for r in ranks for m in modes}
     if len(losses) != 1:
         raise SystemExit(f"the modes disagree on the loss: {sorted(losses)}")
-    if args.json:
-        result = {"args": vars(args), "commit": git_commit(), "machine": machine_info(torch.get_num_threads()),
-                  "load_avg_1m": os.getloadavg()[0], "ranks": ranks}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.json}")
-
+    write_results(args.json, args, ranks=ranks)
 
 if __name__ == "__main__":
     main()

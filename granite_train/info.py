@@ -128,7 +128,7 @@ def _options(args: List[str]) -> Tuple[List[str], Dict[str, Any]]:
     return overrides, options
 
 
-def memory_settings(cfg: Any, options: Dict[str, Any]) -> "Settings":
+def plan_settings(cfg: Any, options: Dict[str, Any]) -> "Settings":
     from granite_train.memory_plan import Settings
 
     device = options.get("--device", "cuda")
@@ -161,7 +161,7 @@ def _memory(model: Any, cfg: Any, options: Dict[str, Any]) -> int:
     from granite_train.memory_plan import GIB, HELD, PHASES, Shape, fitting, plan
 
     shape = Shape.of(model.config)
-    settings = memory_settings(cfg, options)
+    settings = plan_settings(cfg, options)
     result = plan(shape, settings)
     fits = None
     if "--gpu-memory" in options:
